@@ -1,0 +1,69 @@
+"""What a person sees: timestamped log lines, one-line errors and exit codes.
+
+Both command-line tools run through `run_main`, so every expected failure
+ends as one line on stderr and a documented exit status; a traceback only
+appears for a real bug (or with --traceback).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from enum import IntEnum
+from typing import Callable
+
+
+class ExitStatus(IntEnum):
+    OK = 0
+    FAILURE = 1  # the run could not go on: network, data, protocol
+    USAGE = 2  # a bad flag (argparse uses 2 as well)
+    REFUSED = 3  # the server said no: late joiner, duplicate id, failed authentication
+    INTERRUPTED = 130  # Ctrl-C (128 + SIGINT)
+    TERMINATED = 143  # SIGTERM (128 + SIGTERM)
+
+
+class FedsockError(Exception):
+    """An expected failure: its message is the one line the user sees."""
+
+    exit_status = ExitStatus.FAILURE
+
+
+class UsageError(FedsockError):
+    """A flag or a file named by a flag is wrong."""
+
+    exit_status = ExitStatus.USAGE
+
+
+class RefusedError(FedsockError):
+    """The server refused this client with an <ERROR> message."""
+
+    exit_status = ExitStatus.REFUSED
+
+
+def say(who: str, message: str) -> None:
+    """One log line, labelled and timestamped, so interleaved processes stay readable."""
+    print(f"{time.strftime('%H:%M:%S')} [{who}] {message}", flush=True)
+
+
+def warn(who: str, message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} [{who}] WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def run_main(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run `main`, turning expected failures into one line on stderr and an exit status."""
+    show_traceback = "--traceback" in (sys.argv[1:] if argv is None else argv)
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+        return ExitStatus.INTERRUPTED
+    except FedsockError as exc:
+        if show_traceback:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_status
+    except OSError as exc:  # files and sockets not already wrapped with a better sentence
+        if show_traceback:
+            raise
+        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        return ExitStatus.FAILURE

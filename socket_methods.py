@@ -1,0 +1,331 @@
+"""fedsock's wire protocol, sans-IO: messages to bytes and bytes to messages.
+
+Every message travels as a frame: an 8-byte big-endian unsigned length (`>Q`),
+then that many payload bytes. A control message is a UTF-8 JSON object with a
+"header". A message that carries weights (<MODEL>, <UPDATE>) has a "weights"
+layout and is followed by exactly one more frame: the raw little-endian tensor
+bytes that the layout describes. Nothing received is ever unpickled.
+
+No socket is touched here. The server (asyncio) and the client (a blocking
+socket) both drive `FrameReader` with their own IO, so the protocol is tested
+without a network and the same code serves threads and event loops alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from console import FedsockError
+
+if TYPE_CHECKING:  # torch is imported lazily: `fl_client.py --help` must not wait for it
+    import torch
+
+PROTOCOL_VERSION = 1
+FRAME_HEADER = struct.Struct(">Q")
+# A JSON message is small: the largest is a <MODEL> whose layout lists every
+# tensor name and shape. 1 MiB fits thousands of tensors.
+MAX_CONTROL_BYTES = 1 << 20
+# Before a peer has authenticated it may send only a few small messages, so a
+# stranger cannot make the server allocate more than this per connection.
+PRE_AUTH_CONTROL_BYTES = 64 << 10
+# Tensor offsets in a weights frame are multiples of this, so every tensor can
+# be viewed in place (torch.frombuffer) with its natural alignment.
+ALIGNMENT = 64
+
+# Required fields of each message and their JSON types; extra fields are
+# ignored so that newer peers can add information. `float` also accepts an int.
+MESSAGE_FIELDS: dict[str, dict[str, type]] = {
+    "<HELLO>": {"protocol_version": int, "client_id": int},
+    "<CHALLENGE>": {"nonce": str},
+    "<AUTH>": {"mac": str},
+    "<METADATA>": {
+        "client_id": int, "num_clients": int, "dataset": str, "partition": str, "alpha": float,
+        "seed": int, "model": str, "num_rounds": int, "round_timeout_s": float,
+    },
+    "<MODEL>": {"round": int, "local_epochs": int, "batch_size": int, "lr": float, "weights": dict},
+    "<UPDATE>": {
+        "round": int, "client_id": int, "num_examples": int, "train_loss": float,
+        "local_test_accuracy": float, "fit_seconds": float, "weights": dict,
+    },
+    "<SUCCESS>": {"round": int, "accepted": bool, "message": str},
+    "<FINISHED>": {"completed": bool, "rounds_completed": int, "message": str},
+    "<ERROR>": {"message": str},
+}
+
+# Wire names of the tensor dtypes fedsock sends, with their sizes in bytes.
+DTYPE_SIZES = {
+    "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+}
+
+
+class ProtocolError(FedsockError):
+    """A peer broke the protocol, or the connection ended unexpectedly."""
+
+
+class ConnectionClosed(ProtocolError):
+    """The peer closed the connection cleanly, between two frames."""
+
+
+class TruncatedFrame(ProtocolError):
+    """The connection ended in the middle of a frame."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A length prefix above the receiver's limit; nothing was allocated for it."""
+
+
+class BadMessage(ProtocolError):
+    """A control message that is not valid JSON, lacks fields, or comes out of order."""
+
+
+class BadWeights(ProtocolError):
+    """A weights frame that does not match its layout, or holds NaN or Inf."""
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def frame_header(payload_bytes: int) -> bytes:
+    return FRAME_HEADER.pack(payload_bytes)
+
+
+def encode_message(header: str, **fields: Any) -> bytes:
+    """One framed JSON control message. NaN and Inf are refused, never sent."""
+    payload = json.dumps({"header": header, **fields}, allow_nan=False, separators=(",", ":")).encode()
+    return frame_header(len(payload)) + payload
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _type_name(kind: type) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object"}[kind]
+
+
+def _has_type(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def decode_message(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
+    """Parse and check one control message; raise BadMessage with the reason."""
+    try:
+        message = json.loads(bytes(payload).decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+    except UnicodeDecodeError as exc:
+        raise BadMessage(f"message is not valid UTF-8 (byte {exc.start})") from exc
+    except RecursionError as exc:
+        raise BadMessage("message JSON is nested too deeply") from exc
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError, and so are the checks above
+        raise BadMessage(f"message is not valid JSON: {exc}") from exc
+    if not isinstance(message, dict):
+        raise BadMessage(f"message is a JSON {type(message).__name__}, not an object")
+    header = message.get("header")
+    if not isinstance(header, str):
+        raise BadMessage("message has no 'header' string")
+    fields = MESSAGE_FIELDS.get(header)
+    if fields is None:
+        raise BadMessage(f"unknown header {header[:40]!r}")
+    for name, kind in fields.items():
+        if name not in message:
+            raise BadMessage(f"{header} lacks the field '{name}'")
+        if not _has_type(message[name], kind):
+            raise BadMessage(f"{header} field '{name}' must be {_type_name(kind)}")
+    return message
+
+
+class FrameReader:
+    """Says where the next received bytes go, one frame at a time.
+
+    The IO side asks for a frame with `expect_message(limit)` or `expect_blob(buffer)`,
+    then loops `n = read_into(reader.buffer()); reader.advance(n)` until `reader.done`.
+    `advance(0)` means end of file. The length prefix is checked against the limit
+    before any memory is allocated, and a blob is read straight into the caller's
+    preallocated buffer (no chunks joined, no copy).
+    """
+
+    def __init__(self) -> None:
+        self._header = bytearray(FRAME_HEADER.size)
+        self._target: memoryview = memoryview(self._header)
+        self._filled = 0
+        self._in_header = True
+        self._limit = 0
+        self._blob: memoryview | None = None
+        self.payload: bytearray | memoryview | None = None
+        self.done = True
+
+    def expect_message(self, limit: int) -> None:
+        """Next frame is a control message of at most `limit` bytes."""
+        self._start(limit, None)
+
+    def expect_blob(self, buffer: bytearray | memoryview) -> None:
+        """Next frame is weights of exactly len(buffer) bytes, read into buffer."""
+        view = memoryview(buffer).cast("B")
+        self._start(len(view), view)
+
+    def _start(self, limit: int, blob: memoryview | None) -> None:
+        self._limit, self._blob = limit, blob
+        self._target, self._filled, self._in_header = memoryview(self._header), 0, True
+        self.payload, self.done = None, False
+
+    def buffer(self) -> memoryview:
+        return self._target[self._filled:]
+
+    def fill_from(self, read_into: Callable[[memoryview], int]) -> None:
+        """Drive this reader with a blocking `read_into` (socket.recv_into, file.readinto) until the frame is in."""
+        while not self.done:
+            self.advance(read_into(self.buffer()))
+
+    def advance(self, nbytes: int) -> None:
+        if nbytes == 0:
+            raise self._eof_error()
+        self._filled += nbytes
+        if self._filled < len(self._target):
+            return
+        if not self._in_header:
+            self.done = True
+            return
+        (length,) = FRAME_HEADER.unpack(self._header)
+        if self._blob is not None and length != len(self._blob):
+            raise BadWeights(f"weights frame has {length} bytes, its layout says {len(self._blob)}")
+        if length > self._limit:
+            raise FrameTooLarge(f"frame of {length} bytes is over the {self._limit}-byte limit")
+        self.payload = self._blob if self._blob is not None else bytearray(length)
+        self._target, self._filled, self._in_header = memoryview(self.payload), 0, False
+        self.done = length == 0
+
+    def _eof_error(self) -> ProtocolError:
+        if self._in_header and self._filled == 0:
+            return ConnectionClosed("the peer closed the connection")
+        part = "header" if self._in_header else "payload"
+        return TruncatedFrame(
+            f"connection closed after {self._filled} of {len(self._target)} frame {part} bytes"
+        )
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _torch_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    return getattr(torch, name)
+
+
+def _wire_dtype(tensor: "torch.Tensor") -> str:
+    name = str(tensor.dtype).removeprefix("torch.")
+    if name not in DTYPE_SIZES:
+        raise ValueError(f"dtype {name} cannot be sent; fedsock sends {', '.join(DTYPE_SIZES)}")
+    return name
+
+
+def weights_layout(tensors: Mapping[str, "torch.Tensor"]) -> dict[str, Any]:
+    """The JSON description of a weights frame: names, dtypes, shapes, offsets."""
+    entries, offset = [], 0
+    for name, tensor in tensors.items():
+        dtype = _wire_dtype(tensor)
+        nbytes = tensor.numel() * DTYPE_SIZES[dtype]
+        entries.append({"name": name, "dtype": dtype, "shape": list(tensor.shape), "offset": offset, "nbytes": nbytes})
+        offset += -(-nbytes // ALIGNMENT) * ALIGNMENT
+    return {"byte_order": "little", "nbytes": offset, "tensors": entries}
+
+
+def encode_weights(
+    tensors: Mapping[str, "torch.Tensor"], out: bytearray | None = None
+) -> tuple[dict[str, Any], bytearray]:
+    """Layout and bytes of a set of tensors: one copy, straight from the tensors (CPU or GPU).
+
+    `out`, if given and of the right size, is reused instead of allocating a new buffer.
+    """
+    import torch
+
+    layout = weights_layout(tensors)
+    blob = out if out is not None and len(out) == layout["nbytes"] else bytearray(layout["nbytes"])
+    for entry, tensor in zip(layout["tensors"], tensors.values()):
+        if tensor.numel():
+            target = torch.frombuffer(blob, dtype=tensor.dtype, count=tensor.numel(), offset=entry["offset"])
+            target.copy_(tensor.detach().reshape(-1))
+    return layout, blob
+
+
+def _check_entry(entry: Any, blob_bytes: int) -> tuple[str, str, list[int], int]:
+    if not isinstance(entry, dict):
+        raise BadWeights("weights layout entry is not an object")
+    name, dtype, shape, offset = entry.get("name"), entry.get("dtype"), entry.get("shape"), entry.get("offset")
+    if not isinstance(name, str) or dtype not in DTYPE_SIZES:
+        raise BadWeights(f"weights layout entry {str(name)[:40]!r} has no valid name and dtype")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**40 for d in shape):
+        raise BadWeights(f"tensor {name!r}: shape must be a list of non-negative integers")
+    numel = math.prod(shape)
+    if type(offset) is not int or offset < 0 or offset % ALIGNMENT or entry.get("nbytes") != numel * DTYPE_SIZES[dtype]:
+        raise BadWeights(f"tensor {name!r}: offset or byte count does not fit its shape and dtype")
+    if offset + numel * DTYPE_SIZES[dtype] > blob_bytes:
+        raise BadWeights(f"tensor {name!r} ends past the {blob_bytes}-byte weights frame")
+    return name, dtype, shape, offset
+
+
+def decode_weights(layout: Any, blob: bytearray | memoryview) -> dict[str, "torch.Tensor"]:
+    """Tensors that are views of `blob` (no copy), after checking every entry of the layout."""
+    import torch
+
+    if not isinstance(layout, dict) or layout.get("byte_order") != "little" or not isinstance(layout.get("tensors"), list):
+        raise BadWeights("weights layout must be an object with byte_order 'little' and a list of tensors")
+    if layout.get("nbytes") != len(blob):
+        raise BadWeights(f"weights layout says {layout.get('nbytes')!r} bytes, the frame has {len(blob)}")
+    tensors: dict[str, torch.Tensor] = {}
+    for entry in layout["tensors"]:
+        name, dtype, shape, offset = _check_entry(entry, len(blob))
+        if name in tensors:
+            raise BadWeights(f"tensor {name!r} appears twice in the layout")
+        numel = math.prod(shape)
+        if numel == 0:
+            tensors[name] = torch.empty(shape, dtype=_torch_dtype(dtype))
+        else:
+            tensors[name] = torch.frombuffer(blob, dtype=_torch_dtype(dtype), count=numel, offset=offset).view(shape)
+    return tensors
+
+
+def check_layout(received: Any, expected: Mapping[str, Any]) -> None:
+    """Refuse weights whose names, dtypes, shapes or offsets differ from the model's own."""
+    if received == expected:
+        return
+    wanted = {entry["name"]: entry for entry in expected["tensors"]}
+    try:
+        got = {entry["name"]: entry for entry in received["tensors"]}
+    except (KeyError, TypeError) as exc:
+        raise BadWeights("weights layout is not an object with a list of named tensors") from exc
+    missing, extra = wanted.keys() - got.keys(), got.keys() - wanted.keys()
+    if missing or extra:
+        raise BadWeights(f"weights names differ from the model: missing {sorted(missing)[:3]}, unexpected {sorted(map(str, extra))[:3]}")
+    for name, entry in wanted.items():
+        for key in ("dtype", "shape", "offset", "nbytes"):
+            if got[name].get(key) != entry[key]:
+                raise BadWeights(f"tensor {name!r}: {key} {got[name].get(key)!r}, the model has {entry[key]!r}")
+    raise BadWeights("weights layout differs from the model's (order or byte count)")
+
+
+def check_finite(tensors: Mapping[str, "torch.Tensor"]) -> None:
+    import torch
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise BadWeights(f"tensor {name!r} holds NaN or Inf")
+
+
+def frame_weights(header: str, blob: bytearray | memoryview, **fields: Any) -> list[bytes | memoryview]:
+    """The buffers of a weights message: JSON frame, then the blob frame (the blob is not copied)."""
+    return [encode_message(header, **fields), frame_header(len(blob)), memoryview(blob)]

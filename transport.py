@@ -1,0 +1,244 @@
+"""The IO edges of the protocol: an asyncio connection for the server, a blocking one for the client.
+
+Both drive the same sans-IO `FrameReader` from socket_methods; this module only
+moves bytes. The server side is an asyncio `BufferedProtocol`, so the kernel
+writes a weights frame straight into its final buffer (`recv_into`), one event
+loop serves a thousand connections, and a slow peer blocks nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from socket_methods import (
+    MAX_CONTROL_BYTES,
+    ConnectionClosed,
+    FrameReader,
+    ProtocolError,
+    decode_message,
+    encode_message,
+)
+
+# asyncio's transport (Python 3.11) copies whatever the socket does not take at
+# once into its own buffer. Writing a model in slices, and waiting whenever the
+# transport is above its high-water mark, bounds that copy to about one slice
+# per connection: a broadcast to 1,000 clients does not hold 1,000 models.
+SEND_CHUNK_BYTES = 256 << 10
+TLS_RECORD_TYPE_HANDSHAKE = 0x16  # first byte of every TLS ClientHello
+
+
+@dataclass
+class Traffic:
+    """Bytes moved by all connections of a server (read for the metrics of each round)."""
+
+    sent: int = 0
+    received: int = 0
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """No Nagle delay (a small frame after a large one must not wait for an ACK), and
+    TCP keepalive so that a peer whose machine vanished is noticed in about a minute."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+class AsyncConnection(asyncio.BufferedProtocol):
+    """One peer of the server. Reads one frame at a time, only when asked to."""
+
+    def __init__(self, traffic: Traffic):
+        self.traffic = traffic
+        self.reader = FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._frame_done: asyncio.Future[None] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._lost: ProtocolError | None = None
+        self._closed = asyncio.get_running_loop().create_future()
+
+    # ---- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.pause_reading()  # type: ignore[attr-defined]  # nothing is read until a frame is asked for
+        transport.set_write_buffer_limits(high=SEND_CHUNK_BYTES)  # type: ignore[attr-defined]
+        host, port = transport.get_extra_info("peername")[:2]
+        self.peer = f"{host}:{port}"
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.traffic.received += nbytes
+        try:
+            self.reader.advance(nbytes)
+        except ProtocolError as exc:
+            self._end_frame(exc)
+            return
+        if self.reader.done:
+            self._end_frame(None)
+
+    def eof_received(self) -> bool:
+        try:
+            self.reader.advance(0)  # always raises: clean close or cut-off frame
+        except ProtocolError as exc:
+            self._end_frame(exc)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = f": {exc}" if exc else ""
+        self._lost = ConnectionClosed(f"connection closed{reason}")
+        self._writable.set()
+        self._end_frame(self._lost)
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def _end_frame(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+        waiter, self._frame_done = self._frame_done, None
+        if waiter is not None and not waiter.done():
+            if exc is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(exc)
+
+    # ---- what the server calls
+    async def _read_frame(self) -> None:
+        if self._lost is not None:
+            raise self._lost
+        self._frame_done = asyncio.get_running_loop().create_future()
+        self.transport.resume_reading()
+        await self._frame_done
+
+    async def recv_message(self, limit: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
+        self.reader.expect_message(limit)
+        await self._read_frame()
+        return decode_message(self.reader.payload)
+
+    async def recv_blob(self, buffer: bytearray | memoryview) -> None:
+        self.reader.expect_blob(buffer)
+        await self._read_frame()
+
+    async def send(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+        for buffer in buffers:
+            view = memoryview(buffer).cast("B")
+            for start in range(0, len(view), SEND_CHUNK_BYTES):
+                await self._writable.wait()
+                if self._lost is not None:
+                    raise self._lost
+                chunk = view[start : start + SEND_CHUNK_BYTES]
+                self.transport.write(chunk)
+                self.traffic.sent += len(chunk)
+
+    async def send_error(self, message: str) -> None:
+        """Tell the peer why it is being dropped, if the connection still allows it."""
+        try:
+            await asyncio.wait_for(self.send([encode_message("<ERROR>", message=message)]), 5)
+        except (ProtocolError, OSError, asyncio.TimeoutError):
+            pass
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Close after the buffered bytes are sent, or abort if the peer does not take them in time."""
+        if self.transport is None:
+            return
+        self.transport.close()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closed), timeout_s)
+        except asyncio.TimeoutError:
+            self.transport.abort()
+
+
+async def _wait_readable(sock: socket.socket) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def open_accepted(
+    sock: socket.socket, traffic: Traffic, tls: ssl.SSLContext | None, handshake_timeout_s: float
+) -> AsyncConnection:
+    """Wrap an accepted socket, after checking that the peer speaks TLS exactly when we do.
+
+    The first byte tells: a TLS ClientHello starts with 0x16, while a fedsock frame
+    starts with the high byte of its length, which is 0. A plain client at a TLS
+    server gets a plain <ERROR> that says what to change instead of a hang.
+    """
+    tune_socket(sock)
+    await asyncio.wait_for(_wait_readable(sock), handshake_timeout_s)
+    first = sock.recv(1, socket.MSG_PEEK)
+    if not first:
+        raise ConnectionClosed("the peer closed the connection before saying anything")
+    if tls is not None and first[0] != TLS_RECORD_TYPE_HANDSHAKE:
+        try:  # a fresh socket's send buffer takes this small frame at once
+            sock.send(encode_message("<ERROR>", message="this server requires TLS: start the client with --tls-ca FILE"))
+        except OSError:
+            pass
+        raise ProtocolError("a plain-TCP client connected to this TLS server; told it to use --tls-ca")
+    if tls is None and first[0] == TLS_RECORD_TYPE_HANDSHAKE:
+        raise ProtocolError("the peer started a TLS handshake, but this server runs without --tls-cert")
+    loop = asyncio.get_running_loop()
+    try:
+        _, conn = await loop.connect_accepted_socket(
+            lambda: AsyncConnection(traffic), sock, ssl=tls, ssl_handshake_timeout=handshake_timeout_s if tls else None
+        )
+    except ssl.SSLError as exc:
+        raise ProtocolError(f"TLS handshake failed: {exc.reason or exc}") from exc
+    except OSError as exc:  # reset by the peer, or asyncio's handshake timeout
+        raise ProtocolError(f"TLS handshake failed: {exc}") from exc
+    return conn
+
+
+class BlockingConnection:
+    """The client's end: a blocking socket (plain or TLS) driving the same FrameReader."""
+
+    def __init__(self, sock: socket.socket, idle_timeout_s: float | None = None):
+        self.sock = sock
+        self.reader = FrameReader()
+        self.sock.settimeout(idle_timeout_s)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def _recv_into(self, buffer: memoryview) -> int:
+        nbytes = self.sock.recv_into(buffer)
+        self.bytes_received += nbytes
+        return nbytes
+
+    def _read_frame(self) -> None:
+        self.reader.fill_from(self._recv_into)
+
+    def recv_message(self, limit: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
+        self.reader.expect_message(limit)
+        self._read_frame()
+        return decode_message(self.reader.payload)
+
+    def recv_blob(self, buffer: bytearray | memoryview) -> None:
+        self.reader.expect_blob(buffer)
+        self._read_frame()
+
+    def send(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
+        for buffer in buffers:
+            self.sock.sendall(buffer)
+            self.bytes_sent += memoryview(buffer).nbytes
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
