@@ -48,7 +48,7 @@ class ClientConfig:
     data_root: str | None = None
     connect_timeout_s: float = 30.0
     max_message_mb: float = 64.0
-    threads: int = 0
+    threads: int = 1
     quiet: bool = False
     tls: bool = False
     tls_ca: str | None = None
@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use-cuda", action=argparse.BooleanOptionalAction, default=None,
                         help="the original tool's switch: same as --device cuda / --device cpu")
     parser.add_argument("--data-root", default=None, help="folder with the dataset files (default: the project's data/)")
-    parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads; 0 keeps PyTorch's default")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="PyTorch CPU threads; 0 keeps PyTorch's default (one per core). Several clients on one "
+                             "machine run fastest with 1 each: more oversubscribes the cores")
     parser.add_argument("--max-message-mb", type=_positive_float, default=64.0, help="largest frame accepted from the server")
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only a line per round")
     parser.add_argument("--traceback", action="store_true", help="show a full traceback on errors (for bug reports)")

@@ -92,6 +92,7 @@ class ServerConfig:
     auth_token_file: str | None = None
     auth_tokens_file: str | None = None
     resume: str | None = None
+    threads: int = 1
     quiet: bool = False
 
 
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration for --partition dirichlet (smaller: more label skew)")
     data.add_argument("--seed", type=int, default=0, help="seed for the partition, the initial model and client shuffling")
     data.add_argument("--device", choices=nnh.DEVICES, default="auto", help="where the server evaluates the global model")
+    data.add_argument("--threads", type=int, default=1,
+                      help="PyTorch CPU threads for evaluation; 0 keeps PyTorch's default. 1 leaves the cores to local clients")
     data.add_argument("--use-cuda", action=argparse.BooleanOptionalAction, default=None,
                       help="the original tool's switch: same as --device cuda / --device cpu")
     out = parser.add_argument_group("output")
@@ -205,6 +208,8 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, dict | None, byt
         parser.error(f"--min-clients {config.min_clients} is more than --num-clients {config.num_clients}")
     if config.round_retries < 0:
         parser.error("--round-retries must be >= 0")
+    if config.threads < 0:
+        parser.error("--threads must be >= 0")
     return config, state, blob
 
 
@@ -505,7 +510,9 @@ class Federation:
         conn = session = None
         try:
             async with asyncio.timeout(self.config.handshake_timeout_s):
-                conn = await open_accepted(sock, self.traffic, self.tls, self.config.handshake_timeout_s)
+                conn = await open_accepted(
+                    sock, self.traffic, self.tls, self.config.handshake_timeout_s, self.config.round_timeout_s
+                )
                 session = await self.handshake(conn)
         except (TimeoutError, asyncio.TimeoutError):
             warn(WHO, f"{peer}: no complete handshake within {self.config.handshake_timeout_s:g} s; disconnected")
@@ -705,6 +712,8 @@ def prepare(config: ServerConfig, checkpoint: dict | None, checkpoint_blob: byte
     """Everything that can fail on bad flags or files, done before the server listens."""
     info = client_helper.DATASETS[config.dataset]
     device = nnh.choose_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     tls = security.server_tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
     if config.auth_token_file and config.auth_tokens_file:
         raise UsageError("use --auth-token-file or --auth-tokens-file, not both")

@@ -19,6 +19,7 @@ from socket_methods import (
     ConnectionClosed,
     FrameReader,
     ProtocolError,
+    TruncatedFrame,
     decode_message,
     encode_message,
 )
@@ -50,10 +51,17 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 class AsyncConnection(asyncio.BufferedProtocol):
-    """One peer of the server. Reads one frame at a time, only when asked to."""
+    """One peer of the server. Reads one frame at a time, only when asked to.
 
-    def __init__(self, traffic: Traffic):
+    A frame, once begun, must be complete within `frame_timeout_s` (a weights frame
+    within that time of being asked for): a peer that sends half a frame and goes
+    silent is cut off instead of holding its buffer forever.
+    """
+
+    def __init__(self, traffic: Traffic, frame_timeout_s: float | None = None):
         self.traffic = traffic
+        self.frame_timeout_s = frame_timeout_s
+        self._deadline: asyncio.TimerHandle | None = None
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -76,6 +84,8 @@ class AsyncConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.traffic.received += nbytes
+        if self._deadline is None:
+            self._arm_deadline()
         try:
             self.reader.advance(nbytes)
         except ProtocolError as exc:
@@ -105,7 +115,18 @@ class AsyncConnection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
+    def _arm_deadline(self) -> None:
+        if self.frame_timeout_s is not None:
+            self._deadline = asyncio.get_running_loop().call_later(self.frame_timeout_s, self._frame_expired)
+
+    def _frame_expired(self) -> None:
+        self._deadline = None
+        self._end_frame(TruncatedFrame(f"a frame was not complete within {self.frame_timeout_s:g} s"))
+
     def _end_frame(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self.transport is not None:
             self.transport.pause_reading()
         waiter, self._frame_done = self._frame_done, None
@@ -130,6 +151,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
 
     async def recv_blob(self, buffer: bytearray | memoryview) -> None:
         self.reader.expect_blob(buffer)
+        self._arm_deadline()  # the weights must follow their <UPDATE> promptly
         await self._read_frame()
 
     async def send(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
@@ -172,7 +194,7 @@ async def _wait_readable(sock: socket.socket) -> None:
 
 
 async def open_accepted(
-    sock: socket.socket, traffic: Traffic, tls: ssl.SSLContext | None, handshake_timeout_s: float
+    sock: socket.socket, traffic: Traffic, tls: ssl.SSLContext | None, handshake_timeout_s: float, frame_timeout_s: float
 ) -> AsyncConnection:
     """Wrap an accepted socket, after checking that the peer speaks TLS exactly when we do.
 
@@ -196,7 +218,7 @@ async def open_accepted(
     loop = asyncio.get_running_loop()
     try:
         _, conn = await loop.connect_accepted_socket(
-            lambda: AsyncConnection(traffic), sock, ssl=tls, ssl_handshake_timeout=handshake_timeout_s if tls else None
+            lambda: AsyncConnection(traffic, frame_timeout_s), sock, ssl=tls, ssl_handshake_timeout=handshake_timeout_s if tls else None
         )
     except ssl.SSLError as exc:
         raise ProtocolError(f"TLS handshake failed: {exc.reason or exc}") from exc
