@@ -172,7 +172,7 @@ def connect(config: ClientConfig, tls: ssl.SSLContext | None) -> BlockingConnect
         except OSError as exc:
             if time.monotonic() + delay > deadline:
                 raise FedsockError(f"no server at {config.address} (tried for {config.connect_timeout_s:g} s: {exc.strerror or exc})") from exc
-            if not announced and not config.quiet:
+            if not announced:
                 say(config.who, f"waiting for the server at {config.address} ...")
                 announced = True
             time.sleep(delay)  # backoff between connection attempts, not synchronisation
@@ -280,11 +280,34 @@ class LocalTrainer:
 
 
 def server_spoke(conn: BlockingConnection) -> bool:
-    """Has the server sent something while we trained (a <FINISHED> when it was stopped)?"""
+    """Has the server sent something while we trained (a <WAITING>, or the <FINISHED> of a stopped run)?"""
     if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
         return True
     readable, _, _ = select.select([conn.sock], [], [], 0)
     return bool(readable)
+
+
+class Status:
+    """Shows the server's control messages; says when the run is over."""
+
+    def __init__(self, config: ClientConfig):
+        self.config = config
+        self.last_waiting = ""
+
+    def finished(self, message: dict[str, Any]) -> bool:
+        header = message["header"]
+        if header == "<FINISHED>":
+            say(self.config.who, f"server: {message['message']}")
+            return True
+        if header == "<SUCCESS>" and not message["accepted"]:
+            warn(self.config.who, f"round {message['round']}: {message['message']}")
+        if header == "<WAITING>" and message["message"] != self.last_waiting and not self.config.quiet:
+            self.last_waiting = message["message"]
+            say(self.config.who, f"server: {self.last_waiting}")
+        return False
+
+
+CONTROL = {"<SUCCESS>", "<WAITING>", "<FINISHED>"}
 
 
 def run_client(config: ClientConfig) -> int:
@@ -296,20 +319,20 @@ def run_client(config: ClientConfig) -> int:
         say(config.who, f"joined the server at {config.address}: {meta['model']} on {meta['dataset']}, "
                         f"{meta['partition']} partition {config.client_id} of {meta['num_clients']}")
         trainer = LocalTrainer(config, meta)
-        conn.sock.settimeout(meta["round_timeout_s"] + SERVER_SILENCE_MARGIN_S)
-        limit = int(config.max_message_mb * 2**20)
+        # The server sends <WAITING> every heartbeat while we wait: three missed ones and it is gone.
+        conn.sock.settimeout(3 * meta["heartbeat_s"] + 2)
+        limit, status = int(config.max_message_mb * 2**20), Status(config)
         while True:
-            message = expect(conn, {"<MODEL>", "<SUCCESS>", "<FINISHED>"}, limit)
-            if message["header"] == "<FINISHED>":
-                say(config.who, f"server: {message['message']}")
-                return 0
-            if message["header"] == "<SUCCESS>":
-                if not message["accepted"]:
-                    warn(config.who, f"round {message['round']}: {message['message']}")
+            message = expect(conn, CONTROL | {"<MODEL>"}, limit)
+            if message["header"] != "<MODEL>":
+                if status.finished(message):
+                    return 0
                 continue
             update = trainer.fit(conn, message)
-            if not server_spoke(conn):  # a stopped server's <FINISHED> is read below, not answered
-                conn.send(update)
+            while server_spoke(conn):  # a stopped server's <FINISHED> is read, not answered
+                if status.finished(expect(conn, CONTROL)):
+                    return 0
+            conn.send(update, timeout_s=meta["round_timeout_s"])
     except socket.timeout as exc:
         raise FedsockError(f"the server at {config.address} sent nothing for {conn.sock.gettimeout():g} s; giving up") from exc
     except ConnectionClosed as exc:

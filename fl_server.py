@@ -84,6 +84,7 @@ class ServerConfig:
     round_timeout_s: float = 600.0
     round_retries: int = 3
     handshake_timeout_s: float = 10.0
+    heartbeat_s: float = 10.0
     max_message_mb: float = 64.0
     max_pending: int = 64
     tls_cert: str | None = None
@@ -169,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     fault.add_argument("--round-retries", type=int, default=3, help="times a round that got too few updates is retried before the run stops")
     fault.add_argument("--handshake-timeout", dest="handshake_timeout_s", type=_positive_float, default=10.0,
                        help="seconds a new connection has to complete TLS, hello and authentication")
+    fault.add_argument("--heartbeat-interval", dest="heartbeat_s", type=_positive_float, default=10.0,
+                       help="seconds between <WAITING> messages to connected clients; a client gives up on a server "
+                            "silent for three intervals")
     fault.add_argument("--max-message-mb", type=_positive_float, default=64.0, help="largest frame accepted; also caps the model size")
     fault.add_argument("--max-pending", type=_positive_int, default=64, help="most connections that may be in their handshake at once")
     sec = parser.add_argument_group("security")
@@ -340,6 +344,7 @@ class Federation:
             loop.add_signal_handler(signum, self.request_stop, signum)
         loop.set_exception_handler(lambda _, context: warn(WHO, f"internal: {context.get('message')} {context.get('exception') or ''}"))
         accepting = self.spawn(self.accept_loop())
+        beating = self.spawn(self.heartbeat_loop())
         try:
             await self.lobby()
             await self.run_rounds()
@@ -355,6 +360,7 @@ class Federation:
             raise
         finally:
             accepting.cancel()
+            beating.cancel()
             self.listener.close()
             self.worker.shutdown(wait=True)
 
@@ -488,6 +494,26 @@ class Federation:
         title = f"fedsock: {self.config.model} on {self.config.dataset}, {self.config.num_clients} clients, {self.config.partition}"
         run_files.write_plot(self.output_dir / "accuracy.png", self.metrics, title)
 
+    def status(self) -> str:
+        """What the server is waiting for, in words: the text of <WAITING>."""
+        state, config = self.current, self.config
+        if state is not None:
+            return f"round {state.number}: {len(state.reported)} of {len(state.expected)} updates in"
+        if not self.training_started:
+            return (f"waiting for clients: {len(self.clients)} of {config.num_clients} connected, "
+                    f"training starts with at least {config.min_clients}")
+        return f"between rounds: {len(self.idle_clients())} client(s) ready, {config.min_clients} needed"
+
+    async def heartbeat_loop(self) -> None:
+        """Tell every connected client, now and then, that the server is alive and what it waits for,
+        so that a client can tell a slow round from a server that is gone."""
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)  # a period, not synchronisation
+            frame = encode_message("<WAITING>", message=self.status())
+            for session in list(self.clients.values()):
+                if not session.conn.sending:  # a model on its way says the same
+                    self.spawn(self.send_or_drop(session, [frame]))
+
     # ---- connections
     async def accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -559,7 +585,8 @@ class Federation:
         await conn.send([encode_message(
             "<METADATA>", client_id=client_id, num_clients=config.num_clients, dataset=config.dataset,
             partition=config.partition, alpha=config.alpha, seed=config.seed, model=config.model,
-            num_rounds=config.num_rounds, round_timeout_s=config.round_timeout_s, next_round=self.rounds_done + 1,
+            num_rounds=config.num_rounds, round_timeout_s=config.round_timeout_s, heartbeat_s=config.heartbeat_s,
+            next_round=self.rounds_done + 1,
         )])
         rejoined = " (rejoined)" if self.training_started else ""
         self.log(f"client {client_id} joined from {conn.peer}{rejoined} ({len(self.clients)}/{config.num_clients} connected)")

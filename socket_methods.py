@@ -43,7 +43,7 @@ MESSAGE_FIELDS: dict[str, dict[str, type]] = {
     "<AUTH>": {"mac": str},
     "<METADATA>": {
         "client_id": int, "num_clients": int, "dataset": str, "partition": str, "alpha": float,
-        "seed": int, "model": str, "num_rounds": int, "round_timeout_s": float,
+        "seed": int, "model": str, "num_rounds": int, "round_timeout_s": float, "heartbeat_s": float,
     },
     "<MODEL>": {"round": int, "local_epochs": int, "batch_size": int, "lr": float, "weights": dict},
     "<UPDATE>": {
@@ -51,6 +51,7 @@ MESSAGE_FIELDS: dict[str, dict[str, type]] = {
         "local_test_accuracy": float, "fit_seconds": float, "weights": dict,
     },
     "<SUCCESS>": {"round": int, "accepted": bool, "message": str},
+    "<WAITING>": {"message": str},
     "<FINISHED>": {"completed": bool, "rounds_completed": int, "message": str},
     "<ERROR>": {"message": str},
 }

@@ -68,6 +68,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
         self._frame_done: asyncio.Future[None] | None = None
         self._writable = asyncio.Event()
         self._writable.set()
+        self._send_lock = asyncio.Lock()
         self._lost: ProtocolError | None = None
         self._closed = asyncio.get_running_loop().create_future()
 
@@ -154,16 +155,22 @@ class AsyncConnection(asyncio.BufferedProtocol):
         self._arm_deadline()  # the weights must follow their <UPDATE> promptly
         await self._read_frame()
 
+    @property
+    def sending(self) -> bool:
+        return self._send_lock.locked()
+
     async def send(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
-        for buffer in buffers:
-            view = memoryview(buffer).cast("B")
-            for start in range(0, len(view), SEND_CHUNK_BYTES):
-                await self._writable.wait()
-                if self._lost is not None:
-                    raise self._lost
-                chunk = view[start : start + SEND_CHUNK_BYTES]
-                self.transport.write(chunk)
-                self.traffic.sent += len(chunk)
+        """Send whole frames; concurrent senders take turns, so frames never interleave."""
+        async with self._send_lock:
+            for buffer in buffers:
+                view = memoryview(buffer).cast("B")
+                for start in range(0, len(view), SEND_CHUNK_BYTES):
+                    await self._writable.wait()
+                    if self._lost is not None:
+                        raise self._lost
+                    chunk = view[start : start + SEND_CHUNK_BYTES]
+                    self.transport.write(chunk)
+                    self.traffic.sent += len(chunk)
 
     async def send_error(self, message: str) -> None:
         """Tell the peer why it is being dropped, if the connection still allows it."""
@@ -254,10 +261,17 @@ class BlockingConnection:
         self.reader.expect_blob(buffer)
         self._read_frame()
 
-    def send(self, buffers: Iterable[bytes | bytearray | memoryview]) -> None:
-        for buffer in buffers:
-            self.sock.sendall(buffer)
-            self.bytes_sent += memoryview(buffer).nbytes
+    def send(self, buffers: Iterable[bytes | bytearray | memoryview], timeout_s: float | None = None) -> None:
+        """Send whole frames; `timeout_s` replaces the idle timeout while they go out."""
+        idle_timeout = self.sock.gettimeout()
+        if timeout_s is not None:
+            self.sock.settimeout(timeout_s)
+        try:
+            for buffer in buffers:
+                self.sock.sendall(buffer)
+                self.bytes_sent += memoryview(buffer).nbytes
+        finally:
+            self.sock.settimeout(idle_timeout)
 
     def close(self) -> None:
         try:

@@ -124,9 +124,11 @@ class Cluster:
             self.port = int(proc.wait_for(r"listening on [\d.]+:(\d+)", timeout=90).group(1))
         return proc
 
-    def client(self, client_id: int, *args: str, port: int | None = None, env: dict | None = None) -> Proc:
+    def client(self, client_id: int, *args: str, port: int | None = None, env: dict | None = None,
+               quiet: bool = True) -> Proc:
         port = port or self.port
-        proc = Proc(["fl_client.py", "--client-id", str(client_id), "--server-port", str(port), "--quiet", *args],
+        flags = ["--quiet"] if quiet else []
+        proc = Proc(["fl_client.py", "--client-id", str(client_id), "--server-port", str(port), *flags, *args],
                     f"client {client_id}", env)
         self.procs.append(proc)
         return proc

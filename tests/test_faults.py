@@ -1,0 +1,129 @@
+"""Fault injection with real processes: clients killed or stalled, the server killed, interrupted and resumed."""
+
+import signal
+
+import torch
+
+from conftest import FAST, free_port, read_metrics
+from run_files import read_checkpoint
+
+
+def test_client_killed_mid_round_the_rest_finish(cluster, tmp_path):
+    # Three local epochs make each round last a few seconds: the kill lands inside round 2.
+    server = cluster.server(*FAST, "--num-clients", "3", "--num-rounds", "4", "--local-epochs", "3",
+                            "--round-timeout", "120")
+    clients = [cluster.client(k) for k in (1, 2, 3)]
+    server.wait_for(r"round 1/4  clients 3/3")  # printed after round 2's model went out
+    clients[1].kill()  # SIGKILL while it trains round 2
+    assert clients[0].finish() == 0 and clients[2].finish() == 0
+    assert server.finish() == 0
+    server.wait_for(r"dropped: .*client 2 in round 2 \(connection closed")
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [r["clients"] for r in rows] == [3, 2, 2, 2]
+    # The closed socket was noticed at once: round 2 took about as long as training, far from the timeout.
+    assert rows[1]["seconds"] < 60
+    assert rows[-1]["test_accuracy"] > 0.88
+
+
+def test_stalled_client_is_left_out_after_the_round_timeout(cluster, tmp_path):
+    server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "3", "--local-epochs", "2",
+                            "--round-timeout", "6")
+    clients = [cluster.client(k) for k in (1, 2)]
+    server.wait_for(r"round 1/3  clients 2/2")
+    clients[1].signal(signal.SIGSTOP)  # alive, connected, silent
+    try:
+        assert clients[0].finish() == 0
+        assert server.finish() == 0
+    finally:
+        clients[1].signal(signal.SIGCONT)
+    server.wait_for(r"client 2 sent no update within 6 s in round 2; left out of that round")
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [r["clients"] for r in rows] == [2, 1, 1]
+    assert rows[-1]["test_accuracy"] > 0.88
+    # Woken up, the stalled client finds the run over and says so.
+    clients[1].finish()
+    assert "Traceback" not in clients[1].output
+
+
+def test_server_killed_then_resumed_continues_metrics(cluster, tmp_path):
+    out = tmp_path / "run"
+    server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "4", "--local-epochs", "2")
+    clients = [cluster.client(k) for k in (1, 2)]
+    server.wait_for(r"round 2/4  clients 2/2")
+    server.kill()  # SIGKILL: no chance to clean up
+    for client in clients:
+        assert client.finish(timeout=60) == 1
+        client.wait_for(r"error: the server at 127.0.0.1:\d+ (closed|dropped) the connection")
+    state, _ = read_checkpoint(str(out / "checkpoint.fsck"))
+    assert state["round"] >= 2
+    before = read_metrics(out / "metrics.csv")[: state["round"]]
+
+    resumed = cluster.server("--resume", str(out / "checkpoint.fsck"), "--time-to-wait", "30")
+    resumed.wait_for(rf"resuming from .*round {state['round']} of 4 was the last completed")
+    clients = [cluster.client(k) for k in (1, 2)]
+    assert [c.finish() for c in clients] == [0, 0]
+    assert resumed.finish() == 0
+    rows = read_metrics(out / "metrics.csv")
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert rows[: state["round"]] == before  # the history is kept, not redone
+    assert rows[-1]["test_accuracy"] > 0.88
+
+
+def test_sigint_tells_clients_and_leaves_a_checkpoint(cluster, tmp_path):
+    out = tmp_path / "run"
+    server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "20", "--local-epochs", "2")
+    clients = [cluster.client(k) for k in (1, 2)]
+    server.wait_for(r"round 1/20  clients 2/2")
+    server.signal(signal.SIGINT)
+    assert server.finish(timeout=60) == 130
+    server.wait_for(r"SIGINT: stopping after round \d+")
+    for client in clients:
+        assert client.finish(timeout=60) == 0
+        client.wait_for(r"server: the server was stopped \(SIGINT\) after round \d+; it can resume from its checkpoint")
+        assert "Traceback" not in client.output
+    state, blob = read_checkpoint(str(out / "checkpoint.fsck"))
+    assert 1 <= state["round"] < 20 and len(read_metrics(out / "metrics.csv")) == state["round"]
+    assert not (out / "checkpoint.fsck.tmp").exists()
+
+
+def test_sigterm_exits_143_with_the_checkpoint_intact(cluster, tmp_path):
+    out = tmp_path / "run"
+    server = cluster.server(*FAST, "--num-clients", "1", "--num-rounds", "20", "--local-epochs", "2")
+    client = cluster.client(1)
+    server.wait_for(r"round 1/20  clients 1/1")
+    server.signal(signal.SIGTERM)
+    assert server.finish(timeout=60) == 143
+    assert client.finish(timeout=60) == 0
+    state, _ = read_checkpoint(str(out / "checkpoint.fsck"))
+    assert state["config"]["num_rounds"] == 20 and state["round"] >= 1
+
+
+def test_resume_refuses_a_changed_model_and_a_finished_run(cluster, tmp_path):
+    out = tmp_path / "run"
+    server = cluster.server(*FAST, "--num-clients", "1", "--num-rounds", "1")
+    client = cluster.client(1)
+    assert client.finish() == 0 and server.finish() == 0
+    changed = cluster.server("--resume", str(out / "checkpoint.fsck"), "--model", "cnn", wait=False)
+    assert changed.finish(timeout=60) == 2
+    assert "--model cannot change on --resume (the run used 'logreg')" in changed.output
+    done = cluster.server("--resume", str(out / "checkpoint.fsck"), wait=False)
+    assert done.finish(timeout=60) == 2
+    assert "raise --num-rounds to go on" in done.output
+    (out / "broken.fsck").write_bytes((out / "checkpoint.fsck").read_bytes()[:-100])
+    broken = cluster.server("--resume", str(out / "broken.fsck"), wait=False)
+    assert broken.finish(timeout=60) == 2
+    assert "cannot resume from" in broken.output and "cut short" in broken.output
+
+
+def test_a_client_gives_up_when_the_server_goes_silent(cluster, tmp_path):
+    """A server that stops answering (SIGSTOP: no FIN, no RST) is given up on after the announced timeout."""
+    server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "3", "--heartbeat-interval", "1",
+                            "--min-clients", "2", "--time-to-wait", "60")
+    client = cluster.client(1, quiet=False)
+    client.wait_for("server: waiting for clients: 1 of 2 connected")  # the lobby is long, but the server is alive
+    server.signal(signal.SIGSTOP)
+    try:
+        assert client.finish(timeout=60) == 1  # three missed heartbeats: 3 x 1 s + 2 s
+    finally:
+        server.signal(signal.SIGCONT)
+    client.wait_for(r"error: the server at 127.0.0.1:\d+ sent nothing for 5 s; giving up")

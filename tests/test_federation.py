@@ -1,0 +1,160 @@
+"""Whole federations: a real server and real client processes on 127.0.0.1."""
+
+import socket
+
+import pytest
+import torch
+
+from conftest import FAST, SHARED_DATA, free_port, read_metrics
+
+
+def assert_no_traceback(proc):
+    assert "Traceback" not in proc.output, proc.output
+
+
+def test_federation_trains_and_keeps_its_results(cluster, tmp_path):
+    server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "3")
+    clients = [cluster.client(k) for k in (1, 2)]
+    assert [c.finish() for c in clients] == [0, 0]
+    assert server.finish() == 0
+    server.wait_for(r"round 3/3  clients 2/2  test acc \d+\.\d\d%  loss \d\.\d+  \d+\.\d s")
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["test_accuracy"] > rows[0]["test_accuracy"] > 0.85  # it learns
+    assert rows[-1]["test_loss"] < rows[0]["test_loss"]
+    assert all(r["clients"] == 2 and r["bytes_sent"] > 2 * 31_000 and r["bytes_received"] > 2 * 31_000 for r in rows)
+    model = torch.load(tmp_path / "run" / "model.pt")
+    assert model["linear.weight"].shape == (10, 784)
+    assert (tmp_path / "run" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "run" / "checkpoint.fsck").stat().st_size > 31_000
+    for client in clients:
+        client.wait_for(r"server: training finished after 3 rounds; final test accuracy")
+        assert_no_traceback(client)
+    assert_no_traceback(server)
+
+
+def test_late_joiner_duplicate_and_unknown_ids_are_refused(cluster, tmp_path):
+    server = cluster.server(*FAST, "--num-clients", "3", "--min-clients", "2", "--time-to-wait", "0",
+                            "--num-rounds", "4", "--local-epochs", "2")
+    honest = [cluster.client(k) for k in (1, 2)]
+    server.wait_for("training starts with 2 client")
+    duplicate, late, unknown = cluster.client(1), cluster.client(3), cluster.client(9)
+    assert duplicate.finish() == 3
+    duplicate.wait_for("error: the server says: client id 1 is already connected to this run")
+    assert late.finish() == 3
+    late.wait_for(r"error: the server says: training already started \(round \d of 4\); this run takes no new clients")
+    assert unknown.finish() == 3
+    unknown.wait_for(r"error: the server says: client id 9 is not part of this run \(ids are 1..3\)")
+    assert [c.finish() for c in honest] == [0, 0]
+    assert server.finish() == 0
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert len(rows) == 4 and all(r["clients"] == 2 for r in rows)  # unharmed
+    assert rows[-1]["test_accuracy"] > 0.88
+    for proc in (duplicate, late, unknown, server):
+        assert_no_traceback(proc)
+
+
+def test_clients_may_start_before_the_server(cluster, tmp_path):
+    port = free_port()
+    clients = [cluster.client(k, port=port) for k in (1, 2)]
+    clients[0].wait_for("waiting for the server")
+    clients[1].wait_for("waiting for the server")
+    server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "1", "--server-port", str(port))
+    assert cluster.port == port
+    assert [c.finish() for c in clients] == [0, 0]
+    assert server.finish() == 0
+
+
+def test_no_server_is_one_line_and_non_zero(cluster):
+    client = cluster.client(1, "--connect-timeout", "1", port=free_port())
+    assert client.finish(timeout=30) == 1
+    assert client.output.strip().endswith("(tried for 1 s: Connection refused)")
+    client.wait_for(r"fl_client.py: error: no server at 127.0.0.1:\d+")
+    assert_no_traceback(client)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num-rounds", "0"], "must be at least 1"),
+        (["--lr", "-1"], "must be a positive number"),
+        (["--model", "resnet"], "invalid choice"),
+        (["--min-clients", "4", "--num-clients", "2"], "--min-clients 4 is more than --num-clients 2"),
+        (["--partition", "dirichlet", "--alpha", "0.0001", "--num-clients", "50"], "raise --alpha"),
+        (["--tls-cert", "nope.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", "nope.pem", "--tls-key", "nope.key"], "cannot load --tls-cert/--tls-key"),
+        (["--resume", "no-such-checkpoint"], "cannot resume from no-such-checkpoint"),
+    ],
+)
+def test_bad_server_flags_are_one_line_errors(cluster, args, message):
+    server = cluster.server(*args, wait=False)
+    assert server.finish(timeout=60) == 2
+    assert message in server.output
+    assert_no_traceback(server)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--client-id", "0"], "client ids start at 1"),
+        (["--client-id", "two"], "must be a whole number"),
+        (["--server-port", "70000"], "must be 1..65535"),
+        (["--tls-cert", "x.pem"], "--tls-cert and --tls-key go together"),
+    ],
+)
+def test_bad_client_flags_are_one_line_errors(cluster, args, message):
+    client = cluster.client(1, *args, port=free_port())
+    assert client.finish(timeout=30) == 2
+    assert message in client.output
+    assert_no_traceback(client)
+
+
+def test_port_in_use_and_missing_data(cluster, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        server = cluster.server("--server-port", str(port), wait=False)
+        assert server.finish(timeout=60) == 2
+        assert f"port {port} on 127.0.0.1 is already in use" in server.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    server = cluster.server("--data-root", str(empty), wait=False)
+    assert server.finish(timeout=60) == 2
+    assert "MNIST files are missing" in server.output
+    for proc in cluster.procs:
+        assert_no_traceback(proc)
+
+
+def test_use_cuda_switch(cluster):
+    server = cluster.server("--use-cuda", "--model", "logreg", wait=False)
+    if torch.cuda.is_available():
+        server.wait_for("on cuda")
+    else:
+        assert server.finish(timeout=60) == 2
+        assert "--device cuda was asked for, but PyTorch sees no CUDA device here" in server.output
+    assert_no_traceback(server)
+
+
+def test_fashion_mnist_from_a_data_root(cluster, tmp_path):
+    server = cluster.server(*FAST, "--dataset", "fashion-mnist", "--data-root", str(SHARED_DATA),
+                            "--num-clients", "2", "--num-rounds", "2")
+    clients = [cluster.client(k, "--data-root", str(SHARED_DATA)) for k in (1, 2)]
+    assert [c.finish() for c in clients] == [0, 0]
+    assert server.finish() == 0
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert rows[-1]["test_accuracy"] > 0.75
+
+
+def test_same_seed_same_results(cluster, tmp_path):
+    results = []
+    for attempt in range(2):
+        out = tmp_path / f"run{attempt}"
+        server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "2", "--seed", "7",
+                                "--partition", "dirichlet", "--alpha", "1", output_dir=out)
+        clients = [cluster.client(k) for k in (1, 2)]
+        assert [c.finish() for c in clients] == [0, 0] and server.finish() == 0
+        results.append([(r["test_accuracy"], r["test_loss"], r["train_loss"]) for r in read_metrics(out / "metrics.csv")])
+        results.append(torch.load(out / "model.pt"))
+    assert results[0] == results[2]
+    assert all(torch.equal(results[1][k], results[3][k]) for k in results[1])
