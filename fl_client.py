@@ -318,7 +318,12 @@ def run_client(config: ClientConfig) -> int:
         meta = join(conn, config, token)
         say(config.who, f"joined the server at {config.address}: {meta['model']} on {meta['dataset']}, "
                         f"{meta['partition']} partition {config.client_id} of {meta['num_clients']}")
-        trainer = LocalTrainer(config, meta)
+        try:
+            trainer = LocalTrainer(config, meta)
+        except (FedsockError, KeyboardInterrupt) as exc:  # tell the server why this client leaves
+            reason = str(exc) if isinstance(exc, FedsockError) else "interrupted"
+            conn.send([encode_message("<ERROR>", message=f"client setup failed: {reason}")])
+            raise
         # The server sends <WAITING> every heartbeat while we wait: three missed ones and it is gone.
         conn.sock.settimeout(3 * meta["heartbeat_s"] + 2)
         limit, status = int(config.max_message_mb * 2**20), Status(config)

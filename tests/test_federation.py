@@ -158,3 +158,17 @@ def test_same_seed_same_results(cluster, tmp_path):
         results.append(torch.load(out / "model.pt"))
     assert results[0] == results[2]
     assert all(torch.equal(results[1][k], results[3][k]) for k in results[1])
+
+
+def test_client_without_data_says_so_and_the_server_hears_why(cluster, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    # Training needs two clients, so the broken one leaves from the lobby; then 2 and 3 run.
+    server = cluster.server(*FAST, "--num-clients", "3", "--min-clients", "2", "--num-rounds", "2", "--time-to-wait", "0")
+    broken = cluster.client(1, "--data-root", str(empty))
+    assert broken.finish() == 2
+    broken.wait_for(r"fl_client.py: error: MNIST files are missing under .*empty")
+    server.wait_for(r"client 1 left \(it reported an error: client setup failed: MNIST files are missing")
+    honest = [cluster.client(2), cluster.client(3)]
+    assert [c.finish() for c in honest] == [0, 0] and server.finish() == 0
+    assert_no_traceback(broken)
