@@ -7,6 +7,8 @@ appears for a real bug (or with --traceback).
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 import time
 from enum import IntEnum
@@ -67,3 +69,22 @@ def run_main(prog: str, main: Callable[[list[str] | None], int], argv: list[str]
             raise
         print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
         return ExitStatus.FAILURE
+
+
+def number(kind: type, low: float, high: float | None = None, *, positive: bool = False) -> Callable[[str], float]:
+    """An argparse type: a `kind` (int or float) of at least `low` (above it if `positive`), at most `high`."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (positive and value == low) or (high is not None and value > high):
+            if high is not None:
+                raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {text}")
+            if positive:
+                raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+
+    return parse

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import security
-from console import FedsockError, RefusedError, UsageError, run_main, say, warn
+from console import FedsockError, RefusedError, UsageError, number, run_main, say, warn
 from socket_methods import (
     MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
@@ -66,28 +66,9 @@ class ClientConfig:
         return f"{self.server_host}:{self.server_port}"
 
 
-def _client_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"client ids start at 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 1..65535, got {value}")
-    return value
+_client_id = number(int, 1)
+_positive_float = number(float, 0, positive=True)
+_port = number(int, 1, 65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--use-cuda", action=argparse.BooleanOptionalAction, default=None,
                         help="the original tool's switch: same as --device cuda / --device cpu")
     parser.add_argument("--data-root", default=None, help="folder with the dataset files (default: the project's data/)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=number(int, 0), default=1,
                         help="PyTorch CPU threads; 0 keeps PyTorch's default (one per core). Several clients on one "
                              "machine run fastest with 1 each: more oversubscribes the cores")
     parser.add_argument("--max-message-mb", type=_positive_float, default=64.0, help="largest frame accepted from the server")
@@ -129,8 +110,6 @@ def parse_config(argv: list[str] | None) -> ClientConfig:
         if args.device not in ("auto", wanted):
             parser.error("--use-cuda/--no-use-cuda contradicts --device")
         args.device = wanted
-    if args.threads < 0:
-        parser.error("--threads must be >= 0")
     del args.use_cuda, args.traceback
     return ClientConfig(**vars(args))
 

@@ -36,7 +36,7 @@ import client_helper
 import neural_net_helper as nnh
 import run_files
 import security
-from console import ExitStatus, FedsockError, UsageError, run_main, say, warn
+from console import ExitStatus, FedsockError, UsageError, number, run_main, say, warn
 from fedavg import RunningAverage
 from socket_methods import (
     PRE_AUTH_CONTROL_BYTES,
@@ -100,32 +100,10 @@ class ServerConfig:
 # --------------------------------------------------------------------------- flags
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be 0..65535, got {value}")
-    return value
+_positive_int = number(int, 1)
+_positive_float = number(float, 0, positive=True)
+_non_negative_float = number(float, 0)
+_port = number(int, 0, 65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration for --partition dirichlet (smaller: more label skew)")
     data.add_argument("--seed", type=int, default=0, help="seed for the partition, the initial model and client shuffling")
     data.add_argument("--device", choices=nnh.DEVICES, default="auto", help="where the server evaluates the global model")
-    data.add_argument("--threads", type=int, default=1,
+    data.add_argument("--threads", type=number(int, 0), default=1,
                       help="PyTorch CPU threads for evaluation; 0 keeps PyTorch's default. 1 leaves the cores to local clients")
     data.add_argument("--use-cuda", action=argparse.BooleanOptionalAction, default=None,
                       help="the original tool's switch: same as --device cuda / --device cpu")
@@ -167,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     fault = parser.add_argument_group("fault tolerance")
     fault.add_argument("--round-timeout", dest="round_timeout_s", type=_positive_float, default=600.0,
                        help="seconds a round waits for updates; late clients are left out of it")
-    fault.add_argument("--round-retries", type=int, default=3, help="times a round that got too few updates is retried before the run stops")
+    fault.add_argument("--round-retries", type=number(int, 0), default=3, help="times a round that got too few updates is retried before the run stops")
     fault.add_argument("--handshake-timeout", dest="handshake_timeout_s", type=_positive_float, default=10.0,
                        help="seconds a new connection has to complete TLS, hello and authentication")
     fault.add_argument("--heartbeat-interval", dest="heartbeat_s", type=_positive_float, default=10.0,
@@ -210,10 +188,6 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, dict | None, byt
         config = ServerConfig(**merged)
     if config.min_clients > config.num_clients:
         parser.error(f"--min-clients {config.min_clients} is more than --num-clients {config.num_clients}")
-    if config.round_retries < 0:
-        parser.error("--round-retries must be >= 0")
-    if config.threads < 0:
-        parser.error("--threads must be >= 0")
     return config, state, blob
 
 

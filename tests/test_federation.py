@@ -77,6 +77,7 @@ def test_no_server_is_one_line_and_non_zero(cluster):
     "args, message",
     [
         (["--num-rounds", "0"], "must be at least 1"),
+        (["--round-timeout", "nan"], "must be a positive number"),
         (["--lr", "-1"], "must be a positive number"),
         (["--model", "resnet"], "invalid choice"),
         (["--min-clients", "4", "--num-clients", "2"], "--min-clients 4 is more than --num-clients 2"),
@@ -96,7 +97,7 @@ def test_bad_server_flags_are_one_line_errors(cluster, args, message):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--client-id", "0"], "client ids start at 1"),
+        (["--client-id", "0"], "--client-id: must be at least 1, got 0"),
         (["--client-id", "two"], "must be a whole number"),
         (["--server-port", "70000"], "must be 1..65535"),
         (["--tls-cert", "x.pem"], "--tls-cert and --tls-key go together"),
