@@ -42,6 +42,13 @@ class RefusedError(FedsockError):
     exit_status = ExitStatus.REFUSED
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (not the whole usage) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(ExitStatus.USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def say(who: str, message: str) -> None:
     """One log line, labelled and timestamped, so interleaved processes stay readable."""
     print(f"{time.strftime('%H:%M:%S')} [{who}] {message}", flush=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import security
-from console import FedsockError, RefusedError, UsageError, number, run_main, say, warn
+from console import ArgumentParser, FedsockError, RefusedError, UsageError, number, run_main, say, warn
 from socket_methods import (
     MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
@@ -72,7 +72,7 @@ _port = number(int, 1, 65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="fl_client.py",
         description="fedsock client: federated learning on this machine's data partition.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

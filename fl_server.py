@@ -36,7 +36,7 @@ import client_helper
 import neural_net_helper as nnh
 import run_files
 import security
-from console import ExitStatus, FedsockError, UsageError, number, run_main, say, warn
+from console import ArgumentParser, ExitStatus, FedsockError, UsageError, number, run_main, say, warn
 from fedavg import RunningAverage
 from socket_methods import (
     PRE_AUTH_CONTROL_BYTES,
@@ -107,7 +107,7 @@ _port = number(int, 0, 65535)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="fl_server.py",
         description="fedsock server: federated averaging over plain TCP (or TLS).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
