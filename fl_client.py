@@ -117,21 +117,23 @@ def parse_config(argv: list[str] | None) -> ClientConfig:
 # --------------------------------------------------------------------------- connection
 
 
+TLS_HINTS = {
+    "WRONG_VERSION_NUMBER": "the server does not speak TLS (is it running without --tls-cert?)",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate: pass --tls-cert and --tls-key",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the server rejected this client's certificate: it has expired",
+    "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust this client's certificate (unknown CA)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the server rejected this client's certificate",
+}
+
+
 def tls_failure(exc: ssl.SSLError | OSError, config: ClientConfig) -> str:
     """A sentence that says what is wrong with a TLS connection, and what to change."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return (f"TLS: the server's certificate was rejected ({exc.verify_message}); "
                 f"check --tls-ca and that --server-host {config.server_host} is a name in the certificate")
     reason = getattr(exc, "reason", None) or ""
-    hints = {
-        "WRONG_VERSION_NUMBER": "the server does not speak TLS (is it running without --tls-cert?)",
-        "TLSV13_ALERT_CERTIFICATE_REQUIRED": "the server requires a client certificate: pass --tls-cert and --tls-key",
-        "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the server rejected this client's certificate: it has expired",
-        "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust this client's certificate (unknown CA)",
-        "SSLV3_ALERT_BAD_CERTIFICATE": "the server rejected this client's certificate",
-    }
-    if reason in hints:
-        return f"TLS: {hints[reason]}"
+    if reason in TLS_HINTS:
+        return f"TLS: {TLS_HINTS[reason]}"
     if isinstance(exc, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
         return ("TLS: the server closed the connection during the handshake "
                 "(it may run without TLS, or require a client certificate)")
@@ -294,7 +296,17 @@ def run_client(config: ClientConfig) -> int:
     token = security.load_token(config.auth_token_file, config.who)
     conn = connect(config, tls)
     try:
-        meta = join(conn, config, token)
+        try:
+            meta = join(conn, config, token)
+        except (ConnectionClosed, ssl.SSLError, ConnectionResetError) as exc:
+            if not config.tls_cert or (isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None) in TLS_HINTS):
+                raise
+            # Python's asyncio closes a failed TLS 1.3 handshake without the alert that
+            # would say why; by then the only likely reason is this client's certificate.
+            raise FedsockError(
+                "TLS: the server closed the connection before welcoming this client: it did not accept this "
+                "client's certificate (expired, or not signed by the server's --tls-client-ca?)"
+            ) from exc
         say(config.who, f"joined the server at {config.address}: {meta['model']} on {meta['dataset']}, "
                         f"{meta['partition']} partition {config.client_id} of {meta['num_clients']}")
         try:

@@ -502,16 +502,17 @@ class Federation:
                 warn(WHO, f"{address[0]}:{address[1]}: {self.pending} connections already in their handshake; refused")
                 sock.close()
                 continue
+            self.pending += 1  # counted here: sock_accept does not yield while a burst waits in the backlog
             self.spawn(self.handle_connection(sock, f"{address[0]}:{address[1]}"))
 
     async def handle_connection(self, sock: socket.socket, peer: str) -> None:
         """Handshake within --handshake-timeout, then serve the client until it leaves."""
-        self.pending += 1
         conn = session = None
         try:
             async with asyncio.timeout(self.config.handshake_timeout_s):
                 conn = await open_accepted(
-                    sock, self.traffic, self.tls, self.config.handshake_timeout_s, self.config.round_timeout_s
+                    sock, self.traffic, self.tls, self.config.handshake_timeout_s, self.config.round_timeout_s,
+                    require_client_cert=bool(self.config.tls_client_ca),
                 )
                 session = await self.handshake(conn)
         except (TimeoutError, asyncio.TimeoutError):

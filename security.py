@@ -108,7 +108,9 @@ def server_tls_context(cert: str | None, key: str | None, client_ca: str | None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     _load("--tls-cert/--tls-key", lambda: context.load_cert_chain(cert, key))
     if client_ca:
-        context.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: no certificate, no connection
+        # Mutual TLS. OPTIONAL still verifies any certificate sent; the server then refuses
+        # a client that sent none with an <ERROR> it can read (transport.open_accepted).
+        context.verify_mode = ssl.CERT_OPTIONAL
         _load("--tls-client-ca", lambda: context.load_verify_locations(client_ca))
     return context
 

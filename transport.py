@@ -128,7 +128,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
         waiter, self._frame_done = self._frame_done, None
         if waiter is not None and not waiter.done():
@@ -183,7 +183,8 @@ class AsyncConnection(asyncio.BufferedProtocol):
         """Close after the buffered bytes are sent, or abort if the peer does not take them in time."""
         if self.transport is None:
             return
-        self.transport.close()
+        if not self.transport.is_closing():
+            self.transport.close()
         try:
             await asyncio.wait_for(asyncio.shield(self._closed), timeout_s)
         except asyncio.TimeoutError:
@@ -200,14 +201,24 @@ async def _wait_readable(sock: socket.socket) -> None:
         loop.remove_reader(sock.fileno())
 
 
+def _send_plain_error(sock: socket.socket, message: str) -> None:
+    try:  # a fresh socket's send buffer takes this small frame at once
+        sock.send(encode_message("<ERROR>", message=message))
+    except OSError:
+        pass
+
+
 async def open_accepted(
-    sock: socket.socket, traffic: Traffic, tls: ssl.SSLContext | None, handshake_timeout_s: float, frame_timeout_s: float
+    sock: socket.socket, traffic: Traffic, tls: ssl.SSLContext | None, handshake_timeout_s: float,
+    frame_timeout_s: float, require_client_cert: bool = False,
 ) -> AsyncConnection:
     """Wrap an accepted socket, after checking that the peer speaks TLS exactly when we do.
 
     The first byte tells: a TLS ClientHello starts with 0x16, while a fedsock frame
     starts with the high byte of its length, which is 0. A plain client at a TLS
-    server gets a plain <ERROR> that says what to change instead of a hang.
+    server gets a plain <ERROR> that says what to change instead of a hang; a TLS
+    client at a plain server gets a plain frame, which its TLS layer reports as
+    "not TLS" at once.
     """
     tune_socket(sock)
     await asyncio.wait_for(_wait_readable(sock), handshake_timeout_s)
@@ -215,22 +226,29 @@ async def open_accepted(
     if not first:
         raise ConnectionClosed("the peer closed the connection before saying anything")
     if tls is not None and first[0] != TLS_RECORD_TYPE_HANDSHAKE:
-        try:  # a fresh socket's send buffer takes this small frame at once
-            sock.send(encode_message("<ERROR>", message="this server requires TLS: start the client with --tls-ca FILE"))
-        except OSError:
-            pass
+        _send_plain_error(sock, "this server requires TLS: start the client with --tls-ca FILE")
         raise ProtocolError("a plain-TCP client connected to this TLS server; told it to use --tls-ca")
     if tls is None and first[0] == TLS_RECORD_TYPE_HANDSHAKE:
+        _send_plain_error(sock, "this server does not use TLS")
         raise ProtocolError("the peer started a TLS handshake, but this server runs without --tls-cert")
     loop = asyncio.get_running_loop()
     try:
-        _, conn = await loop.connect_accepted_socket(
+        transport, conn = await loop.connect_accepted_socket(
             lambda: AsyncConnection(traffic, frame_timeout_s), sock, ssl=tls, ssl_handshake_timeout=handshake_timeout_s if tls else None
         )
+    except ssl.SSLCertVerificationError as exc:
+        raise ProtocolError(f"TLS handshake failed: client certificate rejected ({exc.verify_message})") from exc
     except ssl.SSLError as exc:
         raise ProtocolError(f"TLS handshake failed: {exc.reason or exc}") from exc
     except OSError as exc:  # reset by the peer, or asyncio's handshake timeout
         raise ProtocolError(f"TLS handshake failed: {exc}") from exc
+    # Mutual TLS asks for a certificate without demanding one in the handshake (CERT_OPTIONAL;
+    # a certificate that is sent is still verified there), so that a client which has none
+    # is told why here, in a frame it can read, instead of by a silently closed connection.
+    if require_client_cert and not transport.get_extra_info("peercert"):
+        await conn.send_error("this server requires a client certificate: start the client with --tls-cert and --tls-key")
+        await conn.close()
+        raise ProtocolError("a client without a certificate connected to this mutual-TLS server; told it to use --tls-cert")
     return conn
 
 
