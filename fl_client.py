@@ -198,6 +198,22 @@ def join(conn: BlockingConnection, config: ClientConfig, token: bytes | None) ->
 # --------------------------------------------------------------------------- training
 
 
+# What a sane <METADATA> may say, field by field: (lowest, highest, lowest excluded).
+METADATA_RANGES = {
+    "num_clients": (1, 10**6, False), "num_rounds": (1, 10**9, False), "seed": (0, 2**32 - 1, False),
+    "alpha": (0, 10**6, True), "round_timeout_s": (0, 10**7, True), "heartbeat_s": (0, 86400, True),
+}
+
+
+def check_metadata_numbers(meta: dict[str, Any], client_id: int) -> None:
+    for name, (low, high, exclusive) in METADATA_RANGES.items():
+        value = meta[name]
+        if not (low < value if exclusive else low <= value) or value > high:
+            raise BadMessage(f"the server's <METADATA> has {name} {value!r}, outside {low}..{high}")
+    if client_id > meta["num_clients"]:
+        raise BadMessage(f"client id {client_id} is outside the run's 1..{meta['num_clients']}")
+
+
 class LocalTrainer:
     """This client's data and model, loaded once and kept for the whole run."""
 
@@ -213,10 +229,9 @@ class LocalTrainer:
             torch.set_num_threads(config.threads)
         if meta["dataset"] not in client_helper.DATASETS or meta["model"] not in nnh.MODELS:
             raise BadMessage(f"the server asks for dataset {meta['dataset']!r} and model {meta['model']!r}, unknown here")
-        if not 1 <= config.client_id <= meta["num_clients"]:
-            raise BadMessage(f"client id {config.client_id} is outside the run's 1..{meta['num_clients']}")
-        if meta["partition"] not in client_helper.PARTITIONS or not meta["alpha"] > 0:
+        if meta["partition"] not in client_helper.PARTITIONS:
             raise BadMessage(f"the server announced an unknown partition {meta['partition']!r}")
+        check_metadata_numbers(meta, config.client_id)
         info = client_helper.DATASETS[meta["dataset"]]
         self.device = nnh.choose_device(config.device)
         train = client_helper.load_split(meta["dataset"], "train", config.data_root)

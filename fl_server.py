@@ -52,12 +52,22 @@ from socket_methods import (
     frame_weights,
     weights_layout,
 )
-from transport import AsyncConnection, Traffic, open_accepted
+from transport import AsyncConnection, Traffic, open_accepted, send_plain_error
 
 WHO = "server"
 # Updates being received at once. Each needs a model-sized buffer, so this, not the
 # number of clients, sets the server's memory; the other clients wait in TCP.
 RECEIVE_BUFFERS = 4
+# Waiting in TCP costs kernel memory, though: Linux grows each connection's socket
+# buffers by itself, up to several MB, so a thousand clients sending their updates at
+# once can pin gigabytes, past the kernel's TCP memory limit (tcp_mem), where it drops
+# packets and connections stall in retransmission back-off for minutes. So with more
+# than 64 clients each connection's buffers are fixed at an equal share of this budget
+# (at least SOCKET_BUFFER_MIN_BYTES); with fewer, a share would be no cap and the
+# kernel's tuning is kept. 256 MB in flight still carry 2.5 GB/s at 100 ms round trips.
+SOCKET_BUFFER_BUDGET_BYTES = 256 << 20
+SOCKET_BUFFER_MIN_BYTES = 256 << 10
+SOCKET_BUFFER_AUTOTUNED_BYTES = 4 << 20
 # Settings that decide each client's data and model: a resumed run must keep them.
 FIXED_ON_RESUME = ("model", "dataset", "num_clients", "partition", "alpha", "seed")
 
@@ -131,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-root", default=None, help="folder with the dataset files (default: the project's data/)")
     data.add_argument("--partition", choices=client_helper.PARTITIONS, default="iid", help="how the training set is split among clients")
     data.add_argument("--alpha", type=_positive_float, default=0.5, help="Dirichlet concentration for --partition dirichlet (smaller: more label skew)")
-    data.add_argument("--seed", type=int, default=0, help="seed for the partition, the initial model and client shuffling")
+    data.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0, help="seed for the partition, the initial model and client shuffling")
     data.add_argument("--device", choices=nnh.DEVICES, default="auto", help="where the server evaluates the global model")
     data.add_argument("--threads", type=number(int, 0), default=1,
                       help="PyTorch CPU threads for evaluation; 0 keeps PyTorch's default. 1 leaves the cores to local clients")
@@ -262,6 +272,8 @@ class Federation:
         self.buffers: asyncio.Queue[bytearray] = asyncio.Queue()
         for _ in range(min(RECEIVE_BUFFERS, config.num_clients)):
             self.buffers.put_nowait(bytearray(self.layout["nbytes"]))
+        share = SOCKET_BUFFER_BUDGET_BYTES // config.num_clients
+        self.socket_buffer_bytes = max(share, SOCKET_BUFFER_MIN_BYTES) if share < SOCKET_BUFFER_AUTOTUNED_BYTES else None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
         self.report_task: asyncio.Task | None = None
         self.tasks: set[asyncio.Task] = set()
@@ -512,11 +524,16 @@ class Federation:
             async with asyncio.timeout(self.config.handshake_timeout_s):
                 conn = await open_accepted(
                     sock, self.traffic, self.tls, self.config.handshake_timeout_s, self.config.round_timeout_s,
-                    require_client_cert=bool(self.config.tls_client_ca),
+                    require_client_cert=bool(self.config.tls_client_ca), socket_buffer_bytes=self.socket_buffer_bytes,
                 )
                 session = await self.handshake(conn)
         except (TimeoutError, asyncio.TimeoutError):
-            warn(WHO, f"{peer}: no complete handshake within {self.config.handshake_timeout_s:g} s; disconnected")
+            message = f"no complete handshake within {self.config.handshake_timeout_s:g} s"
+            warn(WHO, f"{peer}: {message}; disconnected")
+            if conn is not None:
+                await conn.send_error(message)
+            elif self.tls is None:  # before TLS we can only answer in plain frames
+                send_plain_error(sock, message)
         except ProtocolError as exc:
             warn(WHO, f"{peer}: {exc}; disconnected")
             if conn is not None and not isinstance(exc, ConnectionClosed):
@@ -595,6 +612,7 @@ class Federation:
         except ProtocolError as exc:
             reason = str(exc)
             warn(WHO, f"client {session.client_id} ({conn.peer}): {exc}; disconnected")
+            self.forget(session, reason)  # before the await: no new round may pick this client
             await conn.send_error(str(exc))
         self.forget(session, reason)
         await conn.close()
@@ -624,6 +642,9 @@ class Federation:
             self.buffers.put_nowait(buffer)
         session.busy_round = None
         if accepted:
+            # A retried round keeps the same model, so an update trained in a failed attempt of
+            # this round is as good as any: it counts, and so does the model it was sent.
+            state.expected.add(session.client_id)
             state.reported[session.client_id] = {k: v for k, v in update.items() if k != "weights"}
             state.settle()
             note = "update accepted"
@@ -644,7 +665,7 @@ class Federation:
             return
         del self.clients[session.client_id]
         state = self.current
-        if state is not None and session.client_id in state.expected and session.client_id not in state.reported:
+        if state is not None and session.busy_round == state.number and session.client_id not in state.reported:
             state.dropped[session.client_id] = reason
             state.settle()
             self.note_drop(f"client {session.client_id} in round {state.number} ({reason}); the round goes on without it")

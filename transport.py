@@ -25,9 +25,10 @@ from socket_methods import (
 )
 
 # asyncio's transport (Python 3.11) copies whatever the socket does not take at
-# once into its own buffer. Writing a model in slices, and waiting whenever the
-# transport is above its high-water mark, bounds that copy to about one slice
-# per connection: a broadcast to 1,000 clients does not hold 1,000 models.
+# once into its own buffer. A model is written in slices, each one only after the
+# one before has gone to the kernel, so a slice goes from the model's bytes
+# straight to the socket and at most the rest of one slice per connection is ever
+# copied: a broadcast to 1,000 clients does not hold 1,000 models.
 SEND_CHUNK_BYTES = 256 << 10
 TLS_RECORD_TYPE_HANDSHAKE = 0x16  # first byte of every TLS ClientHello
 
@@ -71,20 +72,30 @@ class AsyncConnection(asyncio.BufferedProtocol):
         self._send_lock = asyncio.Lock()
         self._lost: ProtocolError | None = None
         self._closed = asyncio.get_running_loop().create_future()
+        self._discard: memoryview | None = None  # while closing: where unread input goes to be dropped
 
     # ---- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.pause_reading()  # type: ignore[attr-defined]  # nothing is read until a frame is asked for
-        transport.set_write_buffer_limits(high=SEND_CHUNK_BYTES)  # type: ignore[attr-defined]
+        # Plain TCP: pause_writing as soon as anything waits in the transport's buffer and
+        # resume_writing once it is empty, so that each slice goes to the kernel first. TLS
+        # encrypts every write into a buffer of its own, and pauses at size >= high: a tiny mark
+        # would pause it for good while the handshake's last bytes wait there. It keeps a slice.
+        if transport.get_extra_info("ssl_object") is None:
+            transport.set_write_buffer_limits(high=1, low=0)  # type: ignore[attr-defined]
+        else:
+            transport.set_write_buffer_limits(high=SEND_CHUNK_BYTES)  # type: ignore[attr-defined]
         host, port = transport.get_extra_info("peername")[:2]
         self.peer = f"{host}:{port}"
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        return self.reader.buffer()
+        return self._discard if self._discard is not None else self.reader.buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
         self.traffic.received += nbytes
+        if self._discard is not None:
+            return
         if self._deadline is None:
             self._arm_deadline()
         try:
@@ -96,6 +107,8 @@ class AsyncConnection(asyncio.BufferedProtocol):
             self._end_frame(None)
 
     def eof_received(self) -> bool:
+        if self._discard is not None:
+            return False  # the peer has closed too: the transport closes
         try:
             self.reader.advance(0)  # always raises: clean close or cut-off frame
         except ProtocolError as exc:
@@ -180,11 +193,21 @@ class AsyncConnection(asyncio.BufferedProtocol):
             pass
 
     async def close(self, timeout_s: float = 5.0) -> None:
-        """Close after the buffered bytes are sent, or abort if the peer does not take them in time."""
+        """Close gracefully, or abort if the peer takes more than `timeout_s`.
+
+        Plain TCP: send what is buffered, then FIN, then read and drop whatever the peer
+        still sends until it closes too. Closing with unread input would make the kernel
+        answer with a reset, which destroys an <ERROR> still on its way to the peer.
+        """
         if self.transport is None:
             return
         if not self.transport.is_closing():
-            self.transport.close()
+            if self.transport.can_write_eof():  # plain TCP (TLS has its own close_notify)
+                self._discard = memoryview(bytearray(64 << 10))
+                self.transport.write_eof()
+                self.transport.resume_reading()
+            else:
+                self.transport.close()
         try:
             await asyncio.wait_for(asyncio.shield(self._closed), timeout_s)
         except asyncio.TimeoutError:
@@ -201,7 +224,7 @@ async def _wait_readable(sock: socket.socket) -> None:
         loop.remove_reader(sock.fileno())
 
 
-def _send_plain_error(sock: socket.socket, message: str) -> None:
+def send_plain_error(sock: socket.socket, message: str) -> None:
     try:  # a fresh socket's send buffer takes this small frame at once
         sock.send(encode_message("<ERROR>", message=message))
     except OSError:
@@ -210,7 +233,7 @@ def _send_plain_error(sock: socket.socket, message: str) -> None:
 
 async def open_accepted(
     sock: socket.socket, traffic: Traffic, tls: ssl.SSLContext | None, handshake_timeout_s: float,
-    frame_timeout_s: float, require_client_cert: bool = False,
+    frame_timeout_s: float, require_client_cert: bool = False, socket_buffer_bytes: int | None = None,
 ) -> AsyncConnection:
     """Wrap an accepted socket, after checking that the peer speaks TLS exactly when we do.
 
@@ -218,18 +241,22 @@ async def open_accepted(
     starts with the high byte of its length, which is 0. A plain client at a TLS
     server gets a plain <ERROR> that says what to change instead of a hang; a TLS
     client at a plain server gets a plain frame, which its TLS layer reports as
-    "not TLS" at once.
+    "not TLS" at once. `socket_buffer_bytes`, if given, fixes the kernel's send and
+    receive buffers of this connection at that size instead of letting them grow.
     """
     tune_socket(sock)
+    if socket_buffer_bytes:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer_bytes)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer_bytes)
     await asyncio.wait_for(_wait_readable(sock), handshake_timeout_s)
     first = sock.recv(1, socket.MSG_PEEK)
     if not first:
         raise ConnectionClosed("the peer closed the connection before saying anything")
     if tls is not None and first[0] != TLS_RECORD_TYPE_HANDSHAKE:
-        _send_plain_error(sock, "this server requires TLS: start the client with --tls-ca FILE")
+        send_plain_error(sock, "this server requires TLS: start the client with --tls-ca FILE")
         raise ProtocolError("a plain-TCP client connected to this TLS server; told it to use --tls-ca")
     if tls is None and first[0] == TLS_RECORD_TYPE_HANDSHAKE:
-        _send_plain_error(sock, "this server does not use TLS")
+        send_plain_error(sock, "this server does not use TLS")
         raise ProtocolError("the peer started a TLS handshake, but this server runs without --tls-cert")
     loop = asyncio.get_running_loop()
     try:

@@ -78,6 +78,7 @@ def test_no_server_is_one_line_and_non_zero(cluster):
     [
         (["--num-rounds", "0"], "must be at least 1"),
         (["--round-timeout", "nan"], "must be a positive number"),
+        (["--seed", "-1"], "--seed: must be 0..4294967295, got -1"),
         (["--lr", "-1"], "must be a positive number"),
         (["--model", "resnet"], "invalid choice"),
         (["--min-clients", "4", "--num-clients", "2"], "--min-clients 4 is more than --num-clients 2"),

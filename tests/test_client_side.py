@@ -1,0 +1,308 @@
+"""The client against a hostile or broken server: a fake server written here (a raw listening
+socket in a thread) that real fl_client.py processes connect to.
+
+Whatever the server sends, the client must exit non-zero with ONE line that says what went
+wrong (`fl_client.py: error: ...`), no traceback, and never train on garbage. A valid
+exchange (the control case) shows that the fake server speaks the protocol correctly, so
+each refusal is the client's answer to the one thing that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import socket
+import struct
+import threading
+from typing import Callable
+
+import pytest
+
+from socket_methods import MAX_CONTROL_BYTES, MESSAGE_FIELDS, decode_message, encode_message, frame_header
+
+CLIENT_ID = 1
+IO_TIMEOUT_S = 60.0  # the client imports PyTorch and loads MNIST after <METADATA>: seconds on a busy machine
+CLIENT_EXIT_S = 120.0
+
+
+def frame(payload: bytes) -> bytes:
+    return frame_header(len(payload)) + payload
+
+
+def metadata(**changes) -> dict:
+    fields = dict(client_id=CLIENT_ID, num_clients=2, dataset="mnist", partition="iid", alpha=0.5, seed=0,
+                  model="logreg", num_rounds=1, round_timeout_s=30.0, heartbeat_s=10.0)
+    assert set(MESSAGE_FIELDS["<METADATA>"]) <= set(fields)
+    fields.update(changes)
+    return fields
+
+
+def metadata_frame(**changes) -> bytes:
+    return encode_message("<METADATA>", **metadata(**changes))
+
+
+def logreg_weights() -> tuple[dict, bytes]:
+    """The layout and bytes of the model the client builds from metadata(): logreg, seed 0."""
+    import client_helper
+    import neural_net_helper as nnh
+    from socket_methods import encode_weights
+
+    model = nnh.build_model("logreg", client_helper.DATASETS["mnist"], seed=0)
+    layout, blob = encode_weights(nnh.get_weights(model))
+    return layout, bytes(blob)
+
+
+def model_frames(layout: dict, blob: bytes, number: int = 1) -> bytes:
+    return encode_message("<MODEL>", round=number, local_epochs=1, batch_size=32, lr=0.05, weights=layout) + frame(blob)
+
+
+def recv_exact(sock: socket.socket, nbytes: int) -> bytes | None:
+    data = bytearray()
+    while len(data) < nbytes:
+        try:
+            chunk = sock.recv(nbytes - len(data))
+        except ConnectionResetError:
+            return None
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
+
+
+def recv_frame(sock: socket.socket, limit: int = 64 << 20) -> bytes | None:
+    header = recv_exact(sock, 8)
+    if header is None:
+        return None
+    (length,) = struct.unpack(">Q", header)
+    assert length <= limit, f"the client sent a frame of {length} bytes"
+    return recv_exact(sock, length) if length else b""
+
+
+class FakeServer:
+    """Accepts one client, reads its <HELLO>, runs `script` on the connection, then records
+    whatever the client still sends until it closes (unless the script closed first)."""
+
+    def __init__(self, script: Callable[["FakeServer", socket.socket], None]):
+        self.script = script
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(IO_TIMEOUT_S)
+        self.port = self.listener.getsockname()[1]
+        self.received: list[dict] = []  # control messages from the client, in order
+        self.closed_by_us = False
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def message(self, sock: socket.socket) -> dict | None:
+        payload = recv_frame(sock)
+        if payload is None:
+            return None
+        message = decode_message(payload)
+        self.received.append(message)
+        return message
+
+    def _serve(self) -> None:
+        try:
+            sock, _ = self.listener.accept()
+            with sock:
+                sock.settimeout(IO_TIMEOUT_S)
+                hello = self.message(sock)
+                assert hello is not None and hello["header"] == "<HELLO>", hello
+                assert hello["client_id"] == CLIENT_ID
+                self.script(self, sock)
+                if not self.closed_by_us:
+                    while self.message(sock) is not None:
+                        pass
+        except BaseException as exc:  # reported by finish(), in the test's thread
+            self.failure = exc
+        finally:
+            self.listener.close()
+
+    def finish(self) -> None:
+        self.thread.join(timeout=IO_TIMEOUT_S + 10)
+        assert not self.thread.is_alive(), "the fake server is still waiting for the client"
+        if self.failure is not None:
+            raise self.failure
+
+    def headers(self) -> list[str]:
+        return [m["header"] for m in self.received]
+
+
+def send(*chunks: bytes, close: bool = False) -> Callable[[FakeServer, socket.socket], None]:
+    """A script: send these bytes, then optionally close at once."""
+
+    def script(server: FakeServer, sock: socket.socket) -> None:
+        sock.sendall(b"".join(chunks))
+        if close:
+            server.closed_by_us = True
+            sock.shutdown(socket.SHUT_RDWR)
+
+    return script
+
+
+def assert_one_line_error(proc, status: int, pattern: str) -> str:
+    """Exit `status`, exactly one `fl_client.py: error:` line matching `pattern`, nothing else but log lines."""
+    code = proc.finish(timeout=CLIENT_EXIT_S)
+    assert code == status, f"exit {code}, not {status}:\n{proc.output}"
+    errors = [line for line in proc.lines if line.startswith("fl_client.py: error: ")]
+    assert len(errors) == 1, proc.output
+    assert re.search(pattern, errors[0]), f"{errors[0]!r} does not match {pattern!r}"
+    assert "Traceback" not in proc.output, proc.output
+    others = [line for line in proc.lines if line not in errors]
+    assert all(re.match(rf"\d\d:\d\d:\d\d \[client {CLIENT_ID}\] ", line) for line in others), proc.output
+    assert not re.search(r"round \d+: trained", proc.output), "the client trained on garbage"
+    return errors[0]
+
+
+def run_against(cluster, script, *args: str) -> tuple[FakeServer, object]:
+    server = FakeServer(script)
+    client = cluster.client(CLIENT_ID, "--connect-timeout", "10", *args, port=server.port)
+    return server, client
+
+
+# --------------------------------------------------------------------------- the control case
+
+
+def test_a_valid_exchange_with_the_fake_server_trains_and_finishes(cluster):
+    layout, blob = logreg_weights()
+
+    def script(server: FakeServer, sock: socket.socket) -> None:
+        sock.sendall(metadata_frame() + model_frames(layout, blob))
+        update = server.message(sock)
+        assert update is not None and update["header"] == "<UPDATE>", update
+        assert update["round"] == 1 and update["client_id"] == CLIENT_ID and update["weights"] == layout
+        weights = recv_frame(sock)
+        assert weights is not None and len(weights) == layout["nbytes"]
+        sock.sendall(encode_message("<SUCCESS>", round=1, accepted=True, message="update accepted")
+                     + encode_message("<FINISHED>", completed=True, rounds_completed=1, message="training finished"))
+
+    server, client = run_against(cluster, script)
+    assert client.finish(timeout=CLIENT_EXIT_S) == 0, client.output
+    server.finish()
+    client.wait_for(r"round 1: trained on \d+ examples")
+    client.wait_for(r"server: training finished")
+    assert "Traceback" not in client.output
+
+
+# --------------------------------------------------------------------------- before <METADATA>
+
+HTTP_RESPONSE = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
+
+BEFORE_METADATA = [
+    ("invalid JSON", frame(b'{"header": "<METADATA>", '), 1, r"bad data from the server at 127\.0\.0\.1:\d+: message is not valid JSON"),
+    ("invalid UTF-8", frame(b'{"header": "<METADATA\xff>"}'), 1, r"message is not valid UTF-8"),
+    ("JSON not an object", frame(b'["<METADATA>"]'), 1, r"message is a JSON list, not an object"),
+    ("oversize length prefix", frame_header(MAX_CONTROL_BYTES + 1), 1,
+     rf"frame of {MAX_CONTROL_BYTES + 1} bytes is over the {MAX_CONTROL_BYTES}-byte limit"),
+    ("length prefix of 2**64-1", frame_header(2**64 - 1), 1, r"frame of 18446744073709551615 bytes is over"),
+    ("an HTTP server", HTTP_RESPONSE, 1, r"frame of \d+ bytes is over"),
+    ("an <ERROR>", encode_message("<ERROR>", message="client id 1 is already connected to this run"), 3,
+     r"the server says: client id 1 is already connected to this run"),
+    ("unknown header", frame(json.dumps({"header": "<WELCOME>"}).encode()), 1, r"unknown header '<WELCOME>'"),
+    ("<MODEL> instead of <METADATA>", encode_message("<MODEL>", round=1, local_epochs=1, batch_size=32, lr=0.1, weights={}), 1,
+     r"the server sent <MODEL> where <CHALLENGE> or <METADATA> belongs"),
+    ("<HELLO> echoed back", encode_message("<HELLO>", protocol_version=1, client_id=1), 1,
+     r"the server sent <HELLO> where <CHALLENGE> or <METADATA> belongs"),
+    ("<METADATA> lacking a field", frame(json.dumps({"header": "<METADATA>", **{k: v for k, v in metadata().items() if k != "seed"}}).encode()),
+     1, r"<METADATA> lacks the field 'seed'"),
+    ("<METADATA> with a wrong-typed field", frame(json.dumps({"header": "<METADATA>", **metadata(), "model": None}).encode()), 1,
+     r"<METADATA> field 'model' must be a string"),
+    ("<METADATA> with NaN", frame(json.dumps({"header": "<METADATA>", **metadata(), "alpha": math.nan}).encode()), 1,
+     r"NaN is not allowed"),
+    ("<METADATA> for another client", metadata_frame(client_id=2), 1, r"the server welcomed client 2, not 1"),
+    ("a truncated <METADATA>, then close", metadata_frame()[:40], 1, r"connection closed after 32 of \d+ frame payload bytes"),
+]
+CLOSE_AFTER = {"a truncated <METADATA>, then close"}  # the fake server closes right after sending
+
+
+@pytest.mark.parametrize("case, sent, status, error", BEFORE_METADATA, ids=[c[0] for c in BEFORE_METADATA])
+def test_bad_first_answer(cluster, case, sent, status, error):
+    server, client = run_against(cluster, send(sent, close=case in CLOSE_AFTER))
+    assert_one_line_error(client, status, error)
+    server.finish()
+    assert server.headers() == ["<HELLO>"], "the client sent something after a bad first answer"
+
+
+def test_server_closes_after_hello(cluster):
+    server, client = run_against(cluster, send(close=True))
+    assert_one_line_error(client, 1, r"the server at 127\.0\.0\.1:\d+ (closed|dropped) the connection")
+    server.finish()
+
+
+# --------------------------------------------------------------------------- after <METADATA>
+
+
+def poke(blob: bytes, offset: int, value: float) -> bytes:
+    data = bytearray(blob)
+    struct.pack_into("<f", data, offset, value)
+    return bytes(data)
+
+
+def transposed(layout: dict) -> dict:
+    layout = json.loads(json.dumps(layout))
+    layout["tensors"][0]["shape"] = layout["tensors"][0]["shape"][::-1]
+    return layout
+
+
+def model_cases():
+    layout, blob = logreg_weights()
+    bias = layout["tensors"][1]["offset"]
+    return [
+        ("layout of another model", model_frames(transposed(layout), blob), False,
+         r"tensor 'linear.weight': shape \[784, 10\], the model has \[10, 784\]"),
+        ("weights with NaN", model_frames(layout, poke(blob, 0, math.nan)), False, r"tensor 'linear.weight' holds NaN or Inf"),
+        ("weights with Inf", model_frames(layout, poke(blob, bias, math.inf)), False, r"tensor 'linear.bias' holds NaN or Inf"),
+        ("weights frame of the wrong size", model_frames(layout, blob)[:-len(blob) - 8] + frame(blob[:-64]), False,
+         rf"weights frame has {len(blob) - 64} bytes, its layout says {len(blob)}"),
+        ("truncated weights, then close", model_frames(layout, blob)[:-1000], True,
+         rf"connection closed after {len(blob) - 1000} of {len(blob)} frame payload bytes"),
+        ("settings out of range", encode_message("<MODEL>", round=1, local_epochs=0, batch_size=32, lr=0.05, weights=layout)
+         + frame(blob), False, r"training settings out of range"),
+        ("<HELLO> instead of <MODEL>", encode_message("<HELLO>", protocol_version=1, client_id=1), False,
+         r"the server sent <HELLO> where .* belongs"),
+        ("oversize frame", frame_header(2**40), False, r"frame of 1099511627776 bytes is over the 67108864-byte limit"),
+    ]
+
+
+MODEL_CASES = model_cases()
+
+
+@pytest.mark.parametrize("sent, close, error", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
+def test_bad_model_after_metadata(cluster, sent, close, error):
+    server, client = run_against(cluster, send(metadata_frame(), sent, close=close))
+    assert_one_line_error(client, 1, error)
+    client.wait_for(r"joined the server")
+    server.finish()
+    assert "<UPDATE>" not in server.headers(), "the client answered garbage with an update"
+
+
+@pytest.mark.parametrize("changes, error", [
+    (dict(model="resnet"), r"the server asks for dataset 'mnist' and model 'resnet', unknown here"),
+    (dict(dataset="imagenet"), r"the server asks for dataset 'imagenet'"),
+    (dict(num_clients=0), r"<METADATA> has num_clients 0, outside 1\.\.1000000"),
+    (dict(partition="random"), r"unknown partition 'random'"),
+    (dict(alpha=-1.0, partition="dirichlet"), r"alpha"),
+], ids=["unknown model", "unknown dataset", "no clients", "unknown partition", "negative alpha"])
+def test_metadata_the_client_cannot_use(cluster, changes, error):
+    server, client = run_against(cluster, send(metadata_frame(**changes)))
+    assert_one_line_error(client, 1, error)
+    server.finish()
+    assert server.headers()[-1] == "<ERROR>" and "client setup failed" in server.received[-1]["message"], (
+        "the client did not tell the server why it leaves")
+
+
+@pytest.mark.parametrize("changes, error", [
+    (dict(seed=-1), r"seed"),
+    (dict(heartbeat_s=-10.0), r"heartbeat"),
+    (dict(heartbeat_s=1e300), r"heartbeat"),
+    (dict(round_timeout_s=-1.0), r"round.timeout"),
+], ids=["negative seed", "negative heartbeat", "absurd heartbeat", "negative round timeout"])
+def test_metadata_numbers_out_of_range(cluster, changes, error):
+    """Numbers of the right JSON type but out of range are refused in one line that names
+    them, before any training, rather than crashing the client with a traceback."""
+    layout, blob = logreg_weights()
+    server, client = run_against(cluster, send(metadata_frame(**changes), model_frames(layout, blob)))
+    assert_one_line_error(client, 1, error)
+    server.finish()
+    assert "<UPDATE>" not in server.headers()
