@@ -1,0 +1,286 @@
+"""Benchmark 1: a model crosses one loopback TCP connection at wire speed.
+
+Two processes, two connections between them, made the same way (loopback, TCP_NODELAY):
+  fedsock  the project's own code on both ends. Upload (client -> server): the peer
+           encodes its tensors (encode_weights into its reused buffer), frames them
+           (frame_weights) and sends them with BlockingConnection, as fl_client does;
+           this process receives with the server's path: AsyncConnection.recv_message,
+           recv_blob into a preallocated buffer, decode_weights. Download (server ->
+           client): this process sends a model encoded once (as the server does per
+           round) with AsyncConnection.send; the peer receives with
+           BlockingConnection.recv_message + recv_blob and decodes.
+  pre-encoded  (upload only) the fedsock upload with the weights encoded beforehand:
+           the transport alone, without the one copy encode_weights makes.
+  bare     the same number of bytes with a plain sendall / recv_into loop.
+Each transfer starts and ends in this process (a 1-byte or small-frame go/ack),
+so every mode includes the same round trip. Modes are interleaved rep by rep, the
+order rotating; rep 0 warms up (page faults of fresh buffers) and is not counted.
+
+    python bench/wire.py --sizes 1 50 --reps 20 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import gc
+import json
+import socket
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Proc, Row, median, say  # noqa: E402
+
+MB = 1_000_000
+
+
+def torch_like_fedsock():
+    """PyTorch as fl_client and fl_server set it up (--threads 1, their default)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return torch
+
+
+def make_model(megabytes: int):
+    """A float32 model of about `megabytes` MB, as a few dense layers (weights and biases)."""
+    torch = torch_like_fedsock()
+
+    floats = megabytes * MB // 4
+    layers = 4 if megabytes < 10 else 8
+    columns = 1000
+    rows = floats // (layers * (columns + 1))
+    generator = torch.Generator().manual_seed(megabytes)
+    tensors = {}
+    for i in range(layers):
+        tensors[f"layer{i}.weight"] = torch.rand((rows, columns), generator=generator)
+        tensors[f"layer{i}.bias"] = torch.rand((rows,), generator=generator)
+    return tensors
+
+
+MODES = {"upload": ("fedsock", "bare", "pre-encoded"), "download": ("fedsock", "bare")}
+
+
+def schedule(reps: int):
+    """(rep, direction, mode) in the order both processes follow; rep 0 is the warm-up.
+
+    "pre-encoded" is the upload with the weights encoded beforehand: the transport
+    alone, to tell its cost from that of the one copy encode_weights makes."""
+    for rep in range(reps + 1):
+        for direction, modes in MODES.items():
+            shift = rep % len(modes)
+            for mode in modes[shift:] + modes[:shift]:
+                yield rep, direction, mode
+
+
+def recv_exactly(sock: socket.socket, buffer: memoryview) -> None:
+    filled = 0
+    while filled < len(buffer):
+        n = sock.recv_into(buffer[filled:])
+        if n == 0:
+            raise ConnectionError("peer closed")
+        filled += n
+
+
+# --------------------------------------------------------------------------- the peer (the "client" process)
+
+
+def peer(port: int, sizes: list[int], reps: list[int]) -> None:
+    from socket_methods import check_layout, decode_weights, encode_message, encode_weights, frame_weights, weights_layout
+    from transport import BlockingConnection, tune_socket
+
+    fs_sock = socket.create_connection(("127.0.0.1", port))
+    tune_socket(fs_sock)
+    fedsock = BlockingConnection(fs_sock, idle_timeout_s=120)
+    fedsock.send([encode_message("<HELLO>", protocol_version=1, client_id=1)])
+    bare = socket.create_connection(("127.0.0.1", port))
+    tune_socket(bare)
+    bare.settimeout(120)
+    for megabytes, count in zip(sizes, reps):
+        tensors = make_model(megabytes)
+        layout = weights_layout(tensors)
+        send_buffer = bytearray(layout["nbytes"])
+        out_layout, blob = encode_weights(tensors, out=send_buffer)
+        receive_buffer = bytearray(layout["nbytes"])
+        bare_buffer = memoryview(bytearray(layout["nbytes"]))
+        for rep, direction, mode in schedule(count):
+            if direction == "upload" and mode != "bare":
+                fedsock.recv_message()  # the go
+                if mode == "fedsock":
+                    out_layout, blob = encode_weights(tensors, out=send_buffer)
+                fedsock.send(frame_weights(
+                    "<UPDATE>", blob, round=rep, client_id=1, num_examples=100, train_loss=0.0,
+                    local_test_accuracy=0.0, fit_seconds=0.0, weights=out_layout,
+                ))
+            elif (direction, mode) == ("upload", "bare"):
+                recv_exactly(bare, memoryview(bytearray(1)))
+                bare.sendall(bare_buffer)
+            elif (direction, mode) == ("download", "fedsock"):
+                message = fedsock.recv_message()
+                check_layout(message["weights"], layout)
+                fedsock.recv_blob(receive_buffer)
+                decode_weights(layout, receive_buffer)
+                fedsock.send([encode_message("<SUCCESS>", round=rep, accepted=True, message="")])
+            else:
+                recv_exactly(bare, bare_buffer)
+                bare.sendall(b"a")
+        del tensors, send_buffer, blob, receive_buffer, bare_buffer
+        gc.collect()
+    fedsock.close()
+    bare.close()
+
+
+# --------------------------------------------------------------------------- this process (the "server")
+
+
+def encode_copy_check(tensors, layout, blob) -> dict:
+    """encode_weights into a reused buffer vs one plain memcpy of as many bytes; decode is a view."""
+    from socket_methods import decode_weights, encode_weights
+
+    source = bytearray(layout["nbytes"])
+    target = memoryview(blob)
+    encode_times, copy_times = [], []
+    for _ in range(5):
+        started = time.perf_counter()
+        _, out = encode_weights(tensors, out=blob)
+        encode_times.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        target[:] = source
+        copy_times.append(time.perf_counter() - started)
+    encode_weights(tensors, out=blob)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(blob))
+    decoded = decode_weights(layout, blob)
+    views = all(base <= t.data_ptr() < base + len(blob) for t in decoded.values())
+    return {"encode_s": median(encode_times[1:]), "memcpy_s": median(copy_times[1:]),
+            "encode_in_place": out is blob, "decode_is_view": views}
+
+
+async def measure(sizes: list[int], reps: list[int]) -> dict:
+    from socket_methods import check_layout, decode_weights, encode_message, encode_weights, frame_weights
+    from transport import Traffic, open_accepted, tune_socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(120)
+    port = listener.getsockname()[1]
+    args = ["bench/wire.py", "--peer", str(port), "--sizes", *map(str, sizes), "--reps", *map(str, reps)]
+    proc = Proc(args, "wire peer")
+    results: dict = {}
+    try:
+        fs_sock, _ = listener.accept()
+        fs_sock.setblocking(False)
+        conn = await open_accepted(fs_sock, Traffic(), None, 60, 120)
+        hello = await conn.recv_message()
+        assert hello["header"] == "<HELLO>"
+        bare, _ = listener.accept()
+        tune_socket(bare)
+        bare.settimeout(120)
+        for megabytes, count in zip(sizes, reps):
+            tensors = make_model(megabytes)
+            layout, blob = encode_weights(tensors)  # the server encodes a model once for all its clients
+            copies = encode_copy_check(tensors, layout, blob)
+            del tensors
+            nbytes = layout["nbytes"]
+            model_frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=32, lr=0.05, weights=layout)
+            receive_buffer = bytearray(nbytes)
+            bare_buffer = memoryview(bytearray(nbytes))
+            times: dict[tuple[str, str], list[float]] = {}
+            for rep, direction, mode in schedule(count):
+                started = time.perf_counter()
+                if direction == "upload" and mode != "bare":
+                    await conn.send([encode_message("<WAITING>", message="go")])
+                    update = await conn.recv_message()
+                    check_layout(update["weights"], layout)
+                    await conn.recv_blob(receive_buffer)
+                    decode_weights(layout, receive_buffer)
+                elif (direction, mode) == ("upload", "bare"):
+                    bare.sendall(b"g")
+                    recv_exactly(bare, bare_buffer)
+                elif (direction, mode) == ("download", "fedsock"):
+                    await conn.send(model_frames)
+                    ack = await conn.recv_message()
+                    assert ack["header"] == "<SUCCESS>"
+                else:
+                    bare.sendall(bare_buffer)
+                    recv_exactly(bare, memoryview(bytearray(1)))
+                elapsed = time.perf_counter() - started
+                if rep:
+                    times.setdefault((direction, mode), []).append(elapsed)
+            results[megabytes] = {
+                "nbytes": nbytes,
+                "copies": copies,
+                **{f"{d}_{m}_s": median(ts) for (d, m), ts in times.items()},
+                "samples": {f"{d}_{m}": ts for (d, m), ts in times.items()},
+            }
+            say(f"wire {megabytes} MB: " + ", ".join(
+                f"{d} {m} {nbytes / median(ts) / MB:.0f} MB/s" for (d, m), ts in sorted(times.items())))
+            del model_frames, blob, receive_buffer, bare_buffer
+            gc.collect()
+        await conn.close()
+        bare.close()
+        if proc.finish(timeout_s=60) != 0:
+            raise RuntimeError("wire peer failed:\n" + proc.tail())
+    finally:
+        proc.kill()
+        listener.close()
+    return results
+
+
+def rows_from(results: dict) -> list[Row]:
+    rows = []
+    for megabytes, r in results.items():
+        nbytes, samples = r["nbytes"], len(r["samples"]["upload_fedsock"])
+        pre_encoded_ratio = r["upload_bare_s"] / r["upload_pre-encoded_s"]
+        for direction, path, note in (
+            ("upload", "client encode+send -> server recv_blob+decode",
+             f"transport alone (weights encoded beforehand): {pre_encoded_ratio:.2f} of bare"),
+            ("download", "server AsyncConnection.send -> client recv_blob+decode",
+             "the model is encoded once per round for all clients, so encoding is not timed here"),
+        ):
+            fedsock_s, bare_s = r[f"{direction}_fedsock_s"], r[f"{direction}_bare_s"]
+            ratio = bare_s / fedsock_s
+            rows.append(Row(
+                "1 wire speed", f"{megabytes} MB {direction}: {path}", nbytes / fedsock_s / MB, "MB/s",
+                nbytes / bare_s / MB, "bare sendall/recv_into", ratio, ">= 0.80", ratio >= 0.8,
+                f"median of {samples} interleaved reps; {note}",
+            ))
+        copies = r["copies"]
+        one_copy = copies["encode_in_place"] and copies["decode_is_view"]
+        rows.append(Row(
+            "1 wire speed", f"{megabytes} MB encode_weights into the reused buffer", copies["encode_s"] * 1e3, "ms",
+            copies["memcpy_s"] * 1e3, "one memcpy of as many bytes", copies["memcpy_s"] / copies["encode_s"],
+            "encode 1 copy, decode 0", one_copy,
+            f"encode writes straight into the caller's buffer: {'yes' if copies['encode_in_place'] else 'NO'}; "
+            f"decoded tensors are views of the receive buffer: {'yes' if copies['decode_is_view'] else 'NO'}",
+        ))
+    return rows
+
+
+def run(quick: bool) -> list[Row]:
+    sizes = [1, 50, 400]
+    reps = [30, 8, 3] if quick else [200, 40, 15]
+    return rows_from(asyncio.run(measure(sizes, reps)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peer", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 50, 400], help="model sizes in MB")
+    parser.add_argument("--reps", type=int, nargs="+", default=[200, 40, 15], help="repetitions per size")
+    args = parser.parse_args()
+    if args.peer is not None:
+        peer(args.peer, args.sizes, args.reps)
+        return
+    results = asyncio.run(measure(args.sizes, args.reps))
+    for row in rows_from(results):
+        print(json.dumps(row.__dict__))
+
+
+if __name__ == "__main__":
+    main()
