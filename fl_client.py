@@ -31,6 +31,7 @@ from socket_methods import (
     decode_weights,
     encode_message,
     frame_weights,
+    weights_buffers,
 )
 from transport import BlockingConnection, tune_socket
 
@@ -242,14 +243,13 @@ class LocalTrainer:
         self.model = nnh.build_model(meta["model"], info, meta["seed"]).to(self.device)
         self.layout = weights_layout(nnh.get_weights(self.model))
         self.receive_buffer = bytearray(self.layout["nbytes"])
-        self.send_buffer = bytearray(self.layout["nbytes"])
+        # CPU weights are sent from the model's own memory; others are copied out once, into this.
+        self.send_buffer = bytearray(self.layout["nbytes"]) if self.device.type != "cpu" else None
         self.seed = meta["seed"]
         self.num_rounds = meta["num_rounds"]
 
     def fit(self, conn: BlockingConnection, message: dict[str, Any]) -> list:
         """Receive the global weights, train, test locally; the <UPDATE> frames to send."""
-        from socket_methods import encode_weights
-
         number = message["round"]
         check_layout(message["weights"], self.layout)
         conn.recv_blob(self.receive_buffer)
@@ -266,7 +266,7 @@ class LocalTrainer:
         )
         accuracy, _ = self.nnh.evaluate(self.model, self.test_x, self.test_y)
         fit_seconds = time.perf_counter() - started
-        layout, blob = encode_weights(self.nnh.get_weights(self.model), out=self.send_buffer)
+        layout, blob = weights_buffers(self.nnh.get_weights(self.model), out=self.send_buffer)
         say(self.config.who, f"round {number}: trained on {len(self.x)} examples, loss {loss:.4f}, "
                              f"local test acc {100 * accuracy:.2f}%, {fit_seconds:.1f} s")
         return frame_weights(

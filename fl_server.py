@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -70,6 +70,17 @@ SOCKET_BUFFER_MIN_BYTES = 256 << 10
 SOCKET_BUFFER_AUTOTUNED_BYTES = 4 << 20
 # Settings that decide each client's data and model: a resumed run must keep them.
 FIXED_ON_RESUME = ("model", "dataset", "num_clients", "partition", "alpha", "seed")
+
+
+def id_ranges(ids: Iterable[int]) -> str:
+    """Client IDs as runs, "1-3, 5, 7-9", so that a thousand of them fit on a line."""
+    runs: list[list[int]] = []
+    for i in sorted(ids):
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 @dataclass
@@ -360,7 +371,7 @@ class Federation:
             self.log(f"{len(self.clients)} client(s) here, --min-clients is {config.min_clients}: waiting for more")
             await self.wait_until(lambda: len(self.clients) >= config.min_clients, None)
         self.training_started = True
-        ids = ", ".join(map(str, sorted(self.clients)))
+        ids = id_ranges(self.clients)
         first = self.rounds_done + 1
         say(WHO, f"training starts with {len(self.clients)} client(s) [{ids}]: rounds {first}..{config.num_rounds} "
                  f"of {config.model} on {config.dataset}")

@@ -263,6 +263,33 @@ def encode_weights(
     return layout, blob
 
 
+_ZEROS = bytes(ALIGNMENT)
+
+
+def weights_buffers(
+    tensors: Mapping[str, "torch.Tensor"], out: bytearray | None = None
+) -> tuple[dict[str, Any], list[memoryview]]:
+    """Layout and bytes of a set of tensors, ready to send without building a blob.
+
+    Contiguous CPU tensors are sent from their own memory: zero copies, each
+    followed by its zero padding. Anything else (a GPU tensor, a strided view) is
+    copied once, by encode_weights, into `out` (reused when it has the right size).
+    """
+    import torch
+
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors.values()):
+        layout, blob = encode_weights(tensors, out)
+        return layout, [memoryview(blob)]
+    layout, buffers = weights_layout(tensors), []
+    for entry, tensor in zip(layout["tensors"], tensors.values()):
+        if tensor.numel():
+            buffers.append(memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()))
+        padding = -entry["nbytes"] % ALIGNMENT
+        if padding:
+            buffers.append(memoryview(_ZEROS)[:padding])
+    return layout, buffers
+
+
 def _check_entry(entry: Any, blob_bytes: int) -> tuple[str, str, list[int], int]:
     if not isinstance(entry, dict):
         raise BadWeights("weights layout entry is not an object")
@@ -327,6 +354,10 @@ def check_finite(tensors: Mapping[str, "torch.Tensor"]) -> None:
             raise BadWeights(f"tensor {name!r} holds NaN or Inf")
 
 
-def frame_weights(header: str, blob: bytearray | memoryview, **fields: Any) -> list[bytes | memoryview]:
-    """The buffers of a weights message: JSON frame, then the blob frame (the blob is not copied)."""
-    return [encode_message(header, **fields), frame_header(len(blob)), memoryview(blob)]
+def frame_weights(
+    header: str, blob: bytearray | memoryview | list[memoryview], **fields: Any
+) -> list[bytes | memoryview]:
+    """The buffers of a weights message: JSON frame, then the blob frame, given as one
+    buffer or as the pieces from weights_buffers (nothing is copied)."""
+    pieces = [memoryview(blob)] if not isinstance(blob, list) else blob
+    return [encode_message(header, **fields), frame_header(sum(p.nbytes for p in pieces)), *pieces]

@@ -28,8 +28,11 @@ from socket_methods import (
 # once into its own buffer. A model is written in slices, each one only after the
 # one before has gone to the kernel, so a slice goes from the model's bytes
 # straight to the socket and at most the rest of one slice per connection is ever
-# copied: a broadcast to 1,000 clients does not hold 1,000 models.
-SEND_CHUNK_BYTES = 256 << 10
+# copied: a broadcast to 1,000 clients does not hold 1,000 models. A slice is 1 MB
+# (smaller slices cost an event-loop turn each: 256 KB sent a 50 MB model at ~75%
+# of a bare sendall, 1 MB at ~100%), or the connection's socket buffer when the
+# server fixes that to share a budget among many clients.
+SEND_CHUNK_BYTES = 1 << 20
 TLS_RECORD_TYPE_HANDSHAKE = 0x16  # first byte of every TLS ClientHello
 
 
@@ -59,8 +62,9 @@ class AsyncConnection(asyncio.BufferedProtocol):
     silent is cut off instead of holding its buffer forever.
     """
 
-    def __init__(self, traffic: Traffic, frame_timeout_s: float | None = None):
+    def __init__(self, traffic: Traffic, frame_timeout_s: float | None = None, send_chunk_bytes: int = SEND_CHUNK_BYTES):
         self.traffic = traffic
+        self.send_chunk_bytes = send_chunk_bytes
         self.frame_timeout_s = frame_timeout_s
         self._deadline: asyncio.TimerHandle | None = None
         self.reader = FrameReader()
@@ -85,7 +89,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
         if transport.get_extra_info("ssl_object") is None:
             transport.set_write_buffer_limits(high=1, low=0)  # type: ignore[attr-defined]
         else:
-            transport.set_write_buffer_limits(high=SEND_CHUNK_BYTES)  # type: ignore[attr-defined]
+            transport.set_write_buffer_limits(high=self.send_chunk_bytes)  # type: ignore[attr-defined]
         host, port = transport.get_extra_info("peername")[:2]
         self.peer = f"{host}:{port}"
 
@@ -177,11 +181,11 @@ class AsyncConnection(asyncio.BufferedProtocol):
         async with self._send_lock:
             for buffer in buffers:
                 view = memoryview(buffer).cast("B")
-                for start in range(0, len(view), SEND_CHUNK_BYTES):
+                for start in range(0, len(view), self.send_chunk_bytes):
                     await self._writable.wait()
                     if self._lost is not None:
                         raise self._lost
-                    chunk = view[start : start + SEND_CHUNK_BYTES]
+                    chunk = view[start : start + self.send_chunk_bytes]
                     self.transport.write(chunk)
                     self.traffic.sent += len(chunk)
 
@@ -198,14 +202,17 @@ class AsyncConnection(asyncio.BufferedProtocol):
         Plain TCP: send what is buffered, then FIN, then read and drop whatever the peer
         still sends until it closes too. Closing with unread input would make the kernel
         answer with a reset, which destroys an <ERROR> still on its way to the peer.
+        TLS: close_notify, with reading resumed too: asyncio's TLS layer keeps an end of
+        file that arrived while reading was paused to itself, and would not finish a
+        close that the peer had already begun.
         """
         if self.transport is None:
             return
         if not self.transport.is_closing():
+            self._discard = memoryview(bytearray(64 << 10))
+            self.transport.resume_reading()
             if self.transport.can_write_eof():  # plain TCP (TLS has its own close_notify)
-                self._discard = memoryview(bytearray(64 << 10))
                 self.transport.write_eof()
-                self.transport.resume_reading()
             else:
                 self.transport.close()
         try:
@@ -242,7 +249,8 @@ async def open_accepted(
     server gets a plain <ERROR> that says what to change instead of a hang; a TLS
     client at a plain server gets a plain frame, which its TLS layer reports as
     "not TLS" at once. `socket_buffer_bytes`, if given, fixes the kernel's send and
-    receive buffers of this connection at that size instead of letting them grow.
+    receive buffers of this connection at that size instead of letting them grow, and
+    the slices its sends are written in.
     """
     tune_socket(sock)
     if socket_buffer_bytes:
@@ -261,7 +269,8 @@ async def open_accepted(
     loop = asyncio.get_running_loop()
     try:
         transport, conn = await loop.connect_accepted_socket(
-            lambda: AsyncConnection(traffic, frame_timeout_s), sock, ssl=tls, ssl_handshake_timeout=handshake_timeout_s if tls else None
+            lambda: AsyncConnection(traffic, frame_timeout_s, socket_buffer_bytes or SEND_CHUNK_BYTES),
+            sock, ssl=tls, ssl_handshake_timeout=handshake_timeout_s if tls else None,
         )
     except ssl.SSLCertVerificationError as exc:
         raise ProtocolError(f"TLS handshake failed: client certificate rejected ({exc.verify_message})") from exc
@@ -277,6 +286,23 @@ async def open_accepted(
         await conn.close()
         raise ProtocolError("a client without a certificate connected to this mutual-TLS server; told it to use --tls-cert")
     return conn
+
+
+def coalesced(buffers: Iterable[bytes | bytearray | memoryview], small: int = 64 << 10) -> Iterable[memoryview]:
+    """The buffers with each run of small ones (a JSON frame, a length prefix, a small
+    tensor, padding) joined into one, so that they cost one system call, not one each."""
+    run: list[memoryview] = []
+    for buffer in buffers:
+        view = memoryview(buffer)
+        if view.nbytes < small:
+            run.append(view)
+            continue
+        if run:
+            yield memoryview(b"".join(run))
+            run = []
+        yield view
+    if run:
+        yield memoryview(b"".join(run))
 
 
 class BlockingConnection:
@@ -312,9 +338,9 @@ class BlockingConnection:
         if timeout_s is not None:
             self.sock.settimeout(timeout_s)
         try:
-            for buffer in buffers:
+            for buffer in coalesced(buffers):
                 self.sock.sendall(buffer)
-                self.bytes_sent += memoryview(buffer).nbytes
+                self.bytes_sent += buffer.nbytes
         finally:
             self.sock.settimeout(idle_timeout)
 

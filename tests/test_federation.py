@@ -12,6 +12,13 @@ def assert_no_traceback(proc):
     assert "Traceback" not in proc.output, proc.output
 
 
+def test_client_ids_are_printed_as_runs():
+    from fl_server import id_ranges
+
+    assert id_ranges([3, 1, 2, 5, 7, 8, 9, 11]) == "1-3, 5, 7-9, 11"
+    assert id_ranges(range(1, 1001)) == "1-1000" and id_ranges([4]) == "4" and id_ranges([]) == ""
+
+
 def test_federation_trains_and_keeps_its_results(cluster, tmp_path):
     server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "3")
     clients = [cluster.client(k) for k in (1, 2)]

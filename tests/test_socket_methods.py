@@ -24,7 +24,9 @@ from socket_methods import (
     encode_weights,
     frame_header,
     frame_weights,
+    weights_buffers,
 )
+from transport import coalesced
 
 
 def feed(reader: FrameReader, data: bytes, step: int) -> int:
@@ -165,6 +167,34 @@ def test_encode_reuses_a_given_buffer():
     layout, blob = encode_weights(tensors)
     _, again = encode_weights({"w": torch.full((4,), 2.0)}, out=blob)
     assert again is blob and decode_weights(layout, blob)["w"].tolist() == [2.0] * 4
+
+
+def test_weights_buffers_send_cpu_tensors_in_place_with_the_same_bytes():
+    tensors = sample_tensors()
+    layout, blob = encode_weights(tensors)
+    same_layout, pieces = weights_buffers(tensors)
+    assert same_layout == layout
+    assert b"".join(pieces) == bytes(blob)  # padding included: byte for byte what encode_weights makes
+    # In place: the first tensor's bytes are its own memory, not a copy.
+    first = next(iter(tensors.values()))
+    first.view(-1)[0] = 7
+    assert bytes(pieces[0][: first.element_size()]) == first.view(-1)[:1].numpy().tobytes()
+    frames = frame_weights("<UPDATE>", pieces, round=1)
+    assert frames[1] == frame_header(len(blob)) and frames[2] is pieces[0]
+
+
+def test_weights_buffers_copy_once_what_is_not_in_place():
+    strided = {"w": torch.arange(12.0).view(3, 4).t()}  # a transposed view is not contiguous
+    layout, pieces = weights_buffers(strided, out=bytearray(64))
+    assert len(pieces) == 1 and bytes(pieces[0]) == bytes(encode_weights(strided)[1])
+
+
+def test_coalesced_joins_small_buffers_and_keeps_large_ones():
+    large = bytearray(b"x" * (64 << 10))
+    pieces = [b"ab", b"c", memoryview(large), b"d", b"", b"ef"]
+    out = list(coalesced(pieces))
+    assert [bytes(p) for p in out] == [b"abc", bytes(large), b"def"]
+    assert out[1].obj is large  # sent as is, not copied
 
 
 def test_weights_frames_share_the_blob_without_copying():
