@@ -67,14 +67,14 @@ def run(quick: bool) -> list[Row]:
                            "--min-clients", str(CLIENTS), "--num-rounds", str(ROUNDS), "--time-to-wait", "60",
                            "--server-port", "0", "--output-dir", tmp, "--quiet"], "server (recording)")
             procs.append(server)
-            port = server.wait_for(r"listening on [\d.]+:(\d+)", timeout_s=120).group(1)
+            port = server.wait_for(r"listening on [\d.]+:(\d+)", timeout=120).group(1)
             clients = [Proc(["fl_client.py", "--client-id", str(k), "--server-port", port, "--quiet"], f"client {k}")
                        for k in range(1, CLIENTS + 1)]
             procs.extend(clients)
-            codes = [c.finish(timeout_s=300) for c in clients]
-            if server.finish(timeout_s=120) != 0 or any(codes):
+            codes = [c.finish(timeout=300) for c in clients]
+            if server.finish(timeout=120) != 0 or any(codes):
                 raise RuntimeError(f"federation failed (clients {codes}):\n{server.tail()}")
-            summary = json.loads(server.wait_for(SUMMARY + "(.*)", timeout_s=1).group(1))
+            summary = json.loads(server.wait_for(SUMMARY + "(.*)", timeout=1).group(1))
             metrics = read_metrics(Path(tmp) / "metrics.csv")
         finally:
             kill_all(procs)

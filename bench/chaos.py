@@ -89,7 +89,7 @@ class Run:
             "--seed", str(a.seed), "--heartbeat-interval", "2", "--round-retries", str(a.round_retries),
         ], f"{self.name} server")
         self.procs.append(self.server)
-        self.port = int(self.server.wait_for(r"listening on [\d.]+:(\d+)", timeout_s=120).group(1))
+        self.port = int(self.server.wait_for(r"listening on [\d.]+:(\d+)", timeout=120).group(1))
 
     def start_client(self, client_id: int) -> None:
         proc = Proc(["fl_client.py", "--client-id", str(client_id), "--server-port", str(self.port), "--quiet",
@@ -131,14 +131,14 @@ class Run:
             for client_id in range(1, a.clients + 1):
                 self.start_client(client_id)
             # Round 1 is the warm-up (cold clients); the chaos starts after it.
-            self.server.wait_for(r"round 1/\d+  clients", timeout_s=120)
+            self.server.wait_for(r"round 1/\d+  clients", timeout=120)
             if with_chaos:
                 self.chaos(random.Random(a.seed), deadline)
-            code = self.server.finish(timeout_s=max(1.0, deadline - time.monotonic()))
+            code = self.server.finish(timeout=max(1.0, deadline - time.monotonic()))
             seconds = time.monotonic() - started
             for proc in self.clients.values():  # the survivors read <FINISHED> and exit
                 try:
-                    proc.finish(timeout_s=30)
+                    proc.finish(timeout=30)
                 except RuntimeError:
                     proc.kill()
         finally:

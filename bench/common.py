@@ -53,10 +53,15 @@ def free_port() -> int:
 
 
 class Proc:
-    """A child process whose merged stdout/stderr is read line by line (so it never blocks on a full pipe)."""
+    """A child process whose merged stdout/stderr is read line by line (so it never
+    blocks on a full pipe). The tests use it too (tests/conftest.py), with failures
+    raised as AssertionError instead of RuntimeError."""
 
-    def __init__(self, args: list[str], name: str, cwd: Path = ROOT, env: dict | None = None):
+    error: type[Exception] = RuntimeError
+
+    def __init__(self, args: list[str], name: str, env: dict | None = None, cwd: Path = ROOT):
         self.name = name
+        self.args = args
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.popen = subprocess.Popen(
@@ -80,30 +85,31 @@ class Proc:
             self.lines.append(line)
         return line
 
-    def wait_for(self, pattern: str, timeout_s: float) -> re.Match:
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        """Block until a line matching `pattern` appears (lines already seen count)."""
         regex = re.compile(pattern)
         for line in self.lines:
             if match := regex.search(line):
                 return match
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
             try:
                 line = self._take(remaining)
             except queue.Empty:
                 break
             if line is None:
-                raise RuntimeError(f"{self.name} ended before printing {pattern!r}:\n" + self.tail())
+                raise self.error(f"{self.name} ended before printing {pattern!r}; output:\n" + self.output)
             if match := regex.search(line):
                 return match
-        raise RuntimeError(f"{self.name}: no line matching {pattern!r} within {timeout_s:g} s:\n" + self.tail())
+        raise self.error(f"{self.name}: no line matching {pattern!r} within {timeout:g} s; output:\n" + self.output)
 
-    def finish(self, timeout_s: float) -> int:
+    def finish(self, timeout: float = 120.0) -> int:
         """Wait (bounded) for the exit, then collect the rest of the output."""
         try:
-            code = self.popen.wait(timeout=timeout_s)
+            code = self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise RuntimeError(f"{self.name} did not exit within {timeout_s:g} s:\n" + self.tail()) from None
+            raise self.error(f"{self.name} did not exit within {timeout:g} s; output:\n" + self.output) from None
         self._reader.join(timeout=10)
         while True:
             try:
@@ -113,8 +119,16 @@ class Proc:
                 break
         return code
 
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.lines[-lines:])
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signum)
 
     def kill(self) -> None:
         """SIGKILL this process (by its PID) if it is still running."""

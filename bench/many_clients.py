@@ -38,7 +38,7 @@ def run_federation(num_clients: int, rounds: int, workdir: Path) -> dict:
         ], f"server (N={num_clients})")
         procs.append(server)
         sampler = RssSampler(server.pid)
-        port = int(server.wait_for(r"listening on [\d.]+:(\d+)", timeout_s=120).group(1))
+        port = int(server.wait_for(r"listening on [\d.]+:(\d+)", timeout=120).group(1))
         idle_rss_kb = status_kb(server.pid, "VmRSS")
         started = time.perf_counter()
         processes = max(1, math.ceil(num_clients / CLIENTS_PER_PROCESS))
@@ -49,11 +49,11 @@ def run_federation(num_clients: int, rounds: int, workdir: Path) -> dict:
             swarms.append(Proc(["bench/light_clients.py", "--port", str(port), "--first-id", str(first),
                                 "--count", str(count), "--timeout", "900"], f"light clients {first}.."))
         procs.extend(swarms)
-        codes = [swarm.finish(timeout_s=900) for swarm in swarms]
-        code = server.finish(timeout_s=120)
+        codes = [swarm.finish(timeout=900) for swarm in swarms]
+        code = server.finish(timeout=120)
         wall_s = time.perf_counter() - started
         peak_kb = max(sampler.stop(), 0)
-        summaries = [json.loads(s.wait_for(r"light clients: (.*)", timeout_s=1).group(1)) for s in swarms]
+        summaries = [json.loads(s.wait_for(r"light clients: (.*)", timeout=1).group(1)) for s in swarms]
         if code != 0 or any(codes):
             raise RuntimeError(f"N={num_clients}: server exit {code}, light clients {codes}: {summaries}\n{server.tail()}")
         rows = read_metrics(out / "metrics.csv")

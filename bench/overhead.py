@@ -38,13 +38,13 @@ def run_federation(model: str, rounds: int, workdir: Path) -> list[dict[str, flo
                        "--num-rounds", str(rounds), "--time-to-wait", "60", "--server-port", "0",
                        "--output-dir", str(out), "--quiet"], f"server ({model})")
         procs.append(server)
-        port = server.wait_for(r"listening on [\d.]+:(\d+)", timeout_s=120).group(1)
+        port = server.wait_for(r"listening on [\d.]+:(\d+)", timeout=120).group(1)
         clients = [Proc(["fl_client.py", "--client-id", str(k), "--server-port", port, "--quiet"], f"client {k}")
                    for k in range(1, CLIENTS + 1)]
         procs.extend(clients)
         limit_s = 60 + rounds * (120 if model == "cnn" else 20)
-        codes = [c.finish(timeout_s=limit_s) for c in clients]
-        if server.finish(timeout_s=120) != 0 or any(codes):
+        codes = [c.finish(timeout=limit_s) for c in clients]
+        if server.finish(timeout=120) != 0 or any(codes):
             raise RuntimeError(f"{model} federation failed (clients {codes}):\n{server.tail()}")
         return read_metrics(out / "metrics.csv")
     finally:

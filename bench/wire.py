@@ -220,7 +220,7 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
             gc.collect()
         await conn.close()
         bare.close()
-        if proc.finish(timeout_s=60) != 0:
+        if proc.finish(timeout=60) != 0:
             raise RuntimeError("wire peer failed:\n" + proc.tail())
     finally:
         proc.kill()

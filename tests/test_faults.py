@@ -2,9 +2,7 @@
 
 import signal
 
-import torch
-
-from conftest import FAST, free_port, read_metrics
+from conftest import FAST, read_metrics
 from run_files import read_checkpoint
 
 
