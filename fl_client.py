@@ -28,7 +28,6 @@ from socket_methods import (
     ProtocolError,
     check_finite,
     check_layout,
-    decode_weights,
     encode_message,
     frame_weights,
     weights_buffers,
@@ -223,7 +222,7 @@ class LocalTrainer:
 
         import client_helper
         import neural_net_helper as nnh
-        from socket_methods import weights_layout
+        from socket_methods import WeightsBuffer, weights_layout
 
         self.nnh, self.config = nnh, config
         if config.threads:
@@ -242,7 +241,7 @@ class LocalTrainer:
         self.test_x, self.test_y = nnh.to_tensors(train.images[local_test], train.labels[local_test], info, self.device)
         self.model = nnh.build_model(meta["model"], info, meta["seed"]).to(self.device)
         self.layout = weights_layout(nnh.get_weights(self.model))
-        self.receive_buffer = bytearray(self.layout["nbytes"])
+        self.received = WeightsBuffer(self.layout)
         # CPU weights are sent from the model's own memory; others are copied out once, into this.
         self.send_buffer = bytearray(self.layout["nbytes"]) if self.device.type != "cpu" else None
         self.seed = meta["seed"]
@@ -252,8 +251,8 @@ class LocalTrainer:
         """Receive the global weights, train, test locally; the <UPDATE> frames to send."""
         number = message["round"]
         check_layout(message["weights"], self.layout)
-        conn.recv_blob(self.receive_buffer)
-        tensors = decode_weights(self.layout, self.receive_buffer)
+        conn.recv_blob(self.received.buffer)
+        tensors = self.received.tensors  # views of the bytes just received
         check_finite(tensors)
         if message["local_epochs"] < 1 or message["batch_size"] < 1 or not message["lr"] > 0:
             raise BadMessage("the server sent training settings out of range")
@@ -277,7 +276,7 @@ class LocalTrainer:
 
 def server_spoke(conn: BlockingConnection) -> bool:
     """Has the server sent something while we trained (a <WAITING>, or the <FINISHED> of a stopped run)?"""
-    if isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending():
+    if conn.reader.staged or (isinstance(conn.sock, ssl.SSLSocket) and conn.sock.pending()):
         return True
     readable, _, _ = select.select([conn.sock], [], [], 0)
     return bool(readable)

@@ -44,6 +44,7 @@ from socket_methods import (
     BadMessage,
     ConnectionClosed,
     ProtocolError,
+    WeightsBuffer,
     check_finite,
     check_layout,
     decode_weights,
@@ -280,9 +281,9 @@ class Federation:
         self.stop_signal: signal.Signals | None = None
         self.pending = 0
         self.drop_log: list[str] = []
-        self.buffers: asyncio.Queue[bytearray] = asyncio.Queue()
+        self.buffers: asyncio.Queue[WeightsBuffer] = asyncio.Queue()
         for _ in range(min(RECEIVE_BUFFERS, config.num_clients)):
-            self.buffers.put_nowait(bytearray(self.layout["nbytes"]))
+            self.buffers.put_nowait(WeightsBuffer(self.layout))
         share = SOCKET_BUFFER_BUDGET_BYTES // config.num_clients
         self.socket_buffer_bytes = max(share, SOCKET_BUFFER_MIN_BYTES) if share < SOCKET_BUFFER_AUTOTUNED_BYTES else None
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
@@ -642,8 +643,8 @@ class Federation:
         check_layout(update["weights"], self.layout)
         buffer = await self.buffers.get()
         try:
-            await session.conn.recv_blob(buffer)
-            tensors = decode_weights(self.layout, buffer)
+            await session.conn.recv_blob(buffer.buffer)
+            tensors = buffer.tensors  # views of the bytes just received
             check_finite(tensors)
             state = self.current
             accepted = state is not None and state.number == number and state.open

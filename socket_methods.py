@@ -123,10 +123,14 @@ def _has_type(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
+# One decoder for every message (json.loads with options would build a new one each call).
+_JSON_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def decode_message(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
     """Parse and check one control message; raise BadMessage with the reason."""
     try:
-        message = json.loads(bytes(payload).decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+        message = _JSON_DECODER.decode(bytes(payload).decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise BadMessage(f"message is not valid UTF-8 (byte {exc.start})") from exc
     except RecursionError as exc:
@@ -153,20 +157,31 @@ class FrameReader:
     """Says where the next received bytes go, one frame at a time.
 
     The IO side asks for a frame with `expect_message(limit)` or `expect_blob(buffer)`,
-    then loops `n = read_into(reader.buffer()); reader.advance(n)` until `reader.done`.
-    `advance(0)` means end of file. The length prefix is checked against the limit
-    before any memory is allocated, and a blob is read straight into the caller's
-    preallocated buffer (no chunks joined, no copy).
+    then loops `n = read_into(reader.buffer()); reader.advance(n)` until `reader.done`
+    (which may already be true: see below). `advance(0)` means end of file. The length
+    prefix is checked against the limit before any memory is allocated, and a blob is
+    read straight into the caller's preallocated buffer (no chunks joined).
+
+    Reading ahead: a frame's 8-byte length is read into a small stage of STAGE_BYTES,
+    in one read with whatever follows it. A small message is then usually complete in
+    that same read, and the bytes of the frames after it wait in the stage for the next
+    `expect_*`. Without it every frame costs two reads (length, then payload), each an
+    event-loop turn on the server. At most STAGE_BYTES of a blob's first bytes are
+    copied from the stage; the rest is read into the blob directly.
     """
+
+    STAGE_BYTES = 8 << 10
 
     def __init__(self) -> None:
         self._header = bytearray(FRAME_HEADER.size)
+        self._stage = bytearray(self.STAGE_BYTES)
+        self._staged = memoryview(self._stage)[:0]  # received, not yet taken by a frame
         self._target: memoryview = memoryview(self._header)
         self._filled = 0
         self._in_header = True
         self._limit = 0
         self._blob: memoryview | None = None
-        self.payload: bytearray | memoryview | None = None
+        self.payload: bytes | bytearray | memoryview | None = None
         self.done = True
 
     def expect_message(self, limit: int) -> None:
@@ -182,9 +197,16 @@ class FrameReader:
         self._limit, self._blob = limit, blob
         self._target, self._filled, self._in_header = memoryview(self._header), 0, True
         self.payload, self.done = None, False
+        self._take_staged()
+
+    @property
+    def staged(self) -> int:
+        """Bytes already received for the frames after this one."""
+        return len(self._staged)
 
     def buffer(self) -> memoryview:
-        return self._target[self._filled:]
+        # While a frame is not done, the stage is empty (`_take_staged` took it all).
+        return memoryview(self._stage) if self._in_header else self._target[self._filled:]
 
     def fill_from(self, read_into: Callable[[memoryview], int]) -> None:
         """Drive this reader with a blocking `read_into` (socket.recv_into, file.readinto) until the frame is in."""
@@ -194,9 +216,24 @@ class FrameReader:
     def advance(self, nbytes: int) -> None:
         if nbytes == 0:
             raise self._eof_error()
-        self._filled += nbytes
-        if self._filled < len(self._target):
+        if self._in_header:  # the bytes went to the stage
+            self._staged = memoryview(self._stage)[:nbytes]
+            self._take_staged()
             return
+        self._filled += nbytes
+        self.done = self._filled == len(self._target)
+
+    def _take_staged(self) -> None:
+        """Move staged bytes into the current frame until it is done or the stage is empty."""
+        while self._staged and not self.done:
+            take = min(len(self._target) - self._filled, len(self._staged))
+            self._target[self._filled : self._filled + take] = self._staged[:take]
+            self._staged = self._staged[take:]
+            self._filled += take
+            if self._filled == len(self._target):
+                self._end_part()
+
+    def _end_part(self) -> None:
         if not self._in_header:
             self.done = True
             return
@@ -205,8 +242,13 @@ class FrameReader:
             raise BadWeights(f"weights frame has {length} bytes, its layout says {len(self._blob)}")
         if length > self._limit:
             raise FrameTooLarge(f"frame of {length} bytes is over the {self._limit}-byte limit")
+        self._in_header, self._filled = False, 0
+        if self._blob is None and length <= len(self._staged):  # a small message, all in the stage
+            self.payload, self._staged = bytes(self._staged[:length]), self._staged[length:]
+            self._target, self._filled, self.done = memoryview(self.payload), length, True
+            return
         self.payload = self._blob if self._blob is not None else bytearray(length)
-        self._target, self._filled, self._in_header = memoryview(self.payload), 0, False
+        self._target = memoryview(self.payload)
         self.done = length == 0
 
     def _eof_error(self) -> ProtocolError:
@@ -266,6 +308,21 @@ def encode_weights(
 _ZEROS = bytes(ALIGNMENT)
 
 
+class _LastSent:
+    """What weights_buffers worked out for the tensors it was given last.
+
+    A client sends the same tensors every round (training and load_state_dict update
+    them in place), so their layout, their views and the layout's JSON are worked out
+    once, and again only if a tensor moved, changed shape or dtype, or was renamed. The
+    views keep those tensors' memory alive, so an address seen again is the same tensor.
+    """
+
+    key: tuple = ()
+    layout: dict[str, Any] = {}
+    pieces: list[memoryview] = []
+    layout_json: str = ""
+
+
 def weights_buffers(
     tensors: Mapping[str, "torch.Tensor"], out: bytearray | None = None
 ) -> tuple[dict[str, Any], list[memoryview]]:
@@ -280,14 +337,22 @@ def weights_buffers(
     if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors.values()):
         layout, blob = encode_weights(tensors, out)
         return layout, [memoryview(blob)]
-    layout, buffers = weights_layout(tensors), []
+    key = tuple((name, t.data_ptr(), t.dtype, t.shape) for name, t in tensors.items())
+    if key == _LastSent.key:
+        return _LastSent.layout, _LastSent.pieces
+    layout, pieces = weights_layout(tensors), []
     for entry, tensor in zip(layout["tensors"], tensors.values()):
         if tensor.numel():
-            buffers.append(memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy()))
+            tensor = tensor.detach()
+            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: see its bytes as uint8
+                tensor = tensor.reshape(-1).view(torch.uint8)
+            pieces.append(memoryview(tensor.numpy()).cast("B"))
         padding = -entry["nbytes"] % ALIGNMENT
         if padding:
-            buffers.append(memoryview(_ZEROS)[:padding])
-    return layout, buffers
+            pieces.append(memoryview(_ZEROS)[:padding])
+    _LastSent.key, _LastSent.layout, _LastSent.pieces = key, layout, pieces
+    _LastSent.layout_json = json.dumps(layout, separators=(",", ":"))
+    return layout, pieces
 
 
 def _check_entry(entry: Any, blob_bytes: int) -> tuple[str, str, list[int], int]:
@@ -327,6 +392,21 @@ def decode_weights(layout: Any, blob: bytearray | memoryview) -> dict[str, "torc
     return tensors
 
 
+class WeightsBuffer:
+    """A buffer that the weights frames of one model are received into, again and again.
+
+    Its tensors are views of the buffer, made once when it is created (which checks the
+    layout), so a weights frame received into it needs no decoding at all: `tensors`
+    already show the new values. The server keeps a few for the updates in flight, a
+    client one for the global model.
+    """
+
+    def __init__(self, layout: dict[str, Any]):
+        self.layout = layout
+        self.buffer = bytearray(layout["nbytes"])
+        self.tensors = decode_weights(layout, self.buffer)
+
+
 def check_layout(received: Any, expected: Mapping[str, Any]) -> None:
     """Refuse weights whose names, dtypes, shapes or offsets differ from the model's own."""
     if received == expected:
@@ -360,4 +440,11 @@ def frame_weights(
     """The buffers of a weights message: JSON frame, then the blob frame, given as one
     buffer or as the pieces from weights_buffers (nothing is copied)."""
     pieces = [memoryview(blob)] if not isinstance(blob, list) else blob
-    return [encode_message(header, **fields), frame_header(sum(p.nbytes for p in pieces)), *pieces]
+    if fields.get("weights") is _LastSent.layout:  # its JSON is known: splice it in
+        del fields["weights"]
+        text = json.dumps({"header": header, **fields}, allow_nan=False, separators=(",", ":"))
+        payload = f'{text[:-1]},"weights":{_LastSent.layout_json}}}'.encode()
+        message = frame_header(len(payload)) + payload
+    else:
+        message = encode_message(header, **fields)
+    return [message, frame_header(sum(p.nbytes for p in pieces)), *pieces]

@@ -86,7 +86,7 @@ def recv_exactly(sock: socket.socket, buffer: memoryview) -> None:
 
 
 def peer(port: int, sizes: list[int], reps: list[int]) -> None:
-    from socket_methods import check_layout, decode_weights, encode_message, frame_weights, weights_buffers, weights_layout
+    from socket_methods import WeightsBuffer, check_layout, encode_message, frame_weights, weights_buffers, weights_layout
     from transport import BlockingConnection, tune_socket
 
     fs_sock = socket.create_connection(("127.0.0.1", port))
@@ -99,7 +99,7 @@ def peer(port: int, sizes: list[int], reps: list[int]) -> None:
     for megabytes, count in zip(sizes, reps):
         tensors = make_model(megabytes)
         layout = weights_layout(tensors)
-        receive_buffer = bytearray(layout["nbytes"])
+        received = WeightsBuffer(layout)  # as fl_client: one buffer, its tensors viewed once
         bare_buffer = memoryview(bytearray(layout["nbytes"]))
         for rep, direction, mode in schedule(count):
             if (direction, mode) == ("upload", "fedsock"):
@@ -115,13 +115,13 @@ def peer(port: int, sizes: list[int], reps: list[int]) -> None:
             elif (direction, mode) == ("download", "fedsock"):
                 message = fedsock.recv_message()
                 check_layout(message["weights"], layout)
-                fedsock.recv_blob(receive_buffer)
-                decode_weights(layout, receive_buffer)
+                fedsock.recv_blob(received.buffer)
+                assert received.tensors  # the new weights, already in place as tensors
                 fedsock.send([encode_message("<SUCCESS>", round=rep, accepted=True, message="")])
             else:
                 recv_exactly(bare, bare_buffer)
                 bare.sendall(b"a")
-        del tensors, receive_buffer, bare_buffer, blob
+        del tensors, received, bare_buffer, blob
         gc.collect()
     fedsock.close()
     bare.close()
@@ -157,7 +157,7 @@ def encode_copy_check(tensors, layout, blob) -> dict:
 
 
 async def measure(sizes: list[int], reps: list[int]) -> dict:
-    from socket_methods import check_layout, decode_weights, encode_message, encode_weights, frame_weights
+    from socket_methods import WeightsBuffer, check_layout, encode_message, encode_weights, frame_weights
     from transport import Traffic, open_accepted, tune_socket
 
     listener = socket.socket()
@@ -184,7 +184,7 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
             del tensors
             nbytes = layout["nbytes"]
             model_frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=32, lr=0.05, weights=layout)
-            receive_buffer = bytearray(nbytes)
+            received = WeightsBuffer(layout)  # as fl_server: a pooled buffer, its tensors viewed once
             bare_buffer = memoryview(bytearray(nbytes))
             times: dict[tuple[str, str], list[float]] = {}
             for rep, direction, mode in schedule(count):
@@ -193,8 +193,8 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
                     await conn.send([encode_message("<WAITING>", message="go")])
                     update = await conn.recv_message()
                     check_layout(update["weights"], layout)
-                    await conn.recv_blob(receive_buffer)
-                    decode_weights(layout, receive_buffer)
+                    await conn.recv_blob(received.buffer)
+                    assert received.tensors  # the update, already in place as tensors
                 elif (direction, mode) == ("upload", "bare"):
                     bare.sendall(b"g")
                     recv_exactly(bare, bare_buffer)
@@ -216,7 +216,7 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
             }
             say(f"wire {megabytes} MB: " + ", ".join(
                 f"{d} {m} {nbytes / median(ts) / MB:.0f} MB/s" for (d, m), ts in sorted(times.items())))
-            del model_frames, blob, receive_buffer, bare_buffer
+            del model_frames, blob, received, bare_buffer
             gc.collect()
         await conn.close()
         bare.close()
