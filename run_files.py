@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from console import UsageError
-from socket_methods import FRAME_HEADER, FrameReader, ProtocolError, decode_weights, encode_message, frame_header
+from socket_methods import FrameReader, ProtocolError, decode_weights, encode_message, frame_header
 
 METRIC_COLUMNS = (
     "round", "clients", "test_accuracy", "test_loss", "train_loss", "seconds",
@@ -69,12 +69,16 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], bytearray]:
             if not isinstance(state.get("metrics"), list) or not isinstance(state.get("weights"), dict):
                 raise ValueError("checkpoint lacks its metrics or weights")
             nbytes = state["weights"].get("nbytes")
-            header = f.read(FRAME_HEADER.size)
-            if not isinstance(nbytes, int) or len(header) != FRAME_HEADER.size or FRAME_HEADER.unpack(header)[0] != nbytes:
+            if not isinstance(nbytes, int) or not 0 <= nbytes <= os.fstat(f.fileno()).st_size:
                 raise ValueError("the weights part is missing or cut short")
             blob = bytearray(nbytes)
-            if f.readinto(blob) != nbytes or f.read(1):
-                raise ValueError("the weights part is cut short or followed by junk")
+            try:
+                reader.expect_blob(blob)  # takes what the reader already read ahead, then the rest
+                reader.fill_from(f.readinto)
+            except ProtocolError as exc:  # a length that differs, or the end of the file
+                raise ValueError("the weights part is missing or cut short") from exc
+            if reader.staged or f.read(1):
+                raise ValueError("the weights part is followed by junk")
         decode_weights(state["weights"], blob)
     except (OSError, ValueError, ProtocolError) as exc:
         raise UsageError(f"cannot resume from {path}: {exc}") from exc

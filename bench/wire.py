@@ -1,18 +1,24 @@
 """Benchmark 1: a model crosses one loopback TCP connection at wire speed.
 
-Two processes, two connections between them, made the same way (loopback, TCP_NODELAY):
+Two processes, on two different CPU cores where the machine has them (as a server's
+and a client's would be), and three connections between them, made alike (loopback,
+TCP_NODELAY):
   fedsock  the project's own code on both ends. Upload (client -> server): the peer
            takes its CPU tensors' bytes in place (weights_buffers, no copy), frames
-           them (frame_weights) and sends them with BlockingConnection, as fl_client does;
-           this process receives with the server's path: AsyncConnection.recv_message,
-           recv_blob into a preallocated buffer, decode_weights. Download (server ->
-           client): this process sends a model encoded once (as the server does per
-           round) with AsyncConnection.send; the peer receives with
-           BlockingConnection.recv_message + recv_blob and decodes.
+           them with their <UPDATE> message (frame_weights) and sends them with
+           BlockingConnection, as fl_client does; this process receives them as the
+           server does: AsyncConnection.recv_message, check_layout, recv_blob into a
+           WeightsBuffer whose tensors are views. Download (server -> client): this
+           process sends a model encoded once (as the server does per round) with its
+           <MODEL> message through AsyncConnection.send; the peer receives it as
+           fl_client does (recv_message, check_layout, recv_blob into its WeightsBuffer).
   bare     the same number of bytes with a plain sendall / recv_into loop.
-Each transfer starts and ends in this process (a 1-byte or small-frame go/ack),
-so every mode includes the same round trip. Modes are interleaved rep by rep, the
-order rotating; rep 0 warms up (page faults of fresh buffers) and is not counted.
+Each transfer starts with a 1-byte go and ends with a 1-byte ack, so that both modes
+time the same round trip around the weights: in band for bare, on a third connection
+for fedsock (so that none of fedsock's other messages is timed; this process waits
+for that ack through its event loop, which must keep running to finish the send).
+Modes are interleaved rep by rep, the order rotating; rep 0 warms up (page faults of
+fresh buffers) and is not counted.
 
     python bench/wire.py --sizes 1 50 --reps 20 5
 """
@@ -24,6 +30,7 @@ import asyncio
 import ctypes
 import gc
 import json
+import os
 import socket
 import sys
 import time
@@ -85,17 +92,26 @@ def recv_exactly(sock: socket.socket, buffer: memoryview) -> None:
 # --------------------------------------------------------------------------- the peer (the "client" process)
 
 
+def pin_to_cpu(index: int) -> None:
+    """Run on one CPU core of our own, where there are two or more to choose from."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) >= 2:
+        os.sched_setaffinity(0, {cpus[index % len(cpus)]})
+
+
 def peer(port: int, sizes: list[int], reps: list[int]) -> None:
     from socket_methods import WeightsBuffer, check_layout, encode_message, frame_weights, weights_buffers, weights_layout
     from transport import BlockingConnection, tune_socket
 
+    pin_to_cpu(1)
     fs_sock = socket.create_connection(("127.0.0.1", port))
     tune_socket(fs_sock)
     fedsock = BlockingConnection(fs_sock, idle_timeout_s=120)
     fedsock.send([encode_message("<HELLO>", protocol_version=1, client_id=1)])
-    bare = socket.create_connection(("127.0.0.1", port))
-    tune_socket(bare)
-    bare.settimeout(120)
+    bare, signal = (socket.create_connection(("127.0.0.1", port), timeout=120) for _ in range(2))
+    for sock in (bare, signal):
+        tune_socket(sock)
+    one = memoryview(bytearray(1))
     for megabytes, count in zip(sizes, reps):
         tensors = make_model(megabytes)
         layout = weights_layout(tensors)
@@ -103,28 +119,29 @@ def peer(port: int, sizes: list[int], reps: list[int]) -> None:
         bare_buffer = memoryview(bytearray(layout["nbytes"]))
         for rep, direction, mode in schedule(count):
             if (direction, mode) == ("upload", "fedsock"):
-                fedsock.recv_message()  # the go
-                out_layout, blob = weights_buffers(tensors)
+                recv_exactly(signal, one)  # the go
+                out_layout, pieces = weights_buffers(tensors)
                 fedsock.send(frame_weights(
-                    "<UPDATE>", blob, round=rep, client_id=1, num_examples=100, train_loss=0.0,
+                    "<UPDATE>", pieces, round=rep, client_id=1, num_examples=100, train_loss=0.0,
                     local_test_accuracy=0.0, fit_seconds=0.0, weights=out_layout,
                 ))
             elif (direction, mode) == ("upload", "bare"):
-                recv_exactly(bare, memoryview(bytearray(1)))
+                recv_exactly(bare, one)
                 bare.sendall(bare_buffer)
             elif (direction, mode) == ("download", "fedsock"):
                 message = fedsock.recv_message()
                 check_layout(message["weights"], layout)
                 fedsock.recv_blob(received.buffer)
                 assert received.tensors  # the new weights, already in place as tensors
-                fedsock.send([encode_message("<SUCCESS>", round=rep, accepted=True, message="")])
+                signal.sendall(b"a")
             else:
                 recv_exactly(bare, bare_buffer)
                 bare.sendall(b"a")
-        del tensors, received, bare_buffer, blob
+        del tensors, received, bare_buffer, pieces
         gc.collect()
     fedsock.close()
     bare.close()
+    signal.close()
 
 
 # --------------------------------------------------------------------------- this process (the "server")
@@ -157,9 +174,11 @@ def encode_copy_check(tensors, layout, blob) -> dict:
 
 
 async def measure(sizes: list[int], reps: list[int]) -> dict:
-    from socket_methods import WeightsBuffer, check_layout, encode_message, encode_weights, frame_weights
+    from socket_methods import WeightsBuffer, check_layout, encode_weights, frame_weights
     from transport import Traffic, open_accepted, tune_socket
 
+    pin_to_cpu(0)
+    loop = asyncio.get_running_loop()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
@@ -177,6 +196,10 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
         bare, _ = listener.accept()
         tune_socket(bare)
         bare.settimeout(120)
+        signal, _ = listener.accept()  # fedsock's go and ack, waited for through the event loop
+        tune_socket(signal)
+        signal.setblocking(False)
+        one = bytearray(1)
         for megabytes, count in zip(sizes, reps):
             tensors = make_model(megabytes)
             layout, blob = encode_weights(tensors)  # the server encodes a model once for all its clients
@@ -190,7 +213,7 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
             for rep, direction, mode in schedule(count):
                 started = time.perf_counter()
                 if (direction, mode) == ("upload", "fedsock"):
-                    await conn.send([encode_message("<WAITING>", message="go")])
+                    signal.send(b"g")
                     update = await conn.recv_message()
                     check_layout(update["weights"], layout)
                     await conn.recv_blob(received.buffer)
@@ -200,8 +223,7 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
                     recv_exactly(bare, bare_buffer)
                 elif (direction, mode) == ("download", "fedsock"):
                     await conn.send(model_frames)
-                    ack = await conn.recv_message()
-                    assert ack["header"] == "<SUCCESS>"
+                    await loop.sock_recv_into(signal, one)
                 else:
                     bare.sendall(bare_buffer)
                     recv_exactly(bare, memoryview(bytearray(1)))
@@ -220,6 +242,7 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
             gc.collect()
         await conn.close()
         bare.close()
+        signal.close()
         if proc.finish(timeout=60) != 0:
             raise RuntimeError("wire peer failed:\n" + proc.tail())
     finally:
