@@ -159,14 +159,13 @@ class AsyncConnection(asyncio.BufferedProtocol):
                 waiter.set_exception(exc)
 
     # ---- what the server calls
-    async def _read_frame(self, read_now: bool = False) -> None:
+    async def _read_frame(self) -> None:
         if self.reader.done:  # it came with the frame before (FrameReader reads ahead)
             return
         if self._lost is not None:
             raise self._lost
         self._frame_done = done = asyncio.get_running_loop().create_future()
-        if read_now:
-            self._read_available()
+        self._read_available()
         if not done.done():
             self.transport.resume_reading()
         await done
@@ -195,7 +194,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
         self.reader.expect_blob(buffer)
         if not self.reader.done:
             self._arm_deadline()  # the weights must follow their <UPDATE> promptly
-        await self._read_frame(read_now=True)
+        await self._read_frame()
 
     @property
     def sending(self) -> bool:

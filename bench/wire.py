@@ -1,8 +1,7 @@
 """Benchmark 1: a model crosses one loopback TCP connection at wire speed.
 
-Two processes, on two different CPU cores where the machine has them (as a server's
-and a client's would be), and three connections between them, made alike (loopback,
-TCP_NODELAY):
+Two processes, placed by the operating system as it would place a server and a
+client, and three connections between them, made alike (loopback, TCP_NODELAY):
   fedsock  the project's own code on both ends. Upload (client -> server): the peer
            takes its CPU tensors' bytes in place (weights_buffers, no copy), frames
            them with their <UPDATE> message (frame_weights) and sends them with
@@ -30,7 +29,6 @@ import asyncio
 import ctypes
 import gc
 import json
-import os
 import socket
 import sys
 import time
@@ -69,15 +67,25 @@ def make_model(megabytes: int):
 
 
 MODES = {"upload": ("fedsock", "bare"), "download": ("fedsock", "bare")}
+# A throughput sample moves at least this much: smaller models go back to back, as a
+# server's sends to its clients and their updates to it do. A small model is also timed
+# alone, go to ack, for its latency (reported, no target: it is mostly two wake-ups).
+STREAM_BYTES = 16 * MB
 
 
-def schedule(reps: int):
-    """(rep, direction, mode) in the order both processes follow; rep 0 is the warm-up."""
+def batch_for(nbytes: int) -> int:
+    return max(1, STREAM_BYTES // nbytes)
+
+
+def schedule(reps: int, batch: int):
+    """(rep, direction, mode, models per sample) in the order both processes follow;
+    rep 0 is the warm-up."""
     for rep in range(reps + 1):
-        for direction, modes in MODES.items():
-            shift = rep % len(modes)
-            for mode in modes[shift:] + modes[:shift]:
-                yield rep, direction, mode
+        for count in sorted({batch, 1}, reverse=True):
+            for direction, modes in MODES.items():
+                shift = rep % len(modes)
+                for mode in modes[shift:] + modes[:shift]:
+                    yield rep, direction, mode, count
 
 
 def recv_exactly(sock: socket.socket, buffer: memoryview) -> None:
@@ -92,18 +100,10 @@ def recv_exactly(sock: socket.socket, buffer: memoryview) -> None:
 # --------------------------------------------------------------------------- the peer (the "client" process)
 
 
-def pin_to_cpu(index: int) -> None:
-    """Run on one CPU core of our own, where there are two or more to choose from."""
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) >= 2:
-        os.sched_setaffinity(0, {cpus[index % len(cpus)]})
-
-
 def peer(port: int, sizes: list[int], reps: list[int]) -> None:
     from socket_methods import WeightsBuffer, check_layout, encode_message, frame_weights, weights_buffers, weights_layout
     from transport import BlockingConnection, tune_socket
 
-    pin_to_cpu(1)
     fs_sock = socket.create_connection(("127.0.0.1", port))
     tune_socket(fs_sock)
     fedsock = BlockingConnection(fs_sock, idle_timeout_s=120)
@@ -117,25 +117,29 @@ def peer(port: int, sizes: list[int], reps: list[int]) -> None:
         layout = weights_layout(tensors)
         received = WeightsBuffer(layout)  # as fl_client: one buffer, its tensors viewed once
         bare_buffer = memoryview(bytearray(layout["nbytes"]))
-        for rep, direction, mode in schedule(count):
+        for rep, direction, mode, models in schedule(count, batch_for(layout["nbytes"])):
             if (direction, mode) == ("upload", "fedsock"):
                 recv_exactly(signal, one)  # the go
-                out_layout, pieces = weights_buffers(tensors)
-                fedsock.send(frame_weights(
-                    "<UPDATE>", pieces, round=rep, client_id=1, num_examples=100, train_loss=0.0,
-                    local_test_accuracy=0.0, fit_seconds=0.0, weights=out_layout,
-                ))
+                for _ in range(models):
+                    out_layout, pieces = weights_buffers(tensors)
+                    fedsock.send(frame_weights(
+                        "<UPDATE>", pieces, round=rep, client_id=1, num_examples=100, train_loss=0.0,
+                        local_test_accuracy=0.0, fit_seconds=0.0, weights=out_layout,
+                    ))
             elif (direction, mode) == ("upload", "bare"):
                 recv_exactly(bare, one)
-                bare.sendall(bare_buffer)
+                for _ in range(models):
+                    bare.sendall(bare_buffer)
             elif (direction, mode) == ("download", "fedsock"):
-                message = fedsock.recv_message()
-                check_layout(message["weights"], layout)
-                fedsock.recv_blob(received.buffer)
-                assert received.tensors  # the new weights, already in place as tensors
+                for _ in range(models):
+                    message = fedsock.recv_message()
+                    check_layout(message["weights"], layout)
+                    fedsock.recv_blob(received.buffer)
+                    assert received.tensors  # the new weights, already in place as tensors
                 signal.sendall(b"a")
             else:
-                recv_exactly(bare, bare_buffer)
+                for _ in range(models):
+                    recv_exactly(bare, bare_buffer)
                 bare.sendall(b"a")
         del tensors, received, bare_buffer, pieces
         gc.collect()
@@ -177,7 +181,6 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
     from socket_methods import WeightsBuffer, check_layout, encode_weights, frame_weights
     from transport import Traffic, open_accepted, tune_socket
 
-    pin_to_cpu(0)
     loop = asyncio.get_running_loop()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -209,35 +212,39 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
             model_frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=32, lr=0.05, weights=layout)
             received = WeightsBuffer(layout)  # as fl_server: a pooled buffer, its tensors viewed once
             bare_buffer = memoryview(bytearray(nbytes))
-            times: dict[tuple[str, str], list[float]] = {}
-            for rep, direction, mode in schedule(count):
+            times: dict[tuple[str, str, int], list[float]] = {}
+            for rep, direction, mode, models in schedule(count, batch_for(nbytes)):
                 started = time.perf_counter()
                 if (direction, mode) == ("upload", "fedsock"):
                     signal.send(b"g")
-                    update = await conn.recv_message()
-                    check_layout(update["weights"], layout)
-                    await conn.recv_blob(received.buffer)
-                    assert received.tensors  # the update, already in place as tensors
+                    for _ in range(models):
+                        update = await conn.recv_message()
+                        check_layout(update["weights"], layout)
+                        await conn.recv_blob(received.buffer)
+                        assert received.tensors  # the update, already in place as tensors
                 elif (direction, mode) == ("upload", "bare"):
                     bare.sendall(b"g")
-                    recv_exactly(bare, bare_buffer)
+                    for _ in range(models):
+                        recv_exactly(bare, bare_buffer)
                 elif (direction, mode) == ("download", "fedsock"):
-                    await conn.send(model_frames)
+                    for _ in range(models):
+                        await conn.send(model_frames)
                     await loop.sock_recv_into(signal, one)
                 else:
-                    bare.sendall(bare_buffer)
+                    for _ in range(models):
+                        bare.sendall(bare_buffer)
                     recv_exactly(bare, memoryview(bytearray(1)))
                 elapsed = time.perf_counter() - started
                 if rep:
-                    times.setdefault((direction, mode), []).append(elapsed)
+                    times.setdefault((direction, mode, models), []).append(elapsed)
             results[megabytes] = {
                 "nbytes": nbytes,
                 "copies": copies,
-                **{f"{d}_{m}_s": median(ts) for (d, m), ts in times.items()},
-                "samples": {f"{d}_{m}": ts for (d, m), ts in times.items()},
+                "batch": batch_for(nbytes),
+                "samples": {f"{d}_{m}_{n}": ts for (d, m, n), ts in times.items()},
             }
             say(f"wire {megabytes} MB: " + ", ".join(
-                f"{d} {m} {nbytes / median(ts) / MB:.0f} MB/s" for (d, m), ts in sorted(times.items())))
+                f"{d} {m} x{n} {n * nbytes / median(ts) / MB:.0f} MB/s" for (d, m, n), ts in sorted(times.items())))
             del model_frames, blob, received, bare_buffer
             gc.collect()
         await conn.close()
@@ -254,22 +261,32 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
 def rows_from(results: dict) -> list[Row]:
     rows = []
     for megabytes, r in results.items():
-        nbytes, samples = r["nbytes"], len(r["samples"]["upload_fedsock"])
-        copies = r["copies"]
+        nbytes, batch, copies = r["nbytes"], r["batch"], r["copies"]
         for direction, path, note in (
-            ("upload", "client weights_buffers+send -> server recv_blob+decode",
+            ("upload", "client weights_buffers+send -> server recv_blob into views",
              "sent from the tensors' own memory: "
              f"{'yes, no copy' if copies['upload_in_place'] else 'NO'}"),
-            ("download", "server AsyncConnection.send -> client recv_blob+decode",
+            ("download", "server AsyncConnection.send -> client recv_blob into views",
              "the model is encoded once per round for all clients, so encoding is not timed here"),
         ):
-            fedsock_s, bare_s = r[f"{direction}_fedsock_s"], r[f"{direction}_bare_s"]
-            ratio = bare_s / fedsock_s
-            rows.append(Row(
-                "1 wire speed", f"{megabytes} MB {direction}: {path}", nbytes / fedsock_s / MB, "MB/s",
-                nbytes / bare_s / MB, "bare sendall/recv_into", ratio, ">= 0.80", ratio >= 0.8,
-                f"median of {samples} interleaved reps; {note}",
-            ))
+            for models in sorted({batch, 1}, reverse=True):
+                fedsock, bare = (r["samples"][f"{direction}_{mode}_{models}"] for mode in ("fedsock", "bare"))
+                fedsock_s, bare_s = median(fedsock), median(bare)
+                ratio = bare_s / fedsock_s
+                if models == batch:
+                    shape = f"{models} models back to back, then the ack" if models > 1 else "go, the model, ack"
+                    rows.append(Row(
+                        "1 wire speed", f"{megabytes} MB {direction}: {path}", models * nbytes / fedsock_s / MB, "MB/s",
+                        models * nbytes / bare_s / MB, "bare sendall/recv_into", ratio, ">= 0.80", ratio >= 0.8,
+                        f"median of {len(fedsock)} interleaved samples ({shape}); {note}",
+                    ))
+                else:
+                    rows.append(Row(
+                        "1 wire speed", f"{megabytes} MB {direction}, one model alone: go -> model -> ack (latency)",
+                        fedsock_s * 1e6, "us", bare_s * 1e6, "bare", ratio, "", None,
+                        f"median of {len(fedsock)}; a round trip this short is mostly the two processes waking "
+                        f"each other up (see bench/README.md)",
+                    ))
         one_copy = copies["encode_in_place"] and copies["decode_is_view"] and copies["upload_in_place"]
         rows.append(Row(
             "1 wire speed", f"{megabytes} MB encode_weights (server, GPU client) into a reused buffer", copies["encode_s"] * 1e3, "ms",

@@ -16,6 +16,7 @@ from socket_methods import (
     FrameReader,
     FrameTooLarge,
     TruncatedFrame,
+    WeightsBuffer,
     check_finite,
     check_layout,
     decode_message,
@@ -26,7 +27,7 @@ from socket_methods import (
     frame_weights,
     weights_buffers,
 )
-from transport import coalesced
+from transport import after_sent, coalesced
 
 
 def feed(reader: FrameReader, data: bytes, step: int) -> int:
@@ -88,6 +89,63 @@ def test_blob_is_read_into_the_callers_buffer_and_its_size_checked():
     reader.expect_blob(bytearray(16))
     with pytest.raises(BadWeights, match="has 17 bytes"):
         feed(reader, frame_header(17), 8)
+
+
+def test_reader_reads_ahead_and_the_next_frames_wait_in_its_stage():
+    target = bytearray(32)
+    stream = (
+        encode_message("<WAITING>", message="a") + encode_message("<WAITING>", message="b")
+        + frame_header(32) + bytes(range(32)) + encode_message("<ERROR>", message="c")
+    )
+    reader = FrameReader()
+    reader.expect_message(1024)
+    view = reader.buffer()
+    assert len(view) >= len(stream)  # one read may take all of it
+    view[: len(stream)] = stream
+    reader.advance(len(stream))
+    assert reader.done and decode_message(reader.payload)["message"] == "a"
+    assert reader.staged == len(stream) - len(encode_message("<WAITING>", message="a"))
+    reader.expect_message(1024)  # each of the next frames is there already: no read
+    assert reader.done and decode_message(reader.payload)["message"] == "b"
+    reader.expect_blob(target)
+    assert reader.done and target == bytes(range(32))
+    reader.expect_message(1024)
+    assert reader.done and decode_message(reader.payload)["header"] == "<ERROR>"
+    assert reader.staged == 0
+    reader.expect_message(1024)
+    assert not reader.done
+    with pytest.raises(ConnectionClosed):
+        reader.advance(0)
+
+
+def test_a_large_blob_is_read_into_its_own_buffer_after_the_staged_start():
+    size = 4 * FrameReader.STAGE_BYTES
+    data = bytes(i * 7 % 251 for i in range(size))
+    target = bytearray(size)
+    reader = FrameReader()
+    reader.expect_blob(target)
+    stage = reader.buffer()
+    taken = len(stage)
+    stage[:] = (frame_header(size) + data)[:taken]
+    reader.advance(taken)
+    rest = reader.buffer()  # no chunk to be joined later: the rest goes into the target itself
+    assert rest.obj is target and len(rest) == size - (taken - 8)
+    rest[:] = data[taken - 8 :]
+    reader.advance(len(rest))
+    assert reader.done and target == data
+
+
+def test_a_bad_frame_read_ahead_is_refused_when_it_is_asked_for():
+    reader = FrameReader()
+    reader.expect_message(100)
+    assert feed(reader, encode_message("<WAITING>", message="a") + frame_header(17), 1000) > 8
+    with pytest.raises(BadWeights, match="has 17 bytes"):
+        reader.expect_blob(bytearray(16))
+    reader = FrameReader()
+    reader.expect_message(100)
+    feed(reader, encode_message("<WAITING>", message="a") + frame_header(2**40), 1000)
+    with pytest.raises(FrameTooLarge):
+        reader.expect_message(100)
 
 
 @pytest.mark.parametrize(
@@ -187,6 +245,58 @@ def test_weights_buffers_copy_once_what_is_not_in_place():
     strided = {"w": torch.arange(12.0).view(3, 4).t()}  # a transposed view is not contiguous
     layout, pieces = weights_buffers(strided, out=bytearray(64))
     assert len(pieces) == 1 and bytes(pieces[0]) == bytes(encode_weights(strided)[1])
+
+
+def test_weights_buffers_work_a_model_out_once_and_follow_its_tensors():
+    tensors = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
+    layout, pieces = weights_buffers(tensors)
+    tensors["w"].add_(1)  # training updates the tensors in place: the same pieces show it
+    same_memory = {name: t.detach() for name, t in tensors.items()}  # new objects, as state_dict() gives
+    again_layout, again = weights_buffers(same_memory)
+    assert again is pieces and again_layout is layout
+    assert b"".join(again) == bytes(encode_weights(tensors)[1])
+    tensors["w"] = torch.full((3, 4), 2.0)  # a tensor that moved
+    moved_layout, moved = weights_buffers(tensors)
+    assert moved is not pieces and b"".join(moved) == bytes(encode_weights(tensors)[1])
+    renamed = {"v": tensors["w"], "b": tensors["b"]}
+    assert weights_buffers(renamed)[0]["tensors"][0]["name"] == "v"
+    reshaped = {"w": tensors["w"].view(4, 3), "b": tensors["b"]}
+    assert weights_buffers(reshaped)[0]["tensors"][0]["shape"] == [4, 3]
+    transposed = {"w": tensors["w"].view(4, 3).t(), "b": tensors["b"]}  # same memory, other order
+    assert b"".join(weights_buffers(transposed)[1]) == bytes(encode_weights(transposed)[1])
+
+
+def test_a_known_layout_is_spliced_in_as_the_same_bytes():
+    layout, pieces = weights_buffers({"w": torch.ones(5), "b": torch.zeros(2)})
+    fields = dict(round=3, client_id=2, num_examples=10, train_loss=0.5, local_test_accuracy=0.25, fit_seconds=1.5)
+    spliced = frame_weights("<UPDATE>", pieces, weights=layout, **fields)[0]
+    assert spliced == encode_message("<UPDATE>", **fields, weights=layout)
+    assert decode_message(spliced[8:])["weights"] == layout
+    with pytest.raises(ValueError):
+        frame_weights("<UPDATE>", pieces, weights=layout, **{**fields, "train_loss": float("nan")})
+
+
+def test_a_weights_buffer_shows_what_is_received_into_it_as_tensors():
+    tensors = sample_tensors()
+    layout, blob = encode_weights(tensors)
+    received = WeightsBuffer(layout)
+    views = received.tensors
+    received.buffer[:] = blob
+    assert received.tensors is views  # made once, when the buffer was
+    for name, tensor in tensors.items():
+        assert torch.equal(views[name], tensor)
+    with pytest.raises(BadWeights):
+        WeightsBuffer({**layout, "byte_order": "big"})
+
+
+def test_after_sent_drops_what_went_out_and_keeps_the_rest_in_place():
+    large = bytearray(b"0123456789")
+    views = [memoryview(b"ab"), memoryview(large), memoryview(b"xyz")]
+    assert [bytes(v) for v in after_sent(views, 0)] == [b"ab", b"0123456789", b"xyz"]
+    rest = after_sent(views, 5)
+    assert [bytes(v) for v in rest] == [b"3456789", b"xyz"] and rest[0].obj is large
+    assert [bytes(v) for v in after_sent(views, 12)] == [b"xyz"]
+    assert after_sent(views, 15) == []
 
 
 def test_coalesced_joins_small_buffers_and_keeps_large_ones():

@@ -1,0 +1,92 @@
+"""The IO edges over real loopback sockets, with socket buffers far smaller than the
+frames, so that every sendmsg, write and read of a model is partial."""
+
+import asyncio
+import socket
+import threading
+
+import torch
+
+from socket_methods import WeightsBuffer, encode_message, encode_weights, frame_weights, weights_buffers
+from transport import BlockingConnection, Traffic, open_accepted
+
+SMALL = 64 << 10
+TIMEOUT_S = 30
+
+
+def model(seed: int) -> dict[str, torch.Tensor]:
+    """About 3 MB of float32 in three tensors, one of them tiny (its padding is sent too)."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "a.weight": torch.rand(400_000, generator=generator),
+        "a.bias": torch.rand(7, generator=generator),
+        "b.weight": torch.rand(350_000, generator=generator),
+    }
+
+
+def client(port: int, result: dict) -> None:
+    """fl_client's IO: receive a model and a message, send an update and a message."""
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT_S)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)
+        conn = BlockingConnection(sock, idle_timeout_s=TIMEOUT_S)
+        conn.send([encode_message("<HELLO>", protocol_version=1, client_id=1)])
+        message = conn.recv_message()
+        received = WeightsBuffer(message["weights"])
+        conn.recv_blob(received.buffer)
+        result["model"] = {name: t.clone() for name, t in received.tensors.items()}
+        result["after model"] = conn.recv_message()
+        layout, pieces = weights_buffers(model(2))  # sent from the tensors' own memory
+        conn.send(frame_weights(
+            "<UPDATE>", pieces, round=1, client_id=1, num_examples=1, train_loss=0.0,
+            local_test_accuracy=0.0, fit_seconds=0.0, weights=layout,
+        ) + [encode_message("<ERROR>", message="after update")])
+        result["sent bytes"] = conn.bytes_sent
+        result["end"] = conn.recv_message()
+        conn.close()
+    except Exception as exc:  # reported by the test, in the main thread
+        result["error"] = exc
+
+
+async def serve() -> dict:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    result: dict = {}
+    thread = threading.Thread(target=client, args=(listener.getsockname()[1], result), daemon=True)
+    thread.start()
+    loop = asyncio.get_running_loop()
+    try:
+        sock, _ = await asyncio.wait_for(loop.sock_accept(listener), TIMEOUT_S)
+        traffic = Traffic()
+        conn = await open_accepted(sock, traffic, None, TIMEOUT_S, TIMEOUT_S, socket_buffer_bytes=SMALL)
+        assert (await asyncio.wait_for(conn.recv_message(), TIMEOUT_S))["header"] == "<HELLO>"
+        layout, blob = encode_weights(model(1))
+        frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=1, lr=0.1, weights=layout)
+        await asyncio.wait_for(conn.send(frames + [encode_message("<WAITING>", message="after model")]), TIMEOUT_S)
+        update = await asyncio.wait_for(conn.recv_message(), TIMEOUT_S)
+        received = WeightsBuffer(update["weights"])
+        await asyncio.wait_for(conn.recv_blob(received.buffer), TIMEOUT_S)
+        result["update"] = received.tensors
+        result["after update"] = await asyncio.wait_for(conn.recv_message(), TIMEOUT_S)
+        await asyncio.wait_for(conn.send([encode_message("<FINISHED>", completed=True, rounds_completed=1, message="")]), TIMEOUT_S)
+        await conn.close()
+        result["traffic"] = traffic
+    finally:
+        listener.close()
+        await loop.run_in_executor(None, thread.join, TIMEOUT_S)
+    return result
+
+
+def test_models_and_messages_cross_small_socket_buffers_whole_and_in_order():
+    result = asyncio.run(asyncio.wait_for(serve(), 2 * TIMEOUT_S))
+    assert "error" not in result, result.get("error")
+    for name, tensor in model(1).items():
+        assert torch.equal(result["model"][name], tensor), name
+    for name, tensor in model(2).items():
+        assert torch.equal(result["update"][name], tensor), name
+    assert result["after model"]["message"] == "after model"
+    assert result["after update"]["message"] == "after update"
+    assert result["end"]["header"] == "<FINISHED>"
+    # Every byte is counted once on each side, however many calls it took.
+    assert result["traffic"].received == result["sent bytes"]
