@@ -90,3 +90,22 @@ def test_models_and_messages_cross_small_socket_buffers_whole_and_in_order():
     assert result["end"]["header"] == "<FINISHED>"
     # Every byte is counted once on each side, however many calls it took.
     assert result["traffic"].received == result["sent bytes"]
+
+
+def test_a_message_read_ahead_counts_as_the_server_having_spoken():
+    from fl_client import server_spoke
+
+    layout, blob = encode_weights({"w": torch.ones(4)})
+    model_frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=1, lr=0.1, weights=layout)
+    server, client_end = socket.socketpair()
+    with server, client_end:
+        conn = BlockingConnection(client_end, idle_timeout_s=TIMEOUT_S)
+        server.sendall(b"".join(map(bytes, model_frames)) + encode_message("<WAITING>", message="still here"))
+        assert conn.recv_message()["header"] == "<MODEL>"
+        received = WeightsBuffer(layout)
+        conn.recv_blob(received.buffer)
+        assert received.tensors["w"].tolist() == [1.0] * 4
+        # The <WAITING> came in the same read as the model: the socket is empty, the reader is not.
+        assert conn.reader.staged and server_spoke(conn)
+        assert conn.recv_message()["message"] == "still here"
+        assert not server_spoke(conn)
