@@ -334,12 +334,12 @@ def weights_buffers(
     """
     import torch
 
-    if not all(t.device.type == "cpu" and t.is_contiguous() for t in tensors.values()):
-        layout, blob = encode_weights(tensors, out)
-        return layout, [memoryview(blob)]
-    key = tuple((name, t.data_ptr(), t.dtype, t.shape) for name, t in tensors.items())
+    key = tuple((name, t.data_ptr(), t.dtype, t.shape, t.is_cpu and t.is_contiguous()) for name, t in tensors.items())
     if key == _LastSent.key:
         return _LastSent.layout, _LastSent.pieces
+    if not all(in_place for *_, in_place in key):
+        layout, blob = encode_weights(tensors, out)
+        return layout, [memoryview(blob)]
     layout, pieces = weights_layout(tensors), []
     for entry, tensor in zip(layout["tensors"], tensors.values()):
         if tensor.numel():
