@@ -33,6 +33,10 @@ from socket_methods import (
 # of a bare sendall, 1 MB at ~100%), or the connection's socket buffer when the
 # server fixes that to share a budget among many clients.
 SEND_CHUNK_BYTES = 1 << 20
+# What a connection reads at once on its own (_read_available) before it leaves the
+# rest to the event loop's turns, so that a fast peer cannot hold the loop for a whole
+# 400 MB update while the other clients wait.
+READ_AT_ONCE_BYTES = 4 << 20
 TLS_RECORD_TYPE_HANDSHAKE = 0x16  # first byte of every TLS ClientHello
 
 
@@ -176,11 +180,13 @@ class AsyncConnection(asyncio.BufferedProtocol):
         of file or an error is left in the socket for the transport's own read to report."""
         if self._sock is None:
             return
+        budget = READ_AT_ONCE_BYTES
         try:
-            while self._frame_done is not None:
-                nbytes = self._sock.recv_into(self.reader.buffer())
+            while self._frame_done is not None and budget > 0:
+                nbytes = self._sock.recv_into(self.reader.buffer()[:budget])
                 if not nbytes:
                     return
+                budget -= nbytes
                 self.buffer_updated(nbytes)
         except OSError:  # BlockingIOError: nothing more there yet
             return

@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from socket_methods import WeightsBuffer, encode_message, encode_weights, frame_weights, weights_buffers
+from socket_methods import WeightsBuffer, encode_message, encode_weights, frame_header, frame_weights, weights_buffers
 from transport import BlockingConnection, Traffic, open_accepted
 
 SMALL = 64 << 10
@@ -109,3 +109,40 @@ def test_a_message_read_ahead_counts_as_the_server_having_spoken():
         assert conn.reader.staged and server_spoke(conn)
         assert conn.recv_message()["message"] == "still here"
         assert not server_spoke(conn)
+
+
+
+def test_a_connection_reads_only_so_much_at_once_before_the_event_loop_gets_a_turn(monkeypatch):
+    import transport
+
+    monkeypatch.setattr(transport, "READ_AT_ONCE_BYTES", 100_000)
+    size = 1_000_000
+    payload = bytes(i % 251 for i in range(size))
+
+    async def main() -> tuple[int, bytearray]:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # room for the whole frame
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        with listener:
+            peer = socket.create_connection(listener.getsockname()[:2], timeout=TIMEOUT_S)
+            sock, _ = listener.accept()
+        with peer:
+            sock.setblocking(False)
+            traffic = Traffic()
+            peer.sendall(encode_message("<HELLO>", protocol_version=1, client_id=1))
+            conn = await open_accepted(sock, traffic, None, TIMEOUT_S, TIMEOUT_S)
+            await asyncio.wait_for(conn.recv_message(), TIMEOUT_S)
+            before = traffic.received
+            peer.sendall(frame_header(size) + payload)  # all of it waits in the server's socket now
+            blob = bytearray(size)
+            receiving = asyncio.ensure_future(conn.recv_blob(blob))
+            await asyncio.sleep(0)  # the receiving task has run up to its first wait, and no further
+            read_at_once = traffic.received - before
+            await asyncio.wait_for(receiving, TIMEOUT_S)
+        await conn.close()  # after the peer's close, so that it need not wait for one
+        return read_at_once, blob
+
+    read_at_once, blob = asyncio.run(asyncio.wait_for(main(), 2 * TIMEOUT_S))
+    assert 0 < read_at_once <= 100_000  # the rest came in the event loop's own turns
+    assert blob == payload
