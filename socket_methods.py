@@ -94,10 +94,19 @@ def frame_header(payload_bytes: int) -> bytes:
     return FRAME_HEADER.pack(payload_bytes)
 
 
+def _json(value: Any) -> str:
+    """Compact JSON; NaN and Inf are refused, never sent."""
+    return json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def _framed(text: str) -> bytes:
+    payload = text.encode()
+    return frame_header(len(payload)) + payload
+
+
 def encode_message(header: str, **fields: Any) -> bytes:
     """One framed JSON control message. NaN and Inf are refused, never sent."""
-    payload = json.dumps({"header": header, **fields}, allow_nan=False, separators=(",", ":")).encode()
-    return frame_header(len(payload)) + payload
+    return _framed(_json({"header": header, **fields}))
 
 
 def _reject_constant(name: str) -> float:
@@ -245,7 +254,7 @@ class FrameReader:
         self._in_header, self._filled = False, 0
         if self._blob is None and length <= len(self._staged):  # a small message, all in the stage
             self.payload, self._staged = bytes(self._staged[:length]), self._staged[length:]
-            self._target, self._filled, self.done = memoryview(self.payload), length, True
+            self.done = True
             return
         self.payload = self._blob if self._blob is not None else bytearray(length)
         self._target = memoryview(self.payload)
@@ -351,7 +360,7 @@ def weights_buffers(
         if padding:
             pieces.append(memoryview(_ZEROS)[:padding])
     _LastSent.key, _LastSent.layout, _LastSent.pieces = key, layout, pieces
-    _LastSent.layout_json = json.dumps(layout, separators=(",", ":"))
+    _LastSent.layout_json = _json(layout)
     return layout, pieces
 
 
@@ -402,7 +411,6 @@ class WeightsBuffer:
     """
 
     def __init__(self, layout: dict[str, Any]):
-        self.layout = layout
         self.buffer = bytearray(layout["nbytes"])
         self.tensors = decode_weights(layout, self.buffer)
 
@@ -442,9 +450,7 @@ def frame_weights(
     pieces = [memoryview(blob)] if not isinstance(blob, list) else blob
     if fields.get("weights") is _LastSent.layout:  # its JSON is known: splice it in
         del fields["weights"]
-        text = json.dumps({"header": header, **fields}, allow_nan=False, separators=(",", ":"))
-        payload = f'{text[:-1]},"weights":{_LastSent.layout_json}}}'.encode()
-        message = frame_header(len(payload)) + payload
+        message = _framed(f'{_json({"header": header, **fields})[:-1]},"weights":{_LastSent.layout_json}}}')
     else:
         message = encode_message(header, **fields)
     return [message, frame_header(sum(p.nbytes for p in pieces)), *pieces]

@@ -383,6 +383,8 @@ class BlockingConnection:
         self.sock = sock
         self.reader = FrameReader()
         self.sock.settimeout(idle_timeout_s)
+        # One sendmsg per message on plain sockets; TLS (and Windows) lack it: join small pieces.
+        self._gather = not isinstance(sock, ssl.SSLSocket) and hasattr(sock, "sendmsg")
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -409,12 +411,12 @@ class BlockingConnection:
         if timeout_s is not None:
             self.sock.settimeout(timeout_s)
         try:
-            if isinstance(self.sock, ssl.SSLSocket) or not hasattr(self.sock, "sendmsg"):  # TLS, Windows
+            if self._gather:
+                self.bytes_sent += send_gathered(self.sock, buffers)
+            else:
                 for buffer in coalesced(buffers):
                     self.sock.sendall(buffer)
                     self.bytes_sent += buffer.nbytes
-            else:
-                self.bytes_sent += send_gathered(self.sock, buffers)
         finally:
             self.sock.settimeout(idle_timeout)
 

@@ -73,15 +73,17 @@ MODES = {"upload": ("fedsock", "bare"), "download": ("fedsock", "bare")}
 STREAM_BYTES = 16 * MB
 
 
-def batch_for(nbytes: int) -> int:
-    return max(1, STREAM_BYTES // nbytes)
+def models_per_sample(nbytes: int) -> list[int]:
+    """The throughput batch first, then 1 (latency) if the batch is larger."""
+    batch = max(1, STREAM_BYTES // nbytes)
+    return [batch, 1] if batch > 1 else [1]
 
 
-def schedule(reps: int, batch: int):
+def schedule(reps: int, nbytes: int):
     """(rep, direction, mode, models per sample) in the order both processes follow;
     rep 0 is the warm-up."""
     for rep in range(reps + 1):
-        for count in sorted({batch, 1}, reverse=True):
+        for count in models_per_sample(nbytes):
             for direction, modes in MODES.items():
                 shift = rep % len(modes)
                 for mode in modes[shift:] + modes[:shift]:
@@ -117,7 +119,7 @@ def peer(port: int, sizes: list[int], reps: list[int]) -> None:
         layout = weights_layout(tensors)
         received = WeightsBuffer(layout)  # as fl_client: one buffer, its tensors viewed once
         bare_buffer = memoryview(bytearray(layout["nbytes"]))
-        for rep, direction, mode, models in schedule(count, batch_for(layout["nbytes"])):
+        for rep, direction, mode, models in schedule(count, layout["nbytes"]):
             if (direction, mode) == ("upload", "fedsock"):
                 recv_exactly(signal, one)  # the go
                 for _ in range(models):
@@ -213,7 +215,7 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
             received = WeightsBuffer(layout)  # as fl_server: a pooled buffer, its tensors viewed once
             bare_buffer = memoryview(bytearray(nbytes))
             times: dict[tuple[str, str, int], list[float]] = {}
-            for rep, direction, mode, models in schedule(count, batch_for(nbytes)):
+            for rep, direction, mode, models in schedule(count, nbytes):
                 started = time.perf_counter()
                 if (direction, mode) == ("upload", "fedsock"):
                     signal.send(b"g")
@@ -240,7 +242,6 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
             results[megabytes] = {
                 "nbytes": nbytes,
                 "copies": copies,
-                "batch": batch_for(nbytes),
                 "samples": {f"{d}_{m}_{n}": ts for (d, m, n), ts in times.items()},
             }
             say(f"wire {megabytes} MB: " + ", ".join(
@@ -261,7 +262,8 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
 def rows_from(results: dict) -> list[Row]:
     rows = []
     for megabytes, r in results.items():
-        nbytes, batch, copies = r["nbytes"], r["batch"], r["copies"]
+        nbytes, copies = r["nbytes"], r["copies"]
+        batch, *_ = sizes = models_per_sample(nbytes)
         for direction, path, note in (
             ("upload", "client weights_buffers+send -> server recv_blob into views",
              "sent from the tensors' own memory: "
@@ -269,7 +271,7 @@ def rows_from(results: dict) -> list[Row]:
             ("download", "server AsyncConnection.send -> client recv_blob into views",
              "the model is encoded once per round for all clients, so encoding is not timed here"),
         ):
-            for models in sorted({batch, 1}, reverse=True):
+            for models in sizes:
                 fedsock, bare = (r["samples"][f"{direction}_{mode}_{models}"] for mode in ("fedsock", "bare"))
                 fedsock_s, bare_s = median(fedsock), median(bare)
                 ratio = bare_s / fedsock_s
