@@ -1,6 +1,6 @@
 """Run every fedsock benchmark, print one table, save bench/results/results.json and results.csv.
 
-    python bench/run_all.py              # everything (about 8 minutes, 2-3 of them the cnn federation)
+    python bench/run_all.py              # everything (about 3 minutes here, over half of it the cnn federation)
     python bench/run_all.py --quick      # a smoke version in about 2 minutes (no cnn federation)
     python bench/run_all.py --skip-cnn   # everything but the slow cnn federation of benchmark 3
     python bench/run_all.py --only 1 4   # some benchmarks only
