@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from console import UsageError
+from fedsock import DATA_DIR
+from fedsock.console import UsageError
 
 # MNIST ships with the project so that everything runs offline.
-DEFAULT_DATA_ROOT = Path(__file__).resolve().parent / "data"
+DEFAULT_DATA_ROOT = DATA_DIR
 # Each client holds out this share of its partition to report a local test accuracy.
 LOCAL_TEST_FRACTION = 0.1
 # Dirichlet draws are repeated until every client has at least this many examples.

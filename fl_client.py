@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import security
-from console import ArgumentParser, FedsockError, RefusedError, UsageError, number, run_main, say, warn
+from fedsock import security
+from fedsock.console import ArgumentParser, FedsockError, RefusedError, UsageError, number, run_main, say, warn
 from socket_methods import (
     MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
@@ -32,7 +32,7 @@ from socket_methods import (
     frame_weights,
     weights_buffers,
 )
-from transport import BlockingConnection, tune_socket
+from fedsock.transport import BlockingConnection, tune_socket
 
 # Beyond the server's round timeout, how long to wait for its next message before
 # concluding that it is gone (it may be evaluating, or waiting for slower clients).

@@ -34,10 +34,10 @@ import torch
 
 import client_helper
 import neural_net_helper as nnh
-import run_files
-import security
-from console import ArgumentParser, ExitStatus, FedsockError, UsageError, number, run_main, say, warn
-from fedavg import RunningAverage
+from fedsock import run_files
+from fedsock import security
+from fedsock.console import ArgumentParser, ExitStatus, FedsockError, UsageError, number, run_main, say, warn
+from fedsock.fedavg import RunningAverage
 from socket_methods import (
     PRE_AUTH_CONTROL_BYTES,
     PROTOCOL_VERSION,
@@ -53,7 +53,7 @@ from socket_methods import (
     frame_weights,
     weights_layout,
 )
-from transport import AsyncConnection, Traffic, open_accepted, send_plain_error
+from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_plain_error
 
 WHO = "server"
 # Updates being received at once. Each needs a model-sized buffer, so this, not the

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from client_helper import DatasetInfo
-from console import UsageError
+from fedsock.console import UsageError
 
 MODELS = ("logreg", "mlp", "cnn")
 DEVICES = ("auto", "cpu", "cuda")

@@ -18,7 +18,7 @@ import math
 import struct
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from console import FedsockError
+from fedsock.console import FedsockError
 
 if TYPE_CHECKING:  # torch is imported lazily: `fl_client.py --help` must not wait for it
     import torch

@@ -29,7 +29,7 @@ SUMMARY = "broadcast summary: "
 def serve(argv: list[str]) -> int:
     """Run the real server with the two recording wrappers; print what they saw."""
     import fl_server
-    import transport
+    from fedsock import transport
 
     encoded: list[bytearray] = []  # every blob encode_weights returned (kept alive, so `is` is exact)
     sends: list[dict] = []

@@ -104,7 +104,7 @@ def recv_exactly(sock: socket.socket, buffer: memoryview) -> None:
 
 def peer(port: int, sizes: list[int], reps: list[int]) -> None:
     from socket_methods import WeightsBuffer, check_layout, encode_message, frame_weights, weights_buffers, weights_layout
-    from transport import BlockingConnection, tune_socket
+    from fedsock.transport import BlockingConnection, tune_socket
 
     fs_sock = socket.create_connection(("127.0.0.1", port))
     tune_socket(fs_sock)
@@ -181,7 +181,7 @@ def encode_copy_check(tensors, layout, blob) -> dict:
 
 async def measure(sizes: list[int], reps: list[int]) -> dict:
     from socket_methods import WeightsBuffer, check_layout, encode_weights, frame_weights
-    from transport import Traffic, open_accepted, tune_socket
+    from fedsock.transport import Traffic, open_accepted, tune_socket
 
     loop = asyncio.get_running_loop()
     listener = socket.socket()

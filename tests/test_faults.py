@@ -3,7 +3,7 @@
 import signal
 
 from conftest import FAST, read_metrics
-from run_files import read_checkpoint
+from fedsock.run_files import read_checkpoint
 
 
 def test_client_killed_mid_round_the_rest_finish(cluster, tmp_path):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedavg import RunningAverage, fedavg
+from fedsock.fedavg import RunningAverage, fedavg
 
 
 def test_fedavg_is_the_example_weighted_mean():

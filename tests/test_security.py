@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import client_helper
 import neural_net_helper as nnh
-import security
+from fedsock import security
 from conftest import FAST, read_metrics
 from socket_methods import FRAME_HEADER, PROTOCOL_VERSION, decode_message, encode_message, encode_weights
 
@@ -549,7 +549,7 @@ def test_a_tls_connection_closed_twice_closes_at_once(pki):
     serve_client). Over TLS that must neither raise inside asyncio, nor leave a read pending
     forever, nor wait for the close timeout."""
     from socket_methods import ProtocolError
-    from transport import Traffic, open_accepted
+    from fedsock.transport import Traffic, open_accepted
 
     server_tls = security.server_tls_context(*pki["server"], None)
     client_tls = security.client_tls_context(False, pki["ca"], None, None, False, "test")

@@ -27,7 +27,7 @@ from socket_methods import (
     frame_weights,
     weights_buffers,
 )
-from transport import after_sent, coalesced
+from fedsock.transport import after_sent, coalesced
 
 
 def feed(reader: FrameReader, data: bytes, step: int) -> int:

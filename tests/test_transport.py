@@ -8,7 +8,7 @@ import threading
 import torch
 
 from socket_methods import WeightsBuffer, encode_message, encode_weights, frame_header, frame_weights, weights_buffers
-from transport import BlockingConnection, Traffic, open_accepted
+from fedsock.transport import BlockingConnection, Traffic, open_accepted
 
 SMALL = 64 << 10
 TIMEOUT_S = 30
@@ -113,7 +113,7 @@ def test_a_message_read_ahead_counts_as_the_server_having_spoken():
 
 
 def test_a_connection_reads_only_so_much_at_once_before_the_event_loop_gets_a_turn(monkeypatch):
-    import transport
+    from fedsock import transport
 
     monkeypatch.setattr(transport, "READ_AT_ONCE_BYTES", 100_000)
     size = 1_000_000

@@ -16,7 +16,7 @@ import ssl
 import stat
 from pathlib import Path
 
-from console import UsageError, warn
+from fedsock.console import UsageError, warn
 
 TOKEN_ENV = "FEDSOCK_TOKEN"
 NONCE_BYTES = 32

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from console import UsageError
+from fedsock.console import UsageError
 from socket_methods import FrameReader, ProtocolError, decode_weights, encode_message, frame_header
 
 METRIC_COLUMNS = (

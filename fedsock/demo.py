@@ -1,0 +1,165 @@
+"""A whole federation on this machine: the server and five clients, started for you.
+
+    python demo.py                          # 5 clients, 3 rounds of the default CNN on MNIST
+    python demo.py --rounds 5 --model logreg
+    python demo.py -- --partition dirichlet --alpha 0.3    # anything after -- goes to fl_server.py
+
+In a terminal with tmux installed, every process gets a pane of its own (made for
+recording); otherwise their lines are interleaved here, each labelled with its
+process. Either way the run ends by itself and the final accuracy is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import csv
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def program(module: str) -> str:
+    """The file of fl_server.py or fl_client.py, in a checkout or an installed fedsock alike."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise SystemExit(f"demo: cannot find {module}.py (is fedsock installed?)")
+    return spec.origin
+
+
+ROOT = Path.cwd()
+COLOURS = ["\033[1;36m", "\033[32m", "\033[33m", "\033[35m", "\033[34m", "\033[31m"]
+RESET = "\033[0m"
+HOLD_S = 20  # how long tmux panes stay on screen after the run, to read the last lines
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--clients", type=int, default=5, help="number of clients to start")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of federated averaging")
+    parser.add_argument("--model", choices=("logreg", "mlp", "cnn"), default="cnn", help="model to train")
+    parser.add_argument("--output-dir", default=None, help="run folder (default: runs/demo-<timestamp>)")
+    parser.add_argument("--no-tmux", action="store_true", help="labelled lines here even when tmux is available")
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    if not 1 <= args.clients <= 64 or args.rounds < 1:
+        parser.error("--clients must be 1..64 and --rounds at least 1")
+    return args, extra
+
+
+def server_command(args: argparse.Namespace, port: int, output_dir: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-u", program("fl_server"), "--server-port", str(port), "--num-clients", str(args.clients),
+            "--num-rounds", str(args.rounds), "--model", args.model, "--output-dir", str(output_dir), *extra]
+
+
+def client_command(client_id: int, port: int, quiet: bool) -> list[str]:
+    return [sys.executable, "-u", program("fl_client"), "--client-id", str(client_id), "--server-port", str(port),
+            *(["--quiet"] if quiet else [])]
+
+
+def pump(proc: subprocess.Popen, label: str, colour: str, tty: bool, ready: threading.Event | None = None,
+         found: list | None = None) -> None:
+    """Copy a process's lines here, each prefixed with its label."""
+    prefix = f"{colour}{label:<9}|{RESET} " if tty else f"{label:<9}| "
+    for line in proc.stdout:
+        if ready is not None and not ready.is_set() and "listening on " in line:
+            found.append(int(line.rsplit("listening on ", 1)[1].split()[0].rsplit(":", 1)[1]))
+            ready.set()
+        print(prefix + line.rstrip("\n"), flush=True)
+    if ready is not None:
+        ready.set()  # the server ended before listening: the caller sees no port
+
+
+def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str]) -> int:
+    tty = sys.stdout.isatty()
+    server = subprocess.Popen(server_command(args, 0, output_dir, extra), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+    procs, threads, ready, port = [server], [], threading.Event(), []
+    threads.append(threading.Thread(target=pump, args=(server, "server", COLOURS[0], tty, ready, port)))
+    threads[0].start()
+    try:
+        if not ready.wait(timeout=180) or not port:
+            print("demo: the server did not start; see its lines above", file=sys.stderr)
+            return 1
+        for k in range(1, args.clients + 1):
+            client = subprocess.Popen(client_command(k, port[0], quiet=True), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+            procs.append(client)
+            threads.append(threading.Thread(target=pump, args=(client, f"client {k}", COLOURS[k % len(COLOURS)], tty)))
+            threads[-1].start()
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        server.send_signal(2)  # the server tells its clients and keeps its checkpoint
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for t in threads:
+            t.join(timeout=10)
+    return 0 if all(code == 0 for code in codes) else 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_in_tmux(args: argparse.Namespace, output_dir: Path, extra: list[str]) -> int | None:
+    """One tmux pane per process, tiled; attach, and return when every pane has ended."""
+    session, port = f"fedsock-demo-{os.getpid()}", free_port()
+    hold = f"; echo; echo '[demo] done; this pane closes in {HOLD_S} s'; sleep {HOLD_S}"
+    commands = [shlex.join(server_command(args, port, output_dir, extra)) + hold]
+    commands += [shlex.join(client_command(k, port, quiet=False)) + hold for k in range(1, args.clients + 1)]
+    size = shutil.get_terminal_size((200, 50))
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", str(size.columns), "-y", str(size.lines),
+                    "-c", str(ROOT), commands[0]], check=True)
+    for command in commands[1:]:
+        subprocess.run(["tmux", "split-window", "-t", session, "-c", str(ROOT), command], check=True)
+        subprocess.run(["tmux", "select-layout", "-t", session, "tiled"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(["tmux", "set-option", "-t", session, "pane-border-status", "top"], stdout=subprocess.DEVNULL)
+    subprocess.run(["tmux", "attach-session", "-t", session])
+    if subprocess.run(["tmux", "has-session", "-t", session], stderr=subprocess.DEVNULL).returncode == 0:
+        print(f"demo: detached; the federation goes on in tmux session {session} (tmux attach -t {session})")
+        return None
+    return 0
+
+
+def report(output_dir: Path) -> int:
+    metrics = output_dir / "metrics.csv"
+    if not metrics.exists():
+        print(f"demo: no round finished; see {output_dir}", file=sys.stderr)
+        return 1
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        print(f"demo: no round finished; see {output_dir}", file=sys.stderr)
+        return 1
+    last = rows[-1]
+    print(f"\nfinal test accuracy {100 * float(last['test_accuracy']):.2f}% after {last['round']} rounds "
+          f"with {last['clients']} clients; metrics, model and plot in {output_dir}/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_args(argv)
+    output_dir = Path(args.output_dir or ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
+    use_tmux = (not args.no_tmux and shutil.which("tmux") and sys.stdin.isatty() and sys.stdout.isatty()
+                and "TMUX" not in os.environ)
+    status = run_in_tmux(args, output_dir, extra) if use_tmux else run_labelled(args, output_dir, extra)
+    if status is None:  # detached from tmux: the run is still going
+        return 0
+    return report(output_dir) or status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
