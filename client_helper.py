@@ -1,8 +1,8 @@
 """A client's data: loading a dataset offline, and splitting it among clients.
 
-Every client computes the same partition from what the server announces
-(dataset, number of clients, scheme, alpha, seed) and keeps only its own part,
-so the server never sends or even sees training data.
+For a dataset that every party has (MNIST, say), the server splits the training set's
+indices among the clients and tells each client which examples are its own; the client
+loads the files itself and keeps only those. No training example ever crosses the wire.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ DEFAULT_DATA_ROOT = DATA_DIR
 LOCAL_TEST_FRACTION = 0.1
 # Dirichlet draws are repeated until every client has at least this many examples.
 MIN_PARTITION_SIZE = 10
-PARTITIONS = ("iid", "dirichlet")
+PARTITIONS = ("iid", "dirichlet", "shards")
 
 
 @dataclass(frozen=True)
@@ -125,18 +125,30 @@ def load_split(dataset: str, split: str, data_root: str | os.PathLike | None = N
 
 
 def partition_indices(labels: np.ndarray, num_clients: int, scheme: str, alpha: float, seed: int) -> list[np.ndarray]:
-    """Disjoint index sets, one per client, covering every example exactly once.
+    """Disjoint index sets, one per client, covering every example exactly once; the server
+    computes them and sends each client its own (as a bitmap in <METADATA>).
 
-    `iid` shuffles and deals equal shares. `dirichlet` gives each class to the
-    clients in proportions drawn from Dirichlet(alpha): the smaller alpha, the
-    fewer classes each client sees (Hsu et al. 2019, the usual label-skew benchmark).
+    - `iid`: a permutation from numpy's default_rng(seed), dealt in equal shares (np.array_split).
+    - `dirichlet`: each class is given to the clients in proportions drawn from Dirichlet(alpha):
+      the smaller alpha, the fewer classes each client sees (Hsu et al. 2019). Drawn again, from
+      the same generator, until every client has at least MIN_PARTITION_SIZE examples.
+    - `shards`: McMahan et al. 2017's pathological non-IID split: the examples sorted by label
+      (stable, so ties keep their order), cut into 2N equal shards, two shards to each client
+      by a seeded permutation. Most clients see two classes.
     """
+    if num_clients * MIN_PARTITION_SIZE > len(labels):
+        raise UsageError(
+            f"--num-clients {num_clients} would leave clients with fewer than {MIN_PARTITION_SIZE} of the "
+            f"{len(labels)} training examples; use --num-clients {len(labels) // MIN_PARTITION_SIZE} or fewer")
     rng = np.random.default_rng(seed)
     if scheme == "iid":
         return [np.sort(part) for part in np.array_split(rng.permutation(len(labels)), num_clients)]
+    if scheme == "shards":
+        shards = np.array_split(np.argsort(labels, kind="stable"), 2 * num_clients)
+        order = rng.permutation(2 * num_clients)
+        return [np.sort(np.concatenate([shards[order[2 * k]], shards[order[2 * k + 1]]])) for k in range(num_clients)]
     if scheme != "dirichlet":
         raise ValueError(f"unknown partition scheme {scheme!r}")
-    min_size = min(MIN_PARTITION_SIZE, len(labels) // num_clients)
     for _ in range(1000):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         for label in np.unique(labels):
@@ -146,10 +158,11 @@ def partition_indices(labels: np.ndarray, num_clients: int, scheme: str, alpha: 
             for part, piece in zip(parts, np.split(members, cuts)):
                 part.append(piece)
         result = [np.sort(np.concatenate(p)) for p in parts]
-        if min(len(p) for p in result) >= min_size:
+        if min(len(p) for p in result) >= MIN_PARTITION_SIZE:
             return result
     raise UsageError(
-        f"--alpha {alpha} leaves some of {num_clients} clients with fewer than {min_size} examples; raise --alpha"
+        f"--alpha {alpha} leaves some of {num_clients} clients with fewer than {MIN_PARTITION_SIZE} examples; "
+        f"raise --alpha or lower --num-clients"
     )
 
 

@@ -1,10 +1,12 @@
-"""fedsock client: trains on its own partition and sends back only its weights.
+"""fedsock client: trains on its own data and sends back only its update.
 
     python fl_client.py --client-id 1
 
-Everything else (dataset, partition, model, rounds) comes from the server's
-<METADATA>. PyTorch is imported only after the handshake, so `--help` and the
-first connection do not wait for it.
+Everything else (dataset, which examples are this client's, model, rounds) comes from
+the server's <METADATA>. The client then loads its data, builds the model and warms
+PyTorch up, and only then says <READY>: the lobby counts it once it can train, and its
+first round is as fast as any other. PyTorch is imported only after the handshake, so
+`--help` and the first connection do not wait for it.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from fedsock import config as settings
 from fedsock import security
+from fedsock.config import setting
 from fedsock.console import ArgumentParser, FedsockError, RefusedError, UsageError, number, run_main, say, warn
+from fedsock.transport import BlockingConnection, tune_socket
 from socket_methods import (
     MAX_CONTROL_BYTES,
     PROTOCOL_VERSION,
@@ -29,33 +34,48 @@ from socket_methods import (
     check_finite,
     check_layout,
     encode_message,
-    frame_weights,
-    weights_buffers,
 )
-from fedsock.transport import BlockingConnection, tune_socket
 
-# Beyond the server's round timeout, how long to wait for its next message before
-# concluding that it is gone (it may be evaluating, or waiting for slower clients).
-SERVER_SILENCE_MARGIN_S = 60.0
+# The optional protocol features this client supports (sent in <HELLO>; a run that needs
+# others refuses it with a sentence, rather than letting it train without them).
+FEATURES: list[str] = []
+# Reconnect backoff: first pause and the longest one.
+RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0
+
+NETWORK, DATA, OUTPUT, SECURITY = "network", "data and device", "output", "security"
 
 
 @dataclass
 class ClientConfig:
-    client_id: int
-    server_host: str = "127.0.0.1"
-    server_port: int = 50052
-    device: str = "auto"
-    data_root: str | None = None
-    connect_timeout_s: float = 30.0
-    max_message_mb: float = 64.0
-    threads: int = 1
-    quiet: bool = False
-    tls: bool = False
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_insecure: bool = False
-    auth_token_file: str | None = None
+    client_id: int = setting(None, "this client's id, 1..N (N is the server's --num-clients)", group=NETWORK,
+                             type=number(int, 1), required=True, metavar="K")
+    server_host: str = setting("127.0.0.1", "server address (checked against its TLS certificate)", group=NETWORK,
+                               metavar="HOST")
+    server_port: int = setting(50052, "server TCP port", group=NETWORK, type=number(int, 1, 65535), metavar="PORT")
+    connect_timeout_s: float = setting(
+        30.0, "seconds to keep trying to join: while no server listens, or a busy one closes the connection before "
+              "welcoming this client (start clients before the server if you like)", group=NETWORK,
+        flag="--connect-timeout", type=settings.positive_float)
+    device: str = setting("auto", "where this client trains", group=DATA, choices=("auto", "cpu", "cuda"))
+    data_root: str | None = setting(None, "folder with the dataset files (default: the one shipped in fedsock/data/)",
+                                    group=DATA, metavar="DIR")
+    threads: int = setting(1, "PyTorch CPU threads; 0 keeps PyTorch's default (one per core). Several clients on one "
+                              "machine run fastest with 1 each: more oversubscribes the cores", group=DATA,
+                           type=settings.non_negative_int, metavar="N")
+    max_message_mb: float = setting(64.0, "largest model this client accepts, in MB of weights", group=DATA,
+                                    type=settings.positive_float, metavar="MB")
+    quiet: bool = setting(False, "no progress bar and no <WAITING> lines, only a line per round", group=OUTPUT)
+    progress_every: int | None = setting(
+        None, "a progress line each time this many percent of a round's training is done (for logs and demos, "
+              "where a bar cannot be drawn)", group=OUTPUT, type=number(int, 1, 100), metavar="PERCENT")
+    tls: bool = setting(False, "use TLS, trusting the system's certificate authorities", group=SECURITY)
+    tls_ca: str | None = setting(None, "use TLS, trusting the server certificate's CA in this PEM file", group=SECURITY,
+                                 metavar="PEM")
+    tls_cert: str | None = setting(None, "client certificate for mutual TLS (PEM)", group=SECURITY, metavar="PEM")
+    tls_key: str | None = setting(None, "private key of --tls-cert (PEM)", group=SECURITY, metavar="PEM")
+    tls_insecure: bool = setting(False, "use TLS without checking the server's certificate (unsafe)", group=SECURITY)
+    auth_token_file: str | None = setting(None, f"enrolment secret file (or set ${security.TOKEN_ENV})", group=SECURITY,
+                                          metavar="FILE")
 
     @property
     def who(self) -> str:
@@ -66,39 +86,16 @@ class ClientConfig:
         return f"{self.server_host}:{self.server_port}"
 
 
-_client_id = number(int, 1)
-_positive_float = number(float, 0, positive=True)
-_port = number(int, 1, 65535)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="fl_client.py",
-        description="fedsock client: federated learning on this machine's data partition.",
+        description="fedsock client: federated learning on this machine's data.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--client-id", type=_client_id, required=True, help="this client's id, 1..N (N is the server's --num-clients)")
-    parser.add_argument("--server-host", default="127.0.0.1", help="server address (checked against its TLS certificate)")
-    parser.add_argument("--server-port", type=_port, default=50052, help="server TCP port")
-    parser.add_argument("--connect-timeout", dest="connect_timeout_s", type=_positive_float, default=30.0,
-                        help="seconds to keep retrying the first connection (start clients before the server if you like)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where this client trains")
+    settings.add_settings(parser, ClientConfig)
     parser.add_argument("--use-cuda", action=argparse.BooleanOptionalAction, default=None,
                         help="the original tool's switch: same as --device cuda / --device cpu")
-    parser.add_argument("--data-root", default=None, help="folder with the dataset files (default: the project's data/)")
-    parser.add_argument("--threads", type=number(int, 0), default=1,
-                        help="PyTorch CPU threads; 0 keeps PyTorch's default (one per core). Several clients on one "
-                             "machine run fastest with 1 each: more oversubscribes the cores")
-    parser.add_argument("--max-message-mb", type=_positive_float, default=64.0, help="largest frame accepted from the server")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars, only a line per round")
     parser.add_argument("--traceback", action="store_true", help="show a full traceback on errors (for bug reports)")
-    sec = parser.add_argument_group("security")
-    sec.add_argument("--tls", action="store_true", help="use TLS, trusting the system's certificate authorities")
-    sec.add_argument("--tls-ca", default=None, help="use TLS, trusting the server certificate's CA in this PEM file")
-    sec.add_argument("--tls-cert", default=None, help="client certificate for mutual TLS (PEM)")
-    sec.add_argument("--tls-key", default=None, help="private key of --tls-cert (PEM)")
-    sec.add_argument("--tls-insecure", action="store_true", help="use TLS without checking the server's certificate (unsafe)")
-    sec.add_argument("--auth-token-file", default=None, help=f"enrolment secret file (or set ${security.TOKEN_ENV})")
     return parser
 
 
@@ -114,7 +111,7 @@ def parse_config(argv: list[str] | None) -> ClientConfig:
     return ClientConfig(**vars(args))
 
 
-# --------------------------------------------------------------------------- connection
+# --------------------------------------------------------------------------- joining
 
 
 TLS_HINTS = {
@@ -124,6 +121,11 @@ TLS_HINTS = {
     "TLSV1_ALERT_UNKNOWN_CA": "the server does not trust this client's certificate (unknown CA)",
     "SSLV3_ALERT_BAD_CERTIFICATE": "the server rejected this client's certificate",
 }
+
+
+class TryAgain(Exception):
+    """The connection ended before the server welcomed this client: no server yet, or a busy one
+    that closed it. Worth another try until --connect-timeout; the message says what happened."""
 
 
 def tls_failure(exc: ssl.SSLError | OSError, config: ClientConfig) -> str:
@@ -140,28 +142,21 @@ def tls_failure(exc: ssl.SSLError | OSError, config: ClientConfig) -> str:
     return f"TLS: {reason or exc}"
 
 
-def connect(config: ClientConfig, tls: ssl.SSLContext | None) -> BlockingConnection:
-    """Connect, retrying with backoff for --connect-timeout seconds, so clients may start first."""
-    deadline = time.monotonic() + config.connect_timeout_s
-    delay, announced = 0.1, False
-    while True:
-        try:
-            sock = socket.create_connection((config.server_host, config.server_port), timeout=max(0.1, min(5.0, deadline - time.monotonic())))
-            break
-        except socket.gaierror as exc:
-            raise UsageError(f"cannot resolve --server-host {config.server_host}: {exc.strerror}") from exc
-        except OSError as exc:
-            if time.monotonic() + delay > deadline:
-                raise FedsockError(f"no server at {config.address} (tried for {config.connect_timeout_s:g} s: {exc.strerror or exc})") from exc
-            if not announced:
-                say(config.who, f"waiting for the server at {config.address} ...")
-                announced = True
-            time.sleep(delay)  # backoff between connection attempts, not synchronisation
-            delay = min(2 * delay, 2.0)
+def connect(config: ClientConfig, tls: ssl.SSLContext | None, timeout_s: float) -> BlockingConnection:
+    """One connection attempt (TCP, then TLS); TryAgain when there is no server, or it hung up."""
+    try:
+        sock = socket.create_connection((config.server_host, config.server_port), timeout=max(0.1, min(5.0, timeout_s)))
+    except socket.gaierror as exc:
+        raise UsageError(f"cannot resolve --server-host {config.server_host}: {exc.strerror}") from exc
+    except OSError as exc:
+        raise TryAgain(f"no server at {config.address} ({exc.strerror or exc})") from exc
     tune_socket(sock)
     if tls is not None:
         try:
             sock = tls.wrap_socket(sock, server_hostname=config.server_host)
+        except (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError, socket.timeout) as exc:
+            sock.close()
+            raise TryAgain(tls_failure(exc, config)) from exc
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise FedsockError(tls_failure(exc, config)) from exc
@@ -177,12 +172,13 @@ def expect(conn: BlockingConnection, allowed: set[str], limit: int = MAX_CONTROL
     return message
 
 
-def join(conn: BlockingConnection, config: ClientConfig, token: bytes | None) -> dict[str, Any]:
+def hello(conn: BlockingConnection, config: ClientConfig, token: bytes | None) -> dict[str, Any]:
     """<HELLO>, the optional challenge, then the run's <METADATA>."""
-    conn.send([encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=config.client_id)])
+    conn.send([encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=config.client_id, features=FEATURES)])
     message = expect(conn, {"<CHALLENGE>", "<METADATA>"})
     if message["header"] == "<CHALLENGE>":
         if token is None:
+            conn.send([encode_message("<ERROR>", message="this client has no token")])
             raise UsageError(f"the server requires authentication: pass --auth-token-file or set ${security.TOKEN_ENV}")
         try:
             nonce = bytes.fromhex(message["nonce"])
@@ -195,23 +191,82 @@ def join(conn: BlockingConnection, config: ClientConfig, token: bytes | None) ->
     return message
 
 
+def join(config: ClientConfig, tls: ssl.SSLContext | None, token: bytes | None) -> tuple[BlockingConnection, dict]:
+    """Connect and be welcomed, trying again with backoff for --connect-timeout seconds: while no
+    server listens, and while a busy one refuses or resets the connection before its welcome."""
+    deadline = time.monotonic() + config.connect_timeout_s
+    delay, announced, hung_up = RETRY_FIRST_S, False, None
+    while True:
+        conn = None
+        try:
+            conn = connect(config, tls, deadline - time.monotonic())
+            return conn, hello(conn, config, token)
+        except (TryAgain, ConnectionClosed, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
+            if conn is not None:
+                conn.close()
+            if not (isinstance(exc, TryAgain) and str(exc).startswith("no server")):
+                hung_up = exc  # a server was there and hung up: that says more than a later refusal
+            if time.monotonic() + delay > deadline:
+                raise FedsockError(gave_up(hung_up or exc, config)) from exc
+            if not announced:
+                say(config.who, f"waiting for the server at {config.address} ...")
+                announced = True
+            time.sleep(delay)  # backoff between attempts, not synchronisation
+            delay = min(2 * delay, RETRY_MAX_S)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
+
+
+def gave_up(exc: BaseException, config: ClientConfig) -> str:
+    tried = f"tried for {config.connect_timeout_s:g} s"
+    if isinstance(exc, TryAgain) and str(exc).startswith("no server"):
+        return f"no server at {config.address} ({tried}: {str(exc).split('(', 1)[1].rstrip(')')})"
+    if isinstance(exc, TryAgain):
+        return f"{exc} ({tried})"
+    if config.tls_cert:
+        # Python's asyncio closes a failed TLS 1.3 handshake without the alert that would say
+        # why; by then the likeliest reason is this client's certificate.
+        return ("TLS: the server closed the connection before welcoming this client: it did not accept this "
+                f"client's certificate (expired, or not signed by the server's --tls-client-ca?) ({tried})")
+    return (f"the server at {config.address} closed the connection before welcoming this client, every time "
+            f"({tried}: it may be full of other connections, or not a fedsock server)")
+
+
 # --------------------------------------------------------------------------- training
 
 
-# What a sane <METADATA> may say, field by field: (lowest, highest, lowest excluded).
-METADATA_RANGES = {
-    "num_clients": (1, 10**6, False), "num_rounds": (1, 10**9, False), "seed": (0, 2**32 - 1, False),
-    "alpha": (0, 10**6, True), "round_timeout_s": (0, 10**7, True), "heartbeat_s": (0, 86400, True),
-}
+class Progress:
+    """How a round's training shows: a bar on a terminal, lines every N% for logs, or nothing."""
 
+    def __init__(self, config: ClientConfig):
+        self.config = config
+        self.bar = None
 
-def check_metadata_numbers(meta: dict[str, Any], client_id: int) -> None:
-    for name, (low, high, exclusive) in METADATA_RANGES.items():
-        value = meta[name]
-        if not (low < value if exclusive else low <= value) or value > high:
-            raise BadMessage(f"the server's <METADATA> has {name} {value!r}, outside {low}..{high}")
-    if client_id > meta["num_clients"]:
-        raise BadMessage(f"client id {client_id} is outside the run's 1..{meta['num_clients']}")
+    def start(self, total: int, description: str):
+        if self.config.progress_every:
+            step = max(1, total * self.config.progress_every // 100)
+            marks = set(range(step, total, step))
+            started = time.perf_counter()
+
+            def line(done: int) -> None:
+                if done in marks:
+                    say(self.config.who, f"{description}: {100 * done // total}% ({done}/{total} batches, "
+                                         f"{time.perf_counter() - started:.1f} s)")
+
+            return line
+        if self.config.quiet or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=description, unit="batch", leave=False)
+        return lambda done: self.bar.update(done - self.bar.n)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class LocalTrainer:
@@ -222,30 +277,42 @@ class LocalTrainer:
 
         import client_helper
         import neural_net_helper as nnh
-        from socket_methods import WeightsBuffer, weights_layout
+        from socket_methods import WeightsBuffer, WeightsSender, decode_bitmap, weights_layout
 
         self.nnh, self.config = nnh, config
         if config.threads:
             torch.set_num_threads(config.threads)
         if meta["dataset"] not in client_helper.DATASETS or meta["model"] not in nnh.MODELS:
             raise BadMessage(f"the server asks for dataset {meta['dataset']!r} and model {meta['model']!r}, unknown here")
-        if meta["partition"] not in client_helper.PARTITIONS:
-            raise BadMessage(f"the server announced an unknown partition {meta['partition']!r}")
-        check_metadata_numbers(meta, config.client_id)
         info = client_helper.DATASETS[meta["dataset"]]
         self.device = nnh.choose_device(config.device)
         train = client_helper.load_split(meta["dataset"], "train", config.data_root)
-        parts = client_helper.partition_indices(train.labels, meta["num_clients"], meta["partition"], meta["alpha"], meta["seed"])
-        mine, local_test = client_helper.split_local(parts[config.client_id - 1], meta["seed"], config.client_id)
-        self.x, self.y = nnh.to_tensors(train.images[mine], train.labels[mine], info, self.device)
-        self.test_x, self.test_y = nnh.to_tensors(train.images[local_test], train.labels[local_test], info, self.device)
+        if len(train.labels) != meta["train_size"]:
+            raise BadMessage(f"the server's {meta['dataset']} has {meta['train_size']} training examples, this "
+                             f"client's copy has {len(train.labels)}: not the same dataset")
+        indices = decode_bitmap(meta["partition_bitmap"], len(train.labels))
+        if not len(indices):
+            raise BadMessage("the server gave this client no training examples (an empty partition)")
+        mine, local_test = client_helper.split_local(indices, meta["seed"], config.client_id)
+        self.data = nnh.LocalData(*nnh.to_tensors(train.images[mine], train.labels[mine], info, self.device),
+                                  *nnh.to_tensors(train.images[local_test], train.labels[local_test], info, self.device))
         self.model = nnh.build_model(meta["model"], info, meta["seed"]).to(self.device)
         self.layout = weights_layout(nnh.get_weights(self.model))
+        if self.layout["nbytes"] > config.max_message_mb * 2**20:
+            raise BadMessage(f"the {meta['model']} model has {self.layout['nbytes'] / 2**20:.1f} MB of weights, over "
+                             f"this client's --max-message-mb {config.max_message_mb:g}")
         self.received = WeightsBuffer(self.layout)
+        self.sender = WeightsSender()
         # CPU weights are sent from the model's own memory; others are copied out once, into this.
         self.send_buffer = bytearray(self.layout["nbytes"]) if self.device.type != "cpu" else None
         self.seed = meta["seed"]
         self.num_rounds = meta["num_rounds"]
+        self.progress = Progress(config)
+        nnh.warm_up(self.model, self.data.x, self.data.y)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.data.x)
 
     def fit(self, conn: BlockingConnection, message: dict[str, Any]) -> list:
         """Receive the global weights, train, test locally; the <UPDATE> frames to send."""
@@ -254,23 +321,22 @@ class LocalTrainer:
         conn.recv_blob(self.received.buffer)
         tensors = self.received.tensors  # views of the bytes just received
         check_finite(tensors)
-        if message["local_epochs"] < 1 or message["batch_size"] < 1 or not message["lr"] > 0:
-            raise BadMessage("the server sent training settings out of range")
-        started = time.perf_counter()
-        self.nnh.set_weights(self.model, tensors)
-        loss = self.nnh.train(
-            self.model, self.x, self.y, epochs=message["local_epochs"], batch_size=message["batch_size"],
-            lr=message["lr"], seed=hash((self.seed, self.config.client_id, number)) & 0x7FFFFFFF,
-            description=f"client {self.config.client_id} round {number}/{self.num_rounds}", quiet=self.config.quiet,
-        )
-        accuracy, _ = self.nnh.evaluate(self.model, self.test_x, self.test_y)
-        fit_seconds = time.perf_counter() - started
-        layout, blob = weights_buffers(self.nnh.get_weights(self.model), out=self.send_buffer)
-        say(self.config.who, f"round {number}: trained on {len(self.x)} examples, loss {loss:.4f}, "
-                             f"local test acc {100 * accuracy:.2f}%, {fit_seconds:.1f} s")
-        return frame_weights(
-            "<UPDATE>", blob, round=number, client_id=self.config.client_id, num_examples=len(self.x),
-            train_loss=loss, local_test_accuracy=accuracy, fit_seconds=fit_seconds, weights=layout,
+        description = f"client {self.config.client_id} round {number}/{self.num_rounds}"
+        batches = self.nnh.batches_per_round(self.num_examples, message["local_epochs"], message["batch_size"])
+        try:
+            metrics = self.nnh.local_round(
+                self.model, self.data, tensors, epochs=message["local_epochs"], batch_size=message["batch_size"],
+                lr=message["lr"], proximal_mu=message["proximal_mu"],
+                seed=hash((self.seed, self.config.client_id, number)) & 0x7FFFFFFF,
+                progress=self.progress.start(batches, description),
+            )
+        finally:
+            self.progress.stop()
+        say(self.config.who, f"round {number}: trained on {self.num_examples} examples, loss {metrics['train_loss']:.4f}, "
+                             f"local test acc {100 * metrics['local_test_accuracy']:.2f}%, {metrics['fit_seconds']:.1f} s")
+        return self.sender.frames(
+            "<UPDATE>", self.nnh.get_weights(self.model), out=self.send_buffer, round=number,
+            client_id=self.config.client_id, num_examples=self.num_examples, **metrics,
         )
 
 
@@ -308,19 +374,9 @@ CONTROL = {"<SUCCESS>", "<WAITING>", "<FINISHED>"}
 def run_client(config: ClientConfig) -> int:
     tls = security.client_tls_context(config.tls, config.tls_ca, config.tls_cert, config.tls_key, config.tls_insecure, config.who)
     token = security.load_token(config.auth_token_file, config.who)
-    conn = connect(config, tls)
+    conn, told_server = None, False
     try:
-        try:
-            meta = join(conn, config, token)
-        except (ConnectionClosed, ssl.SSLError, ConnectionResetError) as exc:
-            if not config.tls_cert or (isinstance(exc, ssl.SSLError) and getattr(exc, "reason", None) in TLS_HINTS):
-                raise
-            # Python's asyncio closes a failed TLS 1.3 handshake without the alert that
-            # would say why; by then the only likely reason is this client's certificate.
-            raise FedsockError(
-                "TLS: the server closed the connection before welcoming this client: it did not accept this "
-                "client's certificate (expired, or not signed by the server's --tls-client-ca?)"
-            ) from exc
+        conn, meta = join(config, tls, token)
         say(config.who, f"joined the server at {config.address}: {meta['model']} on {meta['dataset']}, "
                         f"{meta['partition']} partition {config.client_id} of {meta['num_clients']}")
         try:
@@ -328,12 +384,14 @@ def run_client(config: ClientConfig) -> int:
         except (FedsockError, KeyboardInterrupt) as exc:  # tell the server why this client leaves
             reason = str(exc) if isinstance(exc, FedsockError) else "interrupted"
             conn.send([encode_message("<ERROR>", message=f"client setup failed: {reason}")])
+            told_server = True
             raise
+        conn.send([encode_message("<READY>", num_examples=trainer.num_examples)])
         # The server sends <WAITING> every heartbeat while we wait: three missed ones and it is gone.
         conn.sock.settimeout(3 * meta["heartbeat_s"] + 2)
-        limit, status = int(config.max_message_mb * 2**20), Status(config)
+        status = Status(config)
         while True:
-            message = expect(conn, CONTROL | {"<MODEL>"}, limit)
+            message = expect(conn, CONTROL | {"<MODEL>"})
             if message["header"] != "<MODEL>":
                 if status.finished(message):
                     return 0
@@ -344,17 +402,24 @@ def run_client(config: ClientConfig) -> int:
                     return 0
             conn.send(update, timeout_s=meta["round_timeout_s"])
     except socket.timeout as exc:
-        raise FedsockError(f"the server at {config.address} sent nothing for {conn.sock.gettimeout():g} s; giving up") from exc
+        waited = f" for {conn.sock.gettimeout():g} s" if conn is not None else ""
+        raise FedsockError(f"the server at {config.address} sent nothing{waited}; giving up") from exc
     except ConnectionClosed as exc:
         raise FedsockError(f"the server at {config.address} closed the connection (it stopped or crashed)") from exc
     except ProtocolError as exc:
+        if conn is not None and not told_server and not isinstance(exc, ConnectionClosed):
+            try:  # tell the server what was wrong with what it sent, as it would tell us
+                conn.send([encode_message("<ERROR>", message=f"bad data from the server: {exc}"[:4000])], timeout_s=5)
+            except OSError:
+                pass
         raise FedsockError(f"bad data from the server at {config.address}: {exc}") from exc
     except ssl.SSLError as exc:
         raise FedsockError(tls_failure(exc, config)) from exc
     except (ConnectionResetError, BrokenPipeError) as exc:
         raise FedsockError(f"the server at {config.address} dropped the connection ({exc.strerror})") from exc
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from client_helper import DatasetInfo
 from fedsock.console import UsageError
@@ -104,28 +106,84 @@ def train(
     batch_size: int,
     lr: float,
     seed: int,
-    description: str = "training",
-    quiet: bool = False,
+    proximal_mu: float = 0.0,
+    progress: Callable[[int], None] | None = None,
 ) -> float:
-    """Plain minibatch SGD, as in FedAvg. Returns the mean training loss over all batches."""
+    """Minibatch SGD, as in FedAvg. Returns the mean cross-entropy over every example of every
+    epoch (each batch's loss as computed before its step; the proximal term not included).
+
+    Each epoch shuffles the examples once, with a generator seeded from `seed`, into one
+    contiguous copy whose batches are slices: a gather per epoch, not one per batch. A single
+    batch of the whole set (batch_size >= len(x), the original tool's recipe) is not shuffled
+    at all: its mean gradient does not depend on the order of the examples.
+
+    `proximal_mu` > 0 is FedProx (Li et al. 2020): the loss gains (mu/2)||w - w_start||^2,
+    whose gradient mu (w - w_start) is added to each step's gradients directly.
+    `progress(batches_done)` is called after every batch.
+    """
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=lr)
+    anchors = [p.detach().clone() for p in parameters] if proximal_mu > 0 else None
     generator = torch.Generator().manual_seed(seed)
-    num_batches = math.ceil(len(x) / batch_size)
     total_loss = torch.zeros((), device=x.device)
-    # disable=None lets tqdm hide the bar when stderr is not a terminal (logs stay clean).
-    with tqdm(total=epochs * num_batches, desc=description, unit="batch", leave=False, disable=True if quiet else None) as bar:
-        for _ in range(epochs):
+    done = 0
+    for _ in range(epochs):
+        if batch_size >= len(x):
+            xs, ys = x, y
+        else:
             order = torch.randperm(len(x), generator=generator).to(x.device)
-            for start in range(0, len(x), batch_size):
-                batch = order[start : start + batch_size]
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(x[batch]), y[batch])
-                loss.backward()
-                optimizer.step()
-                total_loss += loss.detach() * len(batch)
-                bar.update()
+            xs, ys = x[order], y[order]
+        for start in range(0, len(x), batch_size):
+            xb, yb = xs[start : start + batch_size], ys[start : start + batch_size]
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            if anchors is not None:
+                for p, anchor in zip(parameters, anchors):
+                    p.grad.add_(p.detach() - anchor, alpha=proximal_mu)
+            optimizer.step()
+            total_loss += loss.detach() * len(xb)
+            done += 1
+            if progress is not None:
+                progress(done)
     return float(total_loss) / (epochs * len(x))
+
+
+def batches_per_round(num_examples: int, epochs: int, batch_size: int) -> int:
+    return epochs * math.ceil(num_examples / batch_size)
+
+
+def warm_up(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Pay PyTorch's first-use costs now (the first backward pass, the optimiser, the kernels), on
+    a few examples: a client then trains its first round as fast as the others. The weights it
+    changes are replaced by the global model before every round."""
+    few = slice(0, min(len(x), 32))
+    train(model, x[few], y[few], epochs=1, batch_size=32, lr=1e-9, seed=0)
+    evaluate(model, x[few], y[few])
+
+
+@dataclass
+class LocalData:
+    """A client's own examples, as tensors on its device: what it trains on, and what it holds out."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def local_round(model: nn.Module, data: LocalData, weights: dict[str, torch.Tensor], *, epochs: int, batch_size: int,
+                lr: float, seed: int, proximal_mu: float = 0.0,
+                progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """What a client does with a round's model: load it, train on its data, test on its held-out
+    split. The model then holds the update; returns train_loss, local_test_accuracy, fit_seconds."""
+    started = time.perf_counter()
+    set_weights(model, weights)
+    loss = train(model, data.x, data.y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                 proximal_mu=proximal_mu, progress=progress)
+    accuracy, _ = evaluate(model, data.test_x, data.test_y)
+    return {"train_loss": loss, "local_test_accuracy": accuracy, "fit_seconds": time.perf_counter() - started}
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from fedsock.console import FedsockError
@@ -23,7 +24,7 @@ from fedsock.console import FedsockError
 if TYPE_CHECKING:  # torch is imported lazily: `fl_client.py --help` must not wait for it
     import torch
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 FRAME_HEADER = struct.Struct(">Q")
 # A JSON message is small: the largest is a <MODEL> whose layout lists every
 # tensor name and shape. 1 MiB fits thousands of tensors.
@@ -35,26 +36,123 @@ PRE_AUTH_CONTROL_BYTES = 64 << 10
 # be viewed in place (torch.frombuffer) with its natural alignment.
 ALIGNMENT = 64
 
-# Required fields of each message and their JSON types; extra fields are
-# ignored so that newer peers can add information. `float` also accepts an int.
-MESSAGE_FIELDS: dict[str, dict[str, type]] = {
-    "<HELLO>": {"protocol_version": int, "client_id": int},
-    "<CHALLENGE>": {"nonce": str},
-    "<AUTH>": {"mac": str},
+@dataclass(frozen=True)
+class Field:
+    """One field of a control message: its JSON type and the values a receiver accepts.
+
+    `kind` is int, float (an int is accepted too), str, bool, dict or list. Numbers must
+    lie in low..high (`low_open`: low itself excluded); strings and lists have at most
+    `max_len` characters or items, list items are of type `items`. `nullable` fields may
+    be JSON null. Checks that depend on the run (a client id within 1..N, a round that was
+    sent, an example count within what the client holds) are the receiver's, after these.
+    """
+
+    kind: type
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    max_len: int | None = None
+    items: type | None = None
+    nullable: bool = False
+    meaning: str = ""
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not acceptable here, or None."""
+        if value is None and self.nullable:
+            return None
+        if not _has_type(value, self.kind):
+            return f"must be {_type_name(self.kind)}"
+        if self.kind in (int, float):
+            if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+                return f"is {value!r}, outside {self.range_text()}"
+            if self.high is not None and value > self.high:
+                return f"is {value!r}, outside {self.range_text()}"
+        if self.max_len is not None and self.kind in (str, list) and len(value) > self.max_len:
+            return f"is longer than {self.max_len} {'characters' if self.kind is str else 'items'}"
+        if self.items is not None and not all(_has_type(item, self.items) for item in value):
+            return f"must hold only {_type_name(self.items).split(' ', 1)[1]}s"
+        return None
+
+    def range_text(self) -> str:
+        """The accepted values in words, as the README's protocol table gives them."""
+        if self.kind in (int, float) and (self.low is not None or self.high is not None):
+            low = "" if self.low is None else _number_text(self.low)
+            high = "" if self.high is None else _number_text(self.high)
+            if self.low_open:
+                return f"> {low}" + (f" and <= {high}" if high else "")
+            return f"{low}..{high}" if high else f">= {low}"
+        if self.max_len is not None:
+            return f"<= {self.max_len} {'chars' if self.kind is str else 'items'}"
+        return ""
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
+ID = Field(int, meaning="a client id; the server admits 1..num_clients")
+ROUND = Field(int, 1, 10**6, meaning="a round number, from 1")
+SECONDS = Field(float, 0, meaning="seconds, >= 0")
+TEXT = Field(str, max_len=4096, meaning="a sentence for people")
+
+# Every message, its required fields and what a receiver accepts in them. Fields not
+# listed are ignored, so that newer peers can add information. The README's protocol
+# table is checked against this (tests/test_protocol_doc.py).
+MESSAGES: dict[str, dict[str, Field]] = {
+    "<HELLO>": {
+        "protocol_version": Field(int, meaning=f"{PROTOCOL_VERSION}; any other is refused"),
+        "client_id": ID,
+        "features": Field(list, max_len=64, items=str, meaning="the optional features this client supports"),
+    },
+    "<CHALLENGE>": {"nonce": Field(str, max_len=64, meaning="32 random bytes as 64 lower-case hex digits")},
+    "<AUTH>": {"mac": Field(str, max_len=64, meaning="HMAC-SHA256 as 64 hex digits (either case)")},
     "<METADATA>": {
-        "client_id": int, "num_clients": int, "dataset": str, "partition": str, "alpha": float,
-        "seed": int, "model": str, "num_rounds": int, "round_timeout_s": float, "heartbeat_s": float,
+        "client_id": ID,
+        "num_clients": Field(int, 1, 10**6, meaning="N"),
+        "dataset": Field(str, max_len=64, meaning="the dataset's name"),
+        "partition": Field(str, max_len=64, meaning="iid, dirichlet or shards: how the server split the data"),
+        "alpha": Field(float, 0, 10**6, low_open=True, meaning="Dirichlet concentration (informative)"),
+        "seed": Field(int, 0, 2**32 - 1, meaning="seeds the client's shuffling and local test split"),
+        "model": Field(str, max_len=64, meaning="the model's name"),
+        "num_rounds": Field(int, 1, 10**6, meaning="rounds in this run"),
+        "round_timeout_s": Field(float, 0, 86400, low_open=True, meaning="how long a round waits for updates"),
+        "heartbeat_s": Field(float, 0, 600, low_open=True, meaning="the server speaks at least this often"),
+        "next_round": Field(int, 1, 10**6 + 1, meaning="the first round this client can take part in"),
+        "train_size": Field(int, 1, 10**9, meaning="examples in the dataset's training split"),
+        "partition_bitmap": Field(str, meaning="this client's training examples, base64 bitmap"),
+        "required_features": Field(list, max_len=64, items=str, meaning="features a client must support"),
     },
-    "<MODEL>": {"round": int, "local_epochs": int, "batch_size": int, "lr": float, "weights": dict},
+    "<READY>": {
+        "num_examples": Field(int, 1, 10**9, meaning="training examples this client holds"),
+    },
+    "<MODEL>": {
+        "round": ROUND,
+        "local_epochs": Field(int, 1, 1000, meaning="epochs to train"),
+        "batch_size": Field(int, 1, 10**7, meaning="minibatch size"),
+        "lr": Field(float, 0, 1000, low_open=True, meaning="SGD learning rate"),
+        "proximal_mu": Field(float, 0, 10**6, meaning="FedProx: add (mu/2)||w - w_global||^2 to the loss; 0 = off"),
+        "weights": Field(dict, meaning="the layout of the weights frame that follows"),
+    },
     "<UPDATE>": {
-        "round": int, "client_id": int, "num_examples": int, "train_loss": float,
-        "local_test_accuracy": float, "fit_seconds": float, "weights": dict,
+        "round": ROUND,
+        "client_id": ID,
+        "num_examples": Field(int, 1, 10**9, meaning="examples trained on; at most the <READY> count"),
+        "train_loss": Field(float, 0, meaning="mean loss over every example of every local epoch"),
+        "local_test_accuracy": Field(float, 0, 1, meaning="accuracy on the client's held-out split, 0..1"),
+        "fit_seconds": SECONDS,
+        "weights": Field(dict, meaning="the layout: exactly the <MODEL>'s"),
     },
-    "<SUCCESS>": {"round": int, "accepted": bool, "message": str},
-    "<WAITING>": {"message": str},
-    "<FINISHED>": {"completed": bool, "rounds_completed": int, "message": str},
-    "<ERROR>": {"message": str},
+    "<SUCCESS>": {"round": ROUND, "accepted": Field(bool, meaning="false: the round had closed"), "message": TEXT},
+    "<WAITING>": {"message": TEXT},
+    "<FINISHED>": {
+        "completed": Field(bool, meaning="false: stopped or gave up"),
+        "rounds_completed": Field(int, 0, 10**6, meaning="rounds aggregated in this run"),
+        "message": TEXT,
+    },
+    "<ERROR>": {"message": TEXT},
 }
+# The same, as JSON types only.
+MESSAGE_FIELDS: dict[str, dict[str, type]] = {h: {n: f.kind for n, f in fs.items()} for h, fs in MESSAGES.items()}
 
 # Wire names of the tensor dtypes fedsock sends, with their sizes in bytes.
 DTYPE_SIZES = {
@@ -121,7 +219,8 @@ def _finite_float(text: str) -> float:
 
 
 def _type_name(kind: type) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object"}[kind]
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "an object",
+            list: "a list"}[kind]
 
 
 def _has_type(value: Any, kind: type) -> bool:
@@ -151,14 +250,15 @@ def decode_message(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
     header = message.get("header")
     if not isinstance(header, str):
         raise BadMessage("message has no 'header' string")
-    fields = MESSAGE_FIELDS.get(header)
+    fields = MESSAGES.get(header)
     if fields is None:
         raise BadMessage(f"unknown header {header[:40]!r}")
-    for name, kind in fields.items():
+    for name, spec in fields.items():
         if name not in message:
             raise BadMessage(f"{header} lacks the field '{name}'")
-        if not _has_type(message[name], kind):
-            raise BadMessage(f"{header} field '{name}' must be {_type_name(kind)}")
+        problem = spec.problem(message[name])
+        if problem:
+            raise BadMessage(f"{header} field '{name}' {problem}")
     return message
 
 
@@ -269,6 +369,41 @@ class FrameReader:
         )
 
 
+# --------------------------------------------------------------------------- partitions
+
+
+def encode_bitmap(indices: Any, total: int) -> str:
+    """A client's share of a dataset as <METADATA>'s `partition_bitmap`: bit i set (least
+    significant bit first within each byte) when example i of the training split is its
+    own, ceil(total / 8) bytes, in base64."""
+    import base64
+
+    import numpy as np
+
+    bits = np.zeros(total, dtype=bool)
+    bits[np.asarray(indices, dtype=np.int64)] = True
+    return base64.b64encode(np.packbits(bits, bitorder="little").tobytes()).decode("ascii")
+
+
+def decode_bitmap(text: str, total: int) -> Any:
+    """The sorted example indices in a `partition_bitmap` of a `total`-example split; BadMessage if malformed."""
+    import base64
+    import binascii
+
+    import numpy as np
+
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadMessage(f"partition_bitmap is not base64 ({exc})") from exc
+    if len(raw) != (total + 7) // 8:
+        raise BadMessage(f"partition_bitmap has {len(raw)} bytes; {total} examples need {(total + 7) // 8}")
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    if bits[total:].any():
+        raise BadMessage("partition_bitmap has bits set past the end of the training set")
+    return np.flatnonzero(bits[:total])
+
+
 # --------------------------------------------------------------------------- weights
 
 
@@ -317,51 +452,66 @@ def encode_weights(
 _ZEROS = bytes(ALIGNMENT)
 
 
-class _LastSent:
-    """What weights_buffers worked out for the tensors it was given last.
+class WeightsSender:
+    """Frames one sender's model for sending, again and again, without copying its tensors.
 
     A client sends the same tensors every round (training and load_state_dict update
     them in place), so their layout, their views and the layout's JSON are worked out
     once, and again only if a tensor moved, changed shape or dtype, or was renamed. The
     views keep those tensors' memory alive, so an address seen again is the same tensor.
+    The memo belongs to the sender: two senders in one process (threads, virtual
+    clients) never see each other's frames.
     """
 
-    key: tuple = ()
-    layout: dict[str, Any] = {}
-    pieces: list[memoryview] = []
-    layout_json: str = ""
+    def __init__(self) -> None:
+        self._key: tuple = ()
+        self._layout: dict[str, Any] = {}
+        self._pieces: list[memoryview] = []
+        self._layout_json = ""
+
+    def buffers(
+        self, tensors: Mapping[str, "torch.Tensor"], out: bytearray | None = None
+    ) -> tuple[dict[str, Any], list[memoryview]]:
+        """Layout and bytes of a set of tensors, ready to send without building a blob.
+
+        Contiguous CPU tensors are sent from their own memory: zero copies, each
+        followed by its zero padding. Anything else (a GPU tensor, a strided view) is
+        copied once, by encode_weights, into `out` (reused when it has the right size).
+        """
+        import torch
+
+        key = tuple((name, t.data_ptr(), t.dtype, t.shape, t.is_cpu and t.is_contiguous()) for name, t in tensors.items())
+        if key == self._key:
+            return self._layout, self._pieces
+        if not all(in_place for *_, in_place in key):
+            layout, blob = encode_weights(tensors, out)
+            return layout, [memoryview(blob)]
+        layout, pieces = weights_layout(tensors), []
+        for entry, tensor in zip(layout["tensors"], tensors.values()):
+            if tensor.numel():
+                tensor = tensor.detach()
+                if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: see its bytes as uint8
+                    tensor = tensor.reshape(-1).view(torch.uint8)
+                pieces.append(memoryview(tensor.numpy()).cast("B"))
+            padding = -entry["nbytes"] % ALIGNMENT
+            if padding:
+                pieces.append(memoryview(_ZEROS)[:padding])
+        self._key, self._layout, self._pieces, self._layout_json = key, layout, pieces, _json(layout)
+        return layout, pieces
+
+    def frames(self, header: str, tensors: Mapping[str, "torch.Tensor"], out: bytearray | None = None,
+               **fields: Any) -> list[bytes | memoryview]:
+        """The buffers of a weights message for these tensors: JSON frame, blob frame."""
+        layout, pieces = self.buffers(tensors, out)
+        known = self._layout_json if layout is self._layout else None
+        return frame_weights(header, pieces, layout_json=known, weights=layout, **fields)
 
 
 def weights_buffers(
     tensors: Mapping[str, "torch.Tensor"], out: bytearray | None = None
 ) -> tuple[dict[str, Any], list[memoryview]]:
-    """Layout and bytes of a set of tensors, ready to send without building a blob.
-
-    Contiguous CPU tensors are sent from their own memory: zero copies, each
-    followed by its zero padding. Anything else (a GPU tensor, a strided view) is
-    copied once, by encode_weights, into `out` (reused when it has the right size).
-    """
-    import torch
-
-    key = tuple((name, t.data_ptr(), t.dtype, t.shape, t.is_cpu and t.is_contiguous()) for name, t in tensors.items())
-    if key == _LastSent.key:
-        return _LastSent.layout, _LastSent.pieces
-    if not all(in_place for *_, in_place in key):
-        layout, blob = encode_weights(tensors, out)
-        return layout, [memoryview(blob)]
-    layout, pieces = weights_layout(tensors), []
-    for entry, tensor in zip(layout["tensors"], tensors.values()):
-        if tensor.numel():
-            tensor = tensor.detach()
-            if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: see its bytes as uint8
-                tensor = tensor.reshape(-1).view(torch.uint8)
-            pieces.append(memoryview(tensor.numpy()).cast("B"))
-        padding = -entry["nbytes"] % ALIGNMENT
-        if padding:
-            pieces.append(memoryview(_ZEROS)[:padding])
-    _LastSent.key, _LastSent.layout, _LastSent.pieces = key, layout, pieces
-    _LastSent.layout_json = _json(layout)
-    return layout, pieces
+    """Layout and in-place buffers of a set of tensors, worked out afresh (see WeightsSender)."""
+    return WeightsSender().buffers(tensors, out)
 
 
 def _check_entry(entry: Any, blob_bytes: int) -> tuple[str, str, list[int], int]:
@@ -410,8 +560,8 @@ class WeightsBuffer:
     client one for the global model.
     """
 
-    def __init__(self, layout: dict[str, Any]):
-        self.buffer = bytearray(layout["nbytes"])
+    def __init__(self, layout: dict[str, Any], buffer: bytearray | memoryview | None = None):
+        self.buffer = bytearray(layout["nbytes"]) if buffer is None else buffer
         self.tensors = decode_weights(layout, self.buffer)
 
 
@@ -443,14 +593,15 @@ def check_finite(tensors: Mapping[str, "torch.Tensor"]) -> None:
 
 
 def frame_weights(
-    header: str, blob: bytearray | memoryview | list[memoryview], **fields: Any
+    header: str, blob: bytearray | memoryview | list[memoryview], layout_json: str | None = None, **fields: Any
 ) -> list[bytes | memoryview]:
     """The buffers of a weights message: JSON frame, then the blob frame, given as one
-    buffer or as the pieces from weights_buffers (nothing is copied)."""
+    buffer or as pieces (nothing is copied). `layout_json`, the "weights" layout already
+    as JSON, is spliced in instead of being encoded again."""
     pieces = [memoryview(blob)] if not isinstance(blob, list) else blob
-    if fields.get("weights") is _LastSent.layout:  # its JSON is known: splice it in
+    if layout_json is not None:
         del fields["weights"]
-        message = _framed(f'{_json({"header": header, **fields})[:-1]},"weights":{_LastSent.layout_json}}}')
+        message = _framed(f'{_json({"header": header, **fields})[:-1]},"weights":{layout_json}}}')
     else:
         message = encode_message(header, **fields)
     return [message, frame_header(sum(p.nbytes for p in pieces)), *pieces]

@@ -59,14 +59,15 @@ class Proc:
 
     error: type[Exception] = RuntimeError
 
-    def __init__(self, args: list[str], name: str, env: dict | None = None, cwd: Path = ROOT):
+    def __init__(self, args: list[str], name: str, env: dict | None = None, cwd: Path = ROOT, stdin_pipe: bool = False,
+                 preexec_fn=None):
         self.name = name
         self.args = args
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.popen = subprocess.Popen(
             [PYTHON, "-u", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {})}, stdin=subprocess.PIPE if stdin_pipe else None, preexec_fn=preexec_fn,
         )
         self.pid = self.popen.pid
         self._reader = threading.Thread(target=self._pump, daemon=True)
@@ -125,6 +126,11 @@ class Proc:
 
     def tail(self, lines: int = 30) -> str:
         return "\n".join(self.lines[-lines:])
+
+    def close_stdin(self) -> None:
+        """For a process started with stdin_pipe: the end of its input (a flood stops at it)."""
+        if self.popen.stdin is not None and not self.popen.stdin.closed:
+            self.popen.stdin.close()
 
     def signal(self, signum: int) -> None:
         if self.popen.poll() is None:

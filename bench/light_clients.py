@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import socket
 import struct
@@ -37,7 +38,7 @@ import numpy as np
 
 HEADER = struct.Struct(">Q")
 MAX_CONTROL_BYTES = 1 << 20
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 SOCKET_BUFFER_BYTES = 128 << 10
 SCRATCH_BYTES = 64 << 10
 NUMPY_DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "int64": "<i8", "int32": "<i4",
@@ -165,13 +166,18 @@ class Swarm:
                 try:
                     await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
                     peer = Peer(sock)
-                    await peer.send(frame("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=client_id))
+                    await peer.send(frame("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=client_id,
+                                          features=[]))
                     message = await peer.recv_message()
                 except (ConnectionError, OSError):
                     sock.close()
                     await asyncio.sleep(0.2 * (attempt + 1))  # backoff before trying again
                     continue
             if message["header"] == "<METADATA>":
+                # Ready at once (a real client loads its data first): its examples are the bits set.
+                bitmap = np.frombuffer(base64.b64decode(message["partition_bitmap"]), dtype=np.uint8)
+                message["num_examples"] = int(np.unpackbits(bitmap).sum())
+                await peer.send(frame("<READY>", num_examples=message["num_examples"]))
                 return peer, message
             sock.close()
             raise ConnectionError(f"client {client_id} refused: {message}")
@@ -193,7 +199,7 @@ class Swarm:
                     continue  # <WAITING>, <SUCCESS>
                 copy = await self.receive_weights(peer, message["round"], message["weights"])
                 update = frame(
-                    "<UPDATE>", round=message["round"], client_id=client_id, num_examples=100, train_loss=0.0,
+                    "<UPDATE>", round=message["round"], client_id=client_id, num_examples=meta["num_examples"], train_loss=0.0,
                     local_test_accuracy=0.0, fit_seconds=0.0, weights=message["weights"],
                 )
                 await peer.send(update, HEADER.pack(len(copy.buffer)), copy.buffer)

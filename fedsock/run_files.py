@@ -1,47 +1,81 @@
 """What a run keeps on disk: metrics.csv, checkpoints, the final model and the plot.
 
-A checkpoint uses the wire format itself (a JSON frame, then a weights frame),
-so reading one back goes through the same checked decoder and never unpickles.
+A checkpoint uses the wire format itself (a JSON frame, then a weights frame), so
+reading one back goes through the same checked decoder and never unpickles, and a
+third frame holds the SHA-256 of the two: a byte changed anywhere (a bad disk, a
+hand edit) is found before anything is resumed. metrics.csv is written from the
+checkpoint's own list of rows, after it, so the two always agree: if writing the
+checkpoint fails, neither has the new round.
+
+`RunFiles` is the observer that writes them, in a thread of its own (the event loop
+never waits on a disk).
 """
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import hashlib
+import io
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsock.console import UsageError
-from socket_methods import FrameReader, ProtocolError, decode_weights, encode_message, frame_header
+from fedsock.console import FedsockError, UsageError
+from fedsock.events import Observer, RoundFinished, RunFinished
+from socket_methods import FrameReader, ProtocolError, decode_weights, encode_message, encode_weights, frame_header
 
 METRIC_COLUMNS = (
     "round", "clients", "test_accuracy", "test_loss", "train_loss", "seconds",
     "bytes_sent", "bytes_received", "max_fit_seconds",
 )
 CHECKPOINT_NAME = "checkpoint.fsck"
+CHECKPOINT_FORMAT = 2  # 1: no checksum, no strategy state (fedsock before the round engine)
 # A checkpoint's JSON part holds the metrics of every round so far: generous room.
 MAX_CHECKPOINT_JSON_BYTES = 64 << 20
+DIGEST_BYTES = 32  # SHA-256
 
 
-def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    """(Re)write metrics.csv in full: cheap, and after a resume it matches the checkpoint exactly."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+class OutputFailed(FedsockError):
+    """A run's file could not be written (a full disk, a folder that went away)."""
+
+
+@dataclass
+class Checkpoint:
+    """What a resumed run needs: its settings, the rounds so far and the global model, plus the
+    strategy's state (server momentum, Adam moments) and any other state a module keeps."""
+
+    config: dict[str, Any]
+    round: int
+    metrics: list[dict[str, Any]]
+    model: dict[str, Any]  # name -> tensor
+    strategy_state: dict[str, Any] = field(default_factory=dict)  # name -> tensor
+    extra: dict[str, Any] = field(default_factory=dict)  # JSON, e.g. a privacy accountant's history
+
+
+# --------------------------------------------------------------------------- writing
 
 
 def write_atomically(path: Path, buffers: list[bytes | bytearray | memoryview]) -> None:
-    """Write to a temporary file, fsync, then rename over `path`: a crash at any instant
-    leaves either the old file or the new one, whole."""
+    """Write to a temporary file, fsync, then rename over `path`: a crash at any instant leaves
+    either the old file or the new one, whole. A failed write leaves no temporary file behind."""
     temporary = path.with_name(path.name + ".tmp")
-    with open(temporary, "wb") as f:
-        for buffer in buffers:
-            f.write(buffer)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            for buffer in buffers:
+                f.write(buffer)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            temporary.unlink()
+        except OSError:
+            pass
+        raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # make the rename itself durable
@@ -49,49 +83,42 @@ def write_atomically(path: Path, buffers: list[bytes | bytearray | memoryview]) 
         os.close(directory)
 
 
-def write_checkpoint(path: Path, config: dict, round_number: int, metrics: list[dict], layout: dict, blob: bytearray) -> None:
-    header = encode_message("<CHECKPOINT>", config=config, round=round_number, metrics=metrics, weights=layout)
-    write_atomically(path, [header, frame_header(len(blob)), memoryview(blob)])
+def metrics_text(rows: list[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
 
 
-def read_checkpoint(path: str) -> tuple[dict[str, Any], bytearray]:
-    """The checkpoint's JSON part and its weights bytes, both checked."""
-    reader = FrameReader()
-    try:
-        with open(path, "rb") as f:
-            reader.expect_message(MAX_CHECKPOINT_JSON_BYTES)
-            reader.fill_from(f.readinto)
-            state = json.loads(bytes(reader.payload))
-            if not isinstance(state, dict) or state.get("header") != "<CHECKPOINT>":
-                raise ValueError("not a fedsock checkpoint")
-            if not isinstance(state.get("round"), int) or not isinstance(state.get("config"), dict):
-                raise ValueError("checkpoint lacks its round or config")
-            if not isinstance(state.get("metrics"), list) or not isinstance(state.get("weights"), dict):
-                raise ValueError("checkpoint lacks its metrics or weights")
-            nbytes = state["weights"].get("nbytes")
-            if not isinstance(nbytes, int) or not 0 <= nbytes <= os.fstat(f.fileno()).st_size:
-                raise ValueError("the weights part is missing or cut short")
-            blob = bytearray(nbytes)
-            try:
-                reader.expect_blob(blob)  # takes what the reader already read ahead, then the rest
-                reader.fill_from(f.readinto)
-            except ProtocolError as exc:  # a length that differs, or the end of the file
-                raise ValueError("the weights part is missing or cut short") from exc
-            if reader.staged or f.read(1):
-                raise ValueError("the weights part is followed by junk")
-        decode_weights(state["weights"], blob)
-    except (OSError, ValueError, ProtocolError) as exc:
-        raise UsageError(f"cannot resume from {path}: {exc}") from exc
-    return state, blob
+def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
+    """(Re)write metrics.csv in full: cheap, and it matches the checkpoint's rows exactly."""
+    write_atomically(path, [metrics_text(rows).encode()])
+
+
+def checkpoint_buffers(state: Checkpoint) -> list[bytes | bytearray | memoryview]:
+    tensors = {**state.model, **{f"strategy/{k}": v for k, v in state.strategy_state.items()}}
+    layout, blob = encode_weights(tensors)
+    header = encode_message("<CHECKPOINT>", format=CHECKPOINT_FORMAT, config=state.config, round=state.round,
+                            metrics=state.metrics, weights=layout, extra=state.extra)
+    body = [header, frame_header(len(blob)), memoryview(blob)]
+    digest = hashlib.sha256()
+    for part in body:
+        digest.update(part)
+    return [*body, frame_header(DIGEST_BYTES), digest.digest()]
+
+
+def write_checkpoint(path: Path, state: Checkpoint) -> None:
+    write_atomically(path, checkpoint_buffers(state))
 
 
 def write_model(path: Path, tensors: dict) -> None:
     """The final global model as a PyTorch state_dict (torch.load(path) gives it back)."""
     import torch
 
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save({name: t.detach().cpu().clone() for name, t in tensors.items()}, temporary)
-    os.replace(temporary, path)
+    buffer = io.BytesIO()
+    torch.save({name: t.detach().cpu().clone() for name, t in tensors.items()}, buffer)
+    write_atomically(path, [buffer.getbuffer()])
 
 
 def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
@@ -116,4 +143,160 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         axes.xaxis.get_major_locator().set_params(integer=True)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_atomically(path, [buffer.getbuffer()])
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A checkpoint, checked: its checksum, its weights, and that its round and metrics agree.
+    Anything wrong is one UsageError that names the file and says what is wrong."""
+    try:
+        return _read_checkpoint(Path(path))
+    except OSError as exc:
+        raise UsageError(f"cannot resume from {path}: {exc.strerror or exc}") from exc
+    except (ValueError, ProtocolError) as exc:
+        raise UsageError(f"cannot resume from {path}: {exc}") from exc
+
+
+def _read_checkpoint(path: Path) -> Checkpoint:
+    data = path.read_bytes()
+    if not data:
+        raise ValueError("the file is empty (0 bytes), not a checkpoint (was the disk full when it was written?)")
+    reader, position = FrameReader(), 0
+
+    def next_frame(limit: int, blob: bytearray | None = None) -> Any:
+        nonlocal position
+        (reader.expect_blob(blob) if blob is not None else reader.expect_message(limit))
+        view = memoryview(data)
+
+        def read_into(target: memoryview) -> int:
+            nonlocal position
+            n = min(len(target), len(data) - position)
+            target[:n] = view[position : position + n]
+            position += n
+            return n
+
+        reader.fill_from(read_into)
+        return reader.payload
+
+    try:
+        header = next_frame(MAX_CHECKPOINT_JSON_BYTES)
+        state = json.loads(bytes(header))
+    except (ProtocolError, ValueError) as exc:
+        raise ValueError(f"not a fedsock checkpoint ({exc})") from None
+    if not isinstance(state, dict) or state.get("header") != "<CHECKPOINT>":
+        raise ValueError("not a fedsock checkpoint")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"it was written by another version of fedsock (format {state.get('format', 1)!r}, "
+                         f"this one reads {CHECKPOINT_FORMAT})")
+    layout = state.get("weights")
+    nbytes = layout.get("nbytes") if isinstance(layout, dict) else None
+    if not isinstance(nbytes, int) or not 0 <= nbytes <= len(data):
+        raise ValueError("the weights part is missing or cut short")
+    blob = bytearray(nbytes)
+    try:
+        next_frame(0, blob)
+        body_end = position - reader.staged
+        digest = next_frame(DIGEST_BYTES)
+    except ProtocolError as exc:
+        raise ValueError(f"the file is cut short ({exc})") from None
+    if reader.staged or position != len(data):
+        raise ValueError("the checksum is followed by junk")
+    if len(digest) != DIGEST_BYTES or hashlib.sha256(memoryview(data)[:body_end]).digest() != bytes(digest):
+        raise ValueError("it is damaged: its SHA-256 checksum does not match its contents")
+    return _checked(state, decode_weights(layout, blob))
+
+
+def _checked(state: dict[str, Any], tensors: dict[str, Any]) -> Checkpoint:
+    import torch
+
+    number, metrics, config = state.get("round"), state.get("metrics"), state.get("config")
+    if type(number) is not int or number < 0:
+        raise ValueError(f"its round {number!r} is not a round number")
+    if not isinstance(config, dict) or not isinstance(metrics, list) or not all(isinstance(r, dict) for r in metrics):
+        raise ValueError("it lacks its settings or its metrics")
+    if [r.get("round") for r in metrics] != list(range(1, number + 1)):
+        raise ValueError(f"it says round {number} was the last completed, but its metrics are for rounds "
+                         f"{[r.get('round') for r in metrics][:10]}")
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"its weights hold NaN or Inf (tensor {name!r}): the model it saved is unusable")
+    model = {k: v.clone() for k, v in tensors.items() if not k.startswith("strategy/")}
+    strategy = {k.split("/", 1)[1]: v.clone() for k, v in tensors.items() if k.startswith("strategy/")}
+    extra = state.get("extra") if isinstance(state.get("extra"), dict) else {}
+    return Checkpoint(config, number, metrics, model, strategy, extra)
+
+
+# --------------------------------------------------------------------------- the observer
+
+
+class RunFiles(Observer):
+    """Keeps a run's files: after each round the checkpoint, then metrics.csv; at the end the
+    model and the plot. The writing happens in a thread of its own; `flush()` waits for it and
+    raises OutputFailed with a sentence that names the file and the round that is safe."""
+
+    def __init__(self, output_dir: Path, title: str, resumed: Checkpoint | None = None):
+        self.output_dir = output_dir
+        self.title = title
+        self.safe_round = resumed.round if resumed else 0  # the round of the last checkpoint written
+        self.last = resumed  # the newest state: its model and metrics are what the run ends with
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-files")
+        self.pending: list[Future] = []
+        self.failed: OutputFailed | None = None
+        if resumed is not None:  # metrics.csv is the checkpoint's rows, never more: no duplicated rows
+            self._guard(lambda: write_metrics(self.output_dir / "metrics.csv", resumed.metrics), "metrics.csv")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.output_dir / CHECKPOINT_NAME
+
+    def notify(self, event) -> None:
+        if isinstance(event, RoundFinished):
+            self.last = event.checkpoint
+            self.pending.append(self.executor.submit(self._save_round, event.checkpoint))
+        elif isinstance(event, RunFinished) and self.last is not None:
+            self.pending.append(self.executor.submit(self._save_final, self.last))
+
+    def _save_round(self, state: Checkpoint) -> None:
+        if self.failed:
+            return  # one failure stops the run; later rounds are not written over it
+        what = f"the checkpoint {self.checkpoint_path} for round {state.round}"
+        self._guard(lambda: write_checkpoint(self.checkpoint_path, state), what)
+        self.safe_round = state.round
+        self._guard(lambda: write_metrics(self.output_dir / "metrics.csv", state.metrics),
+                    f"{self.output_dir / 'metrics.csv'} for round {state.round}")
+
+    def _save_final(self, state: Checkpoint) -> None:
+        self._guard(lambda: write_model(self.output_dir / "model.pt", state.model), str(self.output_dir / "model.pt"))
+        self._guard(lambda: write_plot(self.output_dir / "accuracy.png", state.metrics, self.title),
+                    str(self.output_dir / "accuracy.png"))
+
+    def _guard(self, write, what: str) -> None:
+        try:
+            write()
+        except OSError as exc:
+            if self.safe_round:
+                safe = (f"the checkpoint of round {self.safe_round} is intact: resume with "
+                        f"--resume {self.checkpoint_path}")
+            else:
+                safe = "no round's checkpoint was written"
+            self.failed = self.failed or OutputFailed(f"cannot write {what}: {exc.strerror or exc}; {safe}")
+            raise self.failed from exc
+
+    async def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for future in pending:
+            try:
+                await asyncio.wrap_future(future)
+            except OutputFailed:
+                pass
+        if self.failed:
+            raise self.failed
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
+

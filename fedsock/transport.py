@@ -83,6 +83,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
         self._writable.set()
         self._send_lock = asyncio.Lock()
         self._lost: ProtocolError | None = None
+        self._closing = False  # close() has begun: nothing more may be written
         self._closed = asyncio.get_running_loop().create_future()
         self._discard: memoryview | None = None  # while closing: where unread input goes to be dropped
 
@@ -214,6 +215,8 @@ class AsyncConnection(asyncio.BufferedProtocol):
                     await self._writable.wait()
                     if self._lost is not None:
                         raise self._lost
+                    if self._closing:  # a send that waited while close() began: the transport takes no more
+                        raise ConnectionClosed("the connection was closed before this message went out")
                     chunk = view[start : start + self.send_chunk_bytes]
                     self.transport.write(chunk)
                     self.traffic.sent += len(chunk)
@@ -221,7 +224,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
     def _send_available(self, views: list[memoryview]) -> list[memoryview]:
         """Plain TCP with nothing queued: hand the kernel all the buffers in one sendmsg
         (no joining, one system call, one wake-up of the peer); return what it did not take."""
-        if self._sock is None or self._lost is not None or self.transport.get_write_buffer_size():
+        if self._sock is None or self._lost is not None or self._closing or self.transport.get_write_buffer_size():
             return views
         try:
             sent = self._sock.sendmsg(views[:IOV_MAX])
@@ -249,13 +252,18 @@ class AsyncConnection(asyncio.BufferedProtocol):
         """
         if self.transport is None:
             return
+        self._closing = True
+        self._writable.set()  # a send waiting for room wakes up, and stops (see send)
         if not self.transport.is_closing():
             self._discard = memoryview(bytearray(64 << 10))
             self.transport.resume_reading()
-            if self.transport.can_write_eof():  # plain TCP (TLS has its own close_notify)
-                self.transport.write_eof()
-            else:
-                self.transport.close()
+            try:
+                if self.transport.can_write_eof():  # plain TCP (TLS has its own close_notify)
+                    self.transport.write_eof()
+                else:
+                    self.transport.close()
+            except OSError:  # the peer reset the connection already (ENOTCONN): nothing left to say
+                self.transport.abort()
         try:
             await asyncio.wait_for(asyncio.shield(self._closed), timeout_s)
         except asyncio.TimeoutError:
@@ -279,9 +287,14 @@ def send_plain_error(sock: socket.socket, message: str) -> None:
         pass
 
 
+class SilentPeer(ProtocolError):
+    """A new connection that sent nothing within its first-byte deadline."""
+
+
 async def open_accepted(
     sock: socket.socket, traffic: Traffic, tls: ssl.SSLContext | None, handshake_timeout_s: float,
     frame_timeout_s: float, require_client_cert: bool = False, socket_buffer_bytes: int | None = None,
+    first_byte_timeout_s: float | None = None, on_first_byte=None,
 ) -> AsyncConnection:
     """Wrap an accepted socket, after checking that the peer speaks TLS exactly when we do.
 
@@ -291,16 +304,24 @@ async def open_accepted(
     client at a plain server gets a plain frame, which its TLS layer reports as
     "not TLS" at once. `socket_buffer_bytes`, if given, fixes the kernel's send and
     receive buffers of this connection at that size instead of letting them grow, and
-    the slices its sends are written in.
+    the slices its sends are written in. A real client speaks at once (its <HELLO>, or
+    its TLS ClientHello), so a peer silent for `first_byte_timeout_s` is cut off early;
+    `on_first_byte` is told when the peer has spoken.
     """
     tune_socket(sock)
     if socket_buffer_bytes:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer_bytes)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer_bytes)
-    await asyncio.wait_for(_wait_readable(sock), handshake_timeout_s)
+    wait_s = min(handshake_timeout_s, first_byte_timeout_s or handshake_timeout_s)
+    try:
+        await asyncio.wait_for(_wait_readable(sock), wait_s)
+    except asyncio.TimeoutError:
+        raise SilentPeer(f"sent nothing within {wait_s:g} s of connecting") from None
     first = sock.recv(1, socket.MSG_PEEK)
     if not first:
         raise ConnectionClosed("the peer closed the connection before saying anything")
+    if on_first_byte is not None:
+        on_first_byte()
     if tls is not None and first[0] != TLS_RECORD_TYPE_HANDSHAKE:
         send_plain_error(sock, "this server requires TLS: start the client with --tls-ca FILE")
         raise ProtocolError("a plain-TCP client connected to this TLS server; told it to use --tls-ca")

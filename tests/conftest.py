@@ -55,6 +55,21 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
+    def flood(self, count: int = 300, port: int | None = None) -> Proc:
+        """`count` silent connections to the server, each re-opened when the server closes it
+        (tests/flood.py), until stop_flood(); returns once they are all open."""
+        proc = Proc(["tests/flood.py", "--port", str(port or self.port), "--count", str(count)], "flood",
+                    stdin_pipe=True)
+        self.procs.append(proc)
+        proc.wait_for(rf"flood: {count} silent connections open", timeout=30)
+        return proc
+
+    def stop_flood(self, flood: Proc) -> int:
+        """End a flood; how many connections it opened in all."""
+        flood.close_stdin()
+        assert flood.finish(timeout=30) == 0, flood.output
+        return int(flood.wait_for(r"flood: opened (\d+) connections in all").group(1))
+
     def close(self) -> None:
         for proc in self.procs:
             proc.kill()

@@ -52,18 +52,18 @@ def test_server_killed_then_resumed_continues_metrics(cluster, tmp_path):
     for client in clients:
         assert client.finish(timeout=60) == 1
         client.wait_for(r"error: the server at 127.0.0.1:\d+ (closed|dropped) the connection")
-    state, _ = read_checkpoint(str(out / "checkpoint.fsck"))
-    assert state["round"] >= 2
-    before = read_metrics(out / "metrics.csv")[: state["round"]]
+    state = read_checkpoint(out / "checkpoint.fsck")
+    assert state.round >= 2
+    before = read_metrics(out / "metrics.csv")[: state.round]
 
     resumed = cluster.server("--resume", str(out / "checkpoint.fsck"), "--time-to-wait", "30")
-    resumed.wait_for(rf"resuming from .*round {state['round']} of 4 was the last completed")
+    resumed.wait_for(rf"resuming from .*round {state.round} of 4 was the last completed")
     clients = [cluster.client(k) for k in (1, 2)]
     assert [c.finish() for c in clients] == [0, 0]
     assert resumed.finish() == 0
     rows = read_metrics(out / "metrics.csv")
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
-    assert rows[: state["round"]] == before  # the history is kept, not redone
+    assert rows[: state.round] == before  # the history is kept, not redone
     assert rows[-1]["test_accuracy"] > 0.88
 
 
@@ -79,8 +79,8 @@ def test_sigint_tells_clients_and_leaves_a_checkpoint(cluster, tmp_path):
         assert client.finish(timeout=60) == 0
         client.wait_for(r"server: the server was stopped \(SIGINT\) after round \d+; it can resume from its checkpoint")
         assert "Traceback" not in client.output
-    state, blob = read_checkpoint(str(out / "checkpoint.fsck"))
-    assert 1 <= state["round"] < 20 and len(read_metrics(out / "metrics.csv")) == state["round"]
+    state = read_checkpoint(out / "checkpoint.fsck")
+    assert 1 <= state.round < 20 and len(read_metrics(out / "metrics.csv")) == state.round
     assert not (out / "checkpoint.fsck.tmp").exists()
 
 
@@ -92,8 +92,8 @@ def test_sigterm_exits_143_with_the_checkpoint_intact(cluster, tmp_path):
     server.signal(signal.SIGTERM)
     assert server.finish(timeout=60) == 143
     assert client.finish(timeout=60) == 0
-    state, _ = read_checkpoint(str(out / "checkpoint.fsck"))
-    assert state["config"]["num_rounds"] == 20 and state["round"] >= 1
+    state = read_checkpoint(out / "checkpoint.fsck")
+    assert state.config["num_rounds"] == 20 and state.round >= 1
 
 
 def test_resume_refuses_a_changed_model_and_a_finished_run(cluster, tmp_path):
@@ -118,7 +118,7 @@ def test_a_client_gives_up_when_the_server_goes_silent(cluster, tmp_path):
     server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "3", "--heartbeat-interval", "1",
                             "--min-clients", "2", "--time-to-wait", "60")
     client = cluster.client(1, quiet=False)
-    client.wait_for("server: waiting for clients: 1 of 2 connected")  # the lobby is long, but the server is alive
+    client.wait_for("server: waiting for clients: 1 of 2 ready")  # the lobby is long, but the server is alive
     server.signal(signal.SIGSTOP)
     try:
         assert client.finish(timeout=60) == 1  # three missed heartbeats: 3 x 1 s + 2 s

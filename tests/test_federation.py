@@ -13,7 +13,7 @@ def assert_no_traceback(proc):
 
 
 def test_client_ids_are_printed_as_runs():
-    from fl_server import id_ranges
+    from fedsock.events import id_ranges
 
     assert id_ranges([3, 1, 2, 5, 7, 8, 9, 11]) == "1-3, 5, 7-9, 11"
     assert id_ranges(range(1, 1001)) == "1-1000" and id_ranges([4]) == "4" and id_ranges([]) == ""

@@ -59,7 +59,10 @@ def raw_json(**fields) -> bytes:
 
 
 def hello(client_id: int = HOSTILE_ID, version: int = PROTOCOL_VERSION) -> bytes:
-    return encode_message("<HELLO>", protocol_version=version, client_id=client_id)
+    return encode_message("<HELLO>", protocol_version=version, client_id=client_id, features=[])
+
+
+READY = encode_message("<READY>", num_examples=1000)  # the hostile claims 1000 of its 20000 examples
 
 
 class Peer:
@@ -150,8 +153,8 @@ class Peer:
         return messages
 
     def join(self, client_id: int = HOSTILE_ID, extra: bytes = b"") -> dict:
-        """<HELLO> (and `extra` in the same packet); returns the <METADATA>."""
-        self.send(hello(client_id), extra)
+        """<HELLO> and <READY> (and `extra` in the same packet); returns the <METADATA>."""
+        self.send(hello(client_id), READY, extra)
         deadline = time.monotonic() + IO_TIMEOUT_S
         message = self.next_message(deadline)
         assert message is not None, "the server closed the connection instead of answering <HELLO>"
@@ -297,11 +300,17 @@ BEFORE_JOINING = [
     ("client_id null", raw_json(header="<HELLO>", protocol_version=1, client_id=None), r"<HELLO> field 'client_id' must be an integer"),
     ("unknown header", raw_json(header="<GIMME>", client_id=3), r"unknown header '<GIMME>'"),
     ("<AUTH> with no challenge", encode_message("<AUTH>", mac="00" * 32), r"expected <HELLO> first, got <AUTH>"),
-    ("<MODEL> from a client", encode_message("<MODEL>", round=1, local_epochs=1, batch_size=32, lr=0.1, weights={}),
-     r"expected <HELLO> first, got <MODEL>"),
+    ("<MODEL> from a client", encode_message("<MODEL>", round=1, local_epochs=1, batch_size=32, lr=0.1, proximal_mu=0.0,
+                                             weights={}), r"expected <HELLO> first, got <MODEL>"),
+    ("<READY> before <HELLO>", READY, r"expected <HELLO> first, got <READY>"),
+    ("features not a list", raw_json(header="<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=3, features="all"),
+     r"<HELLO> field 'features' must be a list"),
+    ("features not strings", raw_json(header="<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=3, features=[1]),
+     r"<HELLO> field 'features' must hold only strings"),
     ("<UPDATE> before <HELLO>", encode_message("<UPDATE>", **UPDATE_FIELDS), r"expected <HELLO> first, got <UPDATE>"),
     ("<ERROR> before <HELLO>", encode_message("<ERROR>", message="hi"), r"expected <HELLO> first, got <ERROR>"),
-    ("protocol version 2", hello(version=2), rf"protocol version 2 is not supported; this server speaks {PROTOCOL_VERSION}"),
+    ("protocol version 1", hello(version=1), rf"protocol version 1 is not supported; this server speaks {PROTOCOL_VERSION}"),
+    ("protocol version 3", hello(version=3), rf"protocol version 3 is not supported; this server speaks {PROTOCOL_VERSION}"),
     ("protocol version 0", hello(version=0), r"protocol version 0 is not supported"),
     ("protocol version -1", hello(version=-1), r"protocol version -1 is not supported"),
 ]
@@ -388,13 +397,15 @@ AFTER_JOINING = [
      r"<UPDATE> field 'train_loss' must be a number"),
     ("unknown header", raw_json(header="<UPDATE2>"), r"unknown header '<UPDATE2>'"),
     ("<AUTH> with no challenge", encode_message("<AUTH>", mac="ab" * 32), r"unexpected <AUTH> from a joined client"),
-    ("<MODEL> from a client", encode_message("<MODEL>", round=1, local_epochs=1, batch_size=32, lr=0.1, weights={}),
-     r"unexpected <MODEL> from a joined client"),
+    ("<MODEL> from a client", encode_message("<MODEL>", round=1, local_epochs=1, batch_size=32, lr=0.1, proximal_mu=0.0,
+                                             weights={}), r"unexpected <MODEL> from a joined client"),
     ("a second <HELLO>", hello(), r"unexpected <HELLO> from a joined client"),
-    ("a second <HELLO> of protocol version 2", hello(version=2), r"unexpected <HELLO> from a joined client"),
+    ("a second <HELLO> of protocol version 1", hello(version=1), r"unexpected <HELLO> from a joined client"),
+    ("a second <READY>", READY, r"a second <READY>"),
     ("<METADATA> from a client", encode_message("<METADATA>", client_id=3, num_clients=3, dataset="mnist", partition="iid",
                                                 alpha=0.5, seed=0, model="logreg", num_rounds=1, round_timeout_s=1.0,
-                                                heartbeat_s=1.0), r"unexpected <METADATA> from a joined client"),
+                                                heartbeat_s=1.0, next_round=1, train_size=60000, partition_bitmap="",
+                                                required_features=[]), r"unexpected <METADATA> from a joined client"),
     ("<SUCCESS> from a client", encode_message("<SUCCESS>", round=1, accepted=True, message="x"), r"unexpected <SUCCESS> from a joined client"),
     ("<UPDATE> for a round never sent", encode_message("<UPDATE>", **{**UPDATE_FIELDS, "round": 10**6}),
      r"update for round 1000000, but this client was sent (no model|round \d+)"),
@@ -485,9 +496,17 @@ BAD_UPDATES = {
         lambda m: update(m, client_id=1),
         error=lambda m: r"update carries client id 1, but this connection is client 3"),
     "negative num_examples": BadUpdate(
-        lambda m: update(m, num_examples=-5), error=lambda m: r"num_examples -5 is outside 1\.\.60000"),
+        lambda m: update(m, num_examples=-5), error=lambda m: r"<UPDATE> field 'num_examples' is -5, outside 1\.\.1000000000"),
     "absurd num_examples": BadUpdate(
-        lambda m: update(m, num_examples=10**15), error=lambda m: r"num_examples 1000000000000000 is outside 1\.\.60000"),
+        lambda m: update(m, num_examples=10**15),
+        error=lambda m: r"<UPDATE> field 'num_examples' is 1000000000000000, outside 1\.\.1000000000"),
+    "more examples than it said it holds": BadUpdate(
+        lambda m: update(m, num_examples=1001),
+        error=lambda m: r"num_examples 1001 is outside 1\.\.1000 \(the examples this client said it holds\)"),
+    "accuracy above 1": BadUpdate(
+        lambda m: update(m, local_test_accuracy=1.5), error=lambda m: r"field 'local_test_accuracy' is 1.5, outside 0\.\.1"),
+    "negative fit seconds": BadUpdate(
+        lambda m: update(m, fit_seconds=-1.0), error=lambda m: r"field 'fit_seconds' is -1.0, outside >= 0"),
     "wrong tensor names": BadUpdate(
         lambda m: update(m, weights=with_entry(m["weights"], "linear.weight", name="linear.evil")),
         error=lambda m: r"weights names differ from the model: missing \['linear.weight'\], unexpected \['linear.evil'\]"),

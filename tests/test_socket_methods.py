@@ -26,6 +26,7 @@ from socket_methods import (
     frame_header,
     frame_weights,
     weights_buffers,
+    WeightsSender,
 )
 from fedsock.transport import after_sent, coalesced
 
@@ -247,33 +248,48 @@ def test_weights_buffers_copy_once_what_is_not_in_place():
     assert len(pieces) == 1 and bytes(pieces[0]) == bytes(encode_weights(strided)[1])
 
 
-def test_weights_buffers_work_a_model_out_once_and_follow_its_tensors():
+def test_a_sender_works_a_model_out_once_and_follows_its_tensors():
+    sender = WeightsSender()
     tensors = {"w": torch.zeros(3, 4), "b": torch.zeros(4)}
-    layout, pieces = weights_buffers(tensors)
+    layout, pieces = sender.buffers(tensors)
     tensors["w"].add_(1)  # training updates the tensors in place: the same pieces show it
     same_memory = {name: t.detach() for name, t in tensors.items()}  # new objects, as state_dict() gives
-    again_layout, again = weights_buffers(same_memory)
+    again_layout, again = sender.buffers(same_memory)
     assert again is pieces and again_layout is layout
     assert b"".join(again) == bytes(encode_weights(tensors)[1])
     tensors["w"] = torch.full((3, 4), 2.0)  # a tensor that moved
-    moved_layout, moved = weights_buffers(tensors)
+    moved_layout, moved = sender.buffers(tensors)
     assert moved is not pieces and b"".join(moved) == bytes(encode_weights(tensors)[1])
     renamed = {"v": tensors["w"], "b": tensors["b"]}
-    assert weights_buffers(renamed)[0]["tensors"][0]["name"] == "v"
+    assert sender.buffers(renamed)[0]["tensors"][0]["name"] == "v"
     reshaped = {"w": tensors["w"].view(4, 3), "b": tensors["b"]}
-    assert weights_buffers(reshaped)[0]["tensors"][0]["shape"] == [4, 3]
+    assert sender.buffers(reshaped)[0]["tensors"][0]["shape"] == [4, 3]
     transposed = {"w": tensors["w"].view(4, 3).t(), "b": tensors["b"]}  # same memory, other order
-    assert b"".join(weights_buffers(transposed)[1]) == bytes(encode_weights(transposed)[1])
+    assert b"".join(sender.buffers(transposed)[1]) == bytes(encode_weights(transposed)[1])
+
+
+def test_two_senders_in_one_process_never_share_a_memo():
+    """Virtual clients or threads each have a sender: one's cached frames are never another's."""
+    first, second = WeightsSender(), WeightsSender()
+    a, b = {"w": torch.zeros(5)}, {"w": torch.ones(5)}
+    layout_a, pieces_a = first.buffers(a)
+    layout_b, pieces_b = second.buffers(b)
+    assert first.buffers(a)[1] is pieces_a and second.buffers(b)[1] is pieces_b
+    assert b"".join(pieces_a) != b"".join(pieces_b)
+    frames_a = first.frames("<UPDATE>", a, round=1)
+    assert bytes(frames_a[2]) == bytes(pieces_a[0])
 
 
 def test_a_known_layout_is_spliced_in_as_the_same_bytes():
-    layout, pieces = weights_buffers({"w": torch.ones(5), "b": torch.zeros(2)})
+    tensors = {"w": torch.ones(5), "b": torch.zeros(2)}
     fields = dict(round=3, client_id=2, num_examples=10, train_loss=0.5, local_test_accuracy=0.25, fit_seconds=1.5)
-    spliced = frame_weights("<UPDATE>", pieces, weights=layout, **fields)[0]
+    sender = WeightsSender()
+    layout, _ = sender.buffers(tensors)
+    spliced = sender.frames("<UPDATE>", tensors, **fields)[0]  # the layout's JSON is known by now: spliced
     assert spliced == encode_message("<UPDATE>", **fields, weights=layout)
     assert decode_message(spliced[8:])["weights"] == layout
     with pytest.raises(ValueError):
-        frame_weights("<UPDATE>", pieces, weights=layout, **{**fields, "train_loss": float("nan")})
+        sender.frames("<UPDATE>", tensors, **{**fields, "train_loss": float("nan")})
 
 
 def test_a_weights_buffer_shows_what_is_received_into_it_as_tensors():

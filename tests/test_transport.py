@@ -31,7 +31,7 @@ def client(port: int, result: dict) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)
         conn = BlockingConnection(sock, idle_timeout_s=TIMEOUT_S)
-        conn.send([encode_message("<HELLO>", protocol_version=1, client_id=1)])
+        conn.send([encode_message("<HELLO>", protocol_version=2, client_id=1, features=[])])
         message = conn.recv_message()
         received = WeightsBuffer(message["weights"])
         conn.recv_blob(received.buffer)
@@ -62,7 +62,7 @@ async def serve() -> dict:
         conn = await open_accepted(sock, traffic, None, TIMEOUT_S, TIMEOUT_S, socket_buffer_bytes=SMALL)
         assert (await asyncio.wait_for(conn.recv_message(), TIMEOUT_S))["header"] == "<HELLO>"
         layout, blob = encode_weights(model(1))
-        frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=1, lr=0.1, weights=layout)
+        frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=1, lr=0.1, proximal_mu=0.0, weights=layout)
         await asyncio.wait_for(conn.send(frames + [encode_message("<WAITING>", message="after model")]), TIMEOUT_S)
         update = await asyncio.wait_for(conn.recv_message(), TIMEOUT_S)
         received = WeightsBuffer(update["weights"])
@@ -96,7 +96,7 @@ def test_a_message_read_ahead_counts_as_the_server_having_spoken():
     from fl_client import server_spoke
 
     layout, blob = encode_weights({"w": torch.ones(4)})
-    model_frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=1, lr=0.1, weights=layout)
+    model_frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=1, lr=0.1, proximal_mu=0.0, weights=layout)
     server, client_end = socket.socketpair()
     with server, client_end:
         conn = BlockingConnection(client_end, idle_timeout_s=TIMEOUT_S)
@@ -130,7 +130,7 @@ def test_a_connection_reads_only_so_much_at_once_before_the_event_loop_gets_a_tu
         with peer:
             sock.setblocking(False)
             traffic = Traffic()
-            peer.sendall(encode_message("<HELLO>", protocol_version=1, client_id=1))
+            peer.sendall(encode_message("<HELLO>", protocol_version=2, client_id=1, features=[]))
             conn = await open_accepted(sock, traffic, None, TIMEOUT_S, TIMEOUT_S)
             await asyncio.wait_for(conn.recv_message(), TIMEOUT_S)
             before = traffic.received

@@ -1,0 +1,185 @@
+"""Settings as typed dataclasses, and the command-line flags made from them.
+
+Each setting is written once, as a dataclass field whose metadata holds its flag's
+help, type and group: the parser is built from the fields, so a default cannot differ
+between `--help`, the code and the saved config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any, Callable, Iterable
+
+from fedsock.console import ArgumentParser, number
+
+
+def setting(default: Any, help: str, *, group: str, flag: str | None = None, type: Callable | None = None,
+            choices: Iterable[str] | None = None, metavar: str | None = None, required: bool = False) -> Any:
+    """A dataclass field that is also a command-line flag (`--name-with-dashes` unless `flag` says otherwise)."""
+    meta = dict(help=help, group=group, flag=flag, type=type, choices=tuple(choices) if choices else None,
+                metavar=metavar, required=required)
+    return field(default=default, metadata=meta) if not required else field(metadata=meta)
+
+
+def flag_name(spec: Field) -> str:
+    return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
+
+
+def _metavar(spec: Field) -> str | None:
+    """What --help shows after a flag: a unit for seconds, else the flag's own name, never an
+    internal one (the field time_to_wait_s is --time-to-wait SECONDS, not TIME_TO_WAIT_S)."""
+    if spec.metadata.get("metavar"):
+        return spec.metadata["metavar"]
+    if spec.metadata.get("choices"):
+        return None  # argparse lists the choices
+    if spec.name.endswith("_s"):
+        return "SECONDS"
+    return flag_name(spec).lstrip("-").replace("-", "_").upper()
+
+
+def add_settings(parser: argparse.ArgumentParser, config_class: type, groups: Iterable[str] | None = None) -> None:
+    """One flag per setting of `config_class` (only those of `groups`, if given), grouped as declared."""
+    sections: dict[str, argparse._ArgumentGroup] = {}
+    wanted = set(groups) if groups is not None else None
+    for spec in fields(config_class):
+        meta = spec.metadata
+        if "group" not in meta or (wanted is not None and meta["group"] not in wanted):
+            continue
+        section = sections.get(meta["group"]) or sections.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        options: dict[str, Any] = dict(dest=spec.name, help=meta["help"])
+        if spec.type in ("bool", bool) or isinstance(spec.default, bool):
+            options["action"] = "store_true"
+        else:
+            options.update(type=meta["type"], choices=meta["choices"], metavar=_metavar(spec))
+            if meta["required"]:
+                options["required"] = True
+            else:
+                options["default"] = spec.default
+        section.add_argument(flag_name(spec), **options)
+
+
+def given_flags(parser_factory: Callable[[], argparse.ArgumentParser], argv: list[str] | None) -> dict[str, Any]:
+    """The settings that were given on the command line (not defaulted), by name."""
+    parser = parser_factory()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+def from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """A config from saved values (config.json, a checkpoint), ignoring names it does not have."""
+    names = {f.name for f in fields(config_class)}
+    return config_class(**{k: v for k, v in values.items() if k in names})
+
+
+def defaults(config_class: type) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
+
+
+positive_int = number(int, 1)
+non_negative_int = number(int, 0)
+positive_float = number(float, 0, positive=True)
+non_negative_float = number(float, 0)
+fraction = number(float, 0, 1, positive=True)
+port = number(int, 0, 65535)
+seed = number(int, 0, 2**32 - 1)
+
+NETWORK, FEDERATION, TRAINING, STRATEGY, DATA, OUTPUT, FAULTS, SECURITY = (
+    "network", "federation", "training (sent to the clients every round)", "strategy", "data", "output",
+    "fault tolerance", "security",
+)
+
+
+@dataclass
+class ServerConfig:
+    """Every setting of a server run (saved as config.json and in every checkpoint)."""
+
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 for every interface)", group=NETWORK)
+    server_port: int = setting(50052, "TCP port; 0 picks a free one", group=NETWORK, type=port, metavar="PORT")
+    num_clients: int = setting(5, "N: clients have ids 1..N, one data partition each", group=FEDERATION, type=positive_int,
+                               metavar="N")
+    min_clients: int = setting(1, "fewest ready clients to start with, and fewest updates a round needs",
+                               group=FEDERATION, type=positive_int, metavar="N")
+    time_to_wait_s: float = setting(10.0, "seconds to wait for more clients after the first is ready", group=FEDERATION,
+                                    flag="--time-to-wait", type=non_negative_float)
+    num_rounds: int = setting(10, "rounds of training", group=FEDERATION, type=positive_int, metavar="N")
+    clients_per_round: int | None = setting(
+        None, "K: train only K of the ready clients each round, picked by a seeded RNG (default: all)",
+        group=FEDERATION, type=positive_int, metavar="K")
+    fraction_fit: float | None = setting(
+        None, "C: train this fraction of the ready clients each round, at least --min-clients (McMahan et al.'s C)",
+        group=FEDERATION, type=fraction, metavar="C")
+    model: str = setting("cnn", "logreg, mlp (2NN) or cnn (McMahan et al. 2017)", group=TRAINING,
+                         choices=("logreg", "mlp", "cnn"))
+    local_epochs: int = setting(1, "epochs each client trains per round", group=TRAINING, type=positive_int, metavar="E")
+    batch_size: int = setting(32, "client minibatch size", group=TRAINING, type=positive_int, metavar="B")
+    lr: float = setting(0.05, "client SGD learning rate", group=TRAINING, type=positive_float)
+    strategy: str = setting("fedavg", "how updates become the next global model (see the README's strategy table)",
+                            group=STRATEGY, choices=("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
+                                                     "median", "trimmed-mean", "krum", "multi-krum"))
+    proximal_mu: float = setting(0.01, "fedprox: mu of the proximal term (mu/2)||w - w_global||^2 in each client's loss",
+                                 group=STRATEGY, type=non_negative_float, metavar="MU")
+    server_lr: float | None = setting(None, "fedavgm/fedadam/fedyogi/fedadagrad: the server's learning rate "
+                                            "(default: 1 for fedavgm, 0.01 for the adaptive ones)",
+                                      group=STRATEGY, type=positive_float, metavar="ETA")
+    server_momentum: float = setting(0.7, "fedavgm: momentum of the server's update", group=STRATEGY,
+                                     type=number(float, 0, 1), metavar="BETA")
+    beta1: float = setting(0.9, "fedadam/fedyogi/fedadagrad: first-moment decay", group=STRATEGY,
+                           type=number(float, 0, 1), metavar="BETA1")
+    beta2: float = setting(0.99, "fedadam/fedyogi: second-moment decay", group=STRATEGY,
+                           type=number(float, 0, 1), metavar="BETA2")
+    tau: float = setting(1e-3, "fedadam/fedyogi/fedadagrad: adaptivity (added to the root of the second moment)",
+                         group=STRATEGY, type=positive_float, metavar="TAU")
+    trim_fraction: float = setting(0.2, "trimmed-mean: share of the updates cut from each end, per coordinate",
+                                   group=STRATEGY, type=number(float, 0, 0.5), metavar="BETA")
+    byzantine_clients: int = setting(1, "krum/multi-krum: f, the malicious clients to tolerate per round",
+                                     group=STRATEGY, type=non_negative_int, metavar="F")
+    dataset: str = setting("mnist", "dataset (MNIST ships with fedsock)", group=DATA,
+                           choices=("mnist", "fashion-mnist", "cifar10"))
+    data_root: str | None = setting(None, "folder with the dataset files (default: the one shipped in fedsock/data/)",
+                                    group=DATA, metavar="DIR")
+    partition: str = setting("iid", "how the training set is split among clients: iid, dirichlet (--alpha) or "
+                                    "shards (McMahan et al.'s 2 label shards per client)", group=DATA,
+                             choices=("iid", "dirichlet", "shards"))
+    alpha: float = setting(0.5, "Dirichlet concentration for --partition dirichlet (smaller: more label skew)",
+                           group=DATA, type=positive_float, metavar="ALPHA")
+    seed: int = setting(0, "seed for the partition, the initial model, client sampling and client shuffling",
+                        group=DATA, type=seed, metavar="SEED")
+    initial_model: str | None = setting(None, "start from this saved model.pt instead of random weights",
+                                        group=DATA, metavar="MODEL_PT")
+    device: str = setting("auto", "where the server evaluates the global model", group=DATA,
+                          choices=("auto", "cpu", "cuda"))
+    threads: int = setting(1, "PyTorch CPU threads for evaluation; 0 keeps PyTorch's default. 1 leaves the cores "
+                              "to local clients", group=DATA, type=non_negative_int, metavar="N")
+    output_dir: str | None = setting(None, "where metrics.csv, the model, the plot and checkpoints go "
+                                           "(default: runs/<timestamp>/)", group=OUTPUT, metavar="DIR")
+    resume: str | None = setting(None, "continue a run from its checkpoint.fsck", group=OUTPUT, metavar="CHECKPOINT")
+    quiet: bool = setting(False, "print only the round lines, warnings and errors", group=OUTPUT)
+    round_timeout_s: float = setting(600.0, "seconds a round waits for updates; late clients are left out of it",
+                                     group=FAULTS, flag="--round-timeout", type=positive_float)
+    round_retries: int = setting(3, "times a round that got too few updates is retried before the run stops",
+                                 group=FAULTS, type=non_negative_int, metavar="N")
+    handshake_timeout_s: float = setting(10.0, "seconds a new connection has to complete TLS, hello and "
+                                               "authentication", group=FAULTS, flag="--handshake-timeout",
+                                         type=positive_float)
+    heartbeat_s: float = setting(10.0, "seconds between <WAITING> messages; a client gives up on a server silent for "
+                                       "three intervals", group=FAULTS, flag="--heartbeat-interval",
+                                 type=number(float, 0, 600, positive=True))
+    max_message_mb: float = setting(64.0, "largest frame accepted; also caps the model size", group=FAULTS,
+                                    type=positive_float, metavar="MB")
+    max_pending: int = setting(64, "most connections in their handshake at once; a new one evicts the oldest silent "
+                                   "one", group=FAULTS, type=positive_int, metavar="N")
+    tls_cert: str | None = setting(None, "server certificate (PEM); enables TLS", group=SECURITY, metavar="PEM")
+    tls_key: str | None = setting(None, "private key of --tls-cert (PEM)", group=SECURITY, metavar="PEM")
+    tls_client_ca: str | None = setting(None, "require client certificates signed by this CA (mutual TLS)",
+                                        group=SECURITY, metavar="PEM")
+    auth_token_file: str | None = setting(None, "shared enrolment secret (or set $FEDSOCK_TOKEN)", group=SECURITY,
+                                          metavar="FILE")
+    auth_tokens_file: str | None = setting(None, "per-client secrets, lines of 'CLIENT_ID SECRET'", group=SECURITY,
+                                           metavar="FILE")
+
+    @property
+    def fixed_on_resume(self) -> tuple[str, ...]:
+        """Settings that decide each client's data and the model: a resumed run must keep them."""
+        return ("model", "dataset", "num_clients", "partition", "alpha", "seed", "strategy")

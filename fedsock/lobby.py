@@ -1,0 +1,422 @@
+"""The server's socket side: accept, hand-shake, admit, read each client, send heartbeats.
+
+Each joined client becomes a `RemoteClient`, the round engine's `ClientProxy` for a
+peer at the end of a socket. Its reader task (`RemoteClient.serve`) reads everything
+the client sends, checks it, and hands a valid update to the `fit()` that waits for it.
+
+Two limits keep strangers and slow peers from hurting everyone else:
+- **Pending connections.** At most --max-pending connections may be in their handshake.
+  A real client speaks at once (its <HELLO>, or its TLS ClientHello), so a connection
+  that has said nothing is "silent", and a silent one is cut off after a short deadline
+  (FIRST_BYTE_TIMEOUT_S). When a new connection arrives and every place is taken, the
+  oldest silent connection is evicted to make room (the oldest pending one if none is
+  silent): a flood of mute sockets cannot lock honest clients out; it only ever
+  evicts itself.
+- **Receive buffers.** Updates are received into a few pooled model-sized buffers. When
+  all are in use (slow senders hold them while their bytes trickle in), the next update
+  goes into a temporary file of its own instead, mapped into memory (the kernel keeps its
+  pages in the page cache and may write them to disk): no update waits for another
+  client's transfer, and the server's own memory stays flat however many updates are in
+  flight. Only if no such file can be made (a full disk) does an update wait for a buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import socket
+import ssl
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from fedsock import security
+from fedsock.clients import ClientPool, Dropped, FitIns, FitRes
+from fedsock.events import ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events
+from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_plain_error
+from socket_methods import (
+    PRE_AUTH_CONTROL_BYTES,
+    PROTOCOL_VERSION,
+    BadMessage,
+    ConnectionClosed,
+    ProtocolError,
+    WeightsBuffer,
+    check_finite,
+    check_layout,
+    encode_message,
+    frame_weights,
+)
+
+# A client's first byte comes one network trip after its connect; 3 s allows a slow
+# link, and sheds a silent connection long before --handshake-timeout (10 s).
+FIRST_BYTE_TIMEOUT_S = 3.0
+# Updates received into memory at once; past these, each goes to a file of its own.
+RECEIVE_BUFFERS = 4
+# Waiting in TCP costs kernel memory, though: Linux grows each connection's socket
+# buffers by itself, up to several MB, so a thousand clients sending their updates at
+# once can pin gigabytes, past the kernel's TCP memory limit (tcp_mem), where it drops
+# packets and connections stall in retransmission back-off for minutes. So with more
+# than 64 clients each connection's buffers are fixed at an equal share of this budget
+# (at least SOCKET_BUFFER_MIN_BYTES); with fewer, a share would be no cap and the
+# kernel's tuning is kept. 256 MB in flight still carry 2.5 GB/s at 100 ms round trips.
+SOCKET_BUFFER_BUDGET_BYTES = 256 << 20
+SOCKET_BUFFER_MIN_BYTES = 256 << 10
+SOCKET_BUFFER_AUTOTUNED_BYTES = 4 << 20
+
+
+class SpooledBuffer(WeightsBuffer):
+    """A receive buffer in a temporary file of its own, mapped into memory (see the module's doc).
+
+    The file is unlinked from the start (O_TMPFILE), and its blocks are reserved at once
+    (posix_fallocate): a full disk is an OSError here, never a SIGBUS while receiving."""
+
+    def __init__(self, layout: dict[str, Any], directory: Path):
+        self._file = tempfile.TemporaryFile(dir=directory, prefix=".fedsock-update-")
+        try:
+            os.posix_fallocate(self._file.fileno(), 0, layout["nbytes"])
+            super().__init__(layout, mmap.mmap(self._file.fileno(), layout["nbytes"]))
+        except BaseException:
+            self._file.close()
+            raise
+
+    def close(self) -> None:
+        # The map is unmapped when its last tensor view is gone; the file's blocks are freed then.
+        self.tensors = {}
+        self._file.close()
+
+
+class ReceiveBuffers:
+    """Buffers for the updates in flight: RECEIVE_BUFFERS in memory, then one file each."""
+
+    def __init__(self, layout: dict[str, Any], count: int, spool_dir: Path):
+        self.layout, self.spool_dir = layout, spool_dir
+        self.free: asyncio.Queue[WeightsBuffer] = asyncio.Queue()
+        for _ in range(count):
+            self.free.put_nowait(WeightsBuffer(layout))
+        self.spooled = 0  # updates received into files so far
+        self.receiving = 0  # updates whose weights are arriving now (said in <WAITING>)
+
+    async def take(self) -> WeightsBuffer:
+        self.receiving += 1
+        if not self.free.empty():
+            return self.free.get_nowait()
+        try:
+            buffer = SpooledBuffer(self.layout, self.spool_dir)
+        except (OSError, ValueError):  # no room for a file: wait for a buffer in memory
+            try:
+                return await self.free.get()
+            except BaseException:
+                self.receiving -= 1
+                raise
+        self.spooled += 1
+        return buffer
+
+    def give_back(self, buffer: WeightsBuffer) -> None:
+        self.receiving -= 1
+        if isinstance(buffer, SpooledBuffer):
+            buffer.close()
+        else:
+            self.free.put_nowait(buffer)
+
+
+@dataclass
+class Pending:
+    """A connection in its handshake: since when, and whether it has said anything yet."""
+
+    since: float
+    peer: str
+    talking: bool = False
+    conn: AsyncConnection | None = None
+
+
+class RemoteClient:
+    """A joined client at the end of a socket: the engine's ClientProxy, and its reader."""
+
+    def __init__(self, lobby: "Lobby", client_id: int, conn: AsyncConnection, max_examples: int):
+        self.lobby, self.client_id, self.conn = lobby, client_id, conn
+        self.max_examples = max_examples
+        self.num_examples = 0  # said in its <READY>
+        self.expecting: int | None = None  # the round whose model it was sent and has not answered
+        self.result: asyncio.Future[FitRes] | None = None
+        self.gone: str | None = None
+        self.finished = False  # told <FINISHED>: its leaving is no news
+
+    # ---- ClientProxy
+    async def fit(self, ins: FitIns) -> FitRes:
+        if self.gone:
+            raise Dropped(self.gone)
+        frames = ins.cache.get("<MODEL>")
+        if frames is None:  # framed once per round, for every client
+            frames = ins.cache["<MODEL>"] = frame_weights(
+                "<MODEL>", ins.model.blob, round=ins.round, weights=ins.model.layout, **ins.settings)
+        self.expecting = ins.round
+        self.result = asyncio.get_running_loop().create_future()
+        try:
+            await self.conn.send(frames)
+        except ProtocolError:
+            pass  # the reader sees the same closed connection, and drops the client
+        return await self.result
+
+    def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
+        self.lobby.send_soon(self, [encode_message("<SUCCESS>", round=result.round, accepted=accepted, message=note)])
+
+    async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
+        self.finished = True
+        finished = encode_message("<FINISHED>", completed=completed, rounds_completed=rounds_completed, message=message)
+        try:
+            await asyncio.wait_for(self.conn.send([finished]), 5)
+        except (ProtocolError, asyncio.TimeoutError):
+            pass
+        await self.conn.close()
+
+    # ---- the reader
+    async def serve(self) -> None:
+        """Read everything the client sends, for as long as it stays."""
+        reason = "connection closed"
+        try:
+            while True:
+                message = await self.conn.recv_message()
+                header = message["header"]
+                if header == "<UPDATE>":
+                    await self.receive_update(message)
+                elif header == "<READY>":
+                    self.become_ready(message)
+                elif header == "<ERROR>":
+                    reason = f"it reported an error: {message['message'][:200]}"
+                    break
+                else:
+                    raise BadMessage(f"unexpected {header} from a joined client")
+        except ConnectionClosed:
+            pass
+        except ProtocolError as exc:
+            reason = str(exc)
+            if not self.finished:
+                self.lobby.events.notice(f"client {self.client_id} ({self.conn.peer}): {exc}; disconnected", warning=True)
+            self.leave(reason)  # before the await: no new round may pick this client
+            await self.conn.send_error(str(exc))
+        self.leave(reason)
+        await self.conn.close()
+
+    def become_ready(self, message: dict[str, Any]) -> None:
+        if self.num_examples:
+            raise BadMessage("a second <READY>")
+        if message["num_examples"] > self.max_examples:
+            raise BadMessage(f"<READY> num_examples {message['num_examples']} is more than this client's "
+                             f"{self.max_examples}")
+        self.num_examples = message["num_examples"]
+        pool = self.lobby.pool
+        pool.add(self)
+        self.lobby.events.emit(ClientReady(self.client_id, self.num_examples, len(pool.members), pool.num_clients))
+
+    async def receive_update(self, update: dict[str, Any]) -> None:
+        number = update["round"]
+        if self.expecting is None or number != self.expecting:
+            sent = f"round {self.expecting}" if self.expecting else "no model"
+            raise BadMessage(f"update for round {number}, but this client was sent {sent}")
+        if update["client_id"] != self.client_id:
+            raise BadMessage(f"update carries client id {update['client_id']}, but this connection is client {self.client_id}")
+        if update["num_examples"] > self.num_examples:
+            raise BadMessage(f"num_examples {update['num_examples']} is outside 1..{self.num_examples} "
+                             f"(the examples this client said it holds)")
+        buffers = self.lobby.buffers
+        check_layout(update["weights"], buffers.layout)
+        buffer = await buffers.take()
+        try:
+            await self.conn.recv_blob(buffer.buffer)
+            check_finite(buffer.tensors)  # views of the bytes just received
+        except BaseException:
+            buffers.give_back(buffer)
+            raise
+        self.expecting = None
+        metrics = {k: update[k] for k in ("train_loss", "local_test_accuracy", "fit_seconds")}
+        result = FitRes(self.client_id, number, update["num_examples"], buffer.tensors, metrics,
+                        release=lambda: buffers.give_back(buffer))
+        if self.result is not None and not self.result.done():
+            self.result.set_result(result)
+        else:  # nobody waits (cannot happen while `expecting` was set): do not keep the buffer
+            result.release()
+
+    def leave(self, reason: str) -> None:
+        if self.gone:
+            return
+        self.gone = reason
+        self.lobby.pool.remove(self.client_id)
+        if self.result is not None and not self.result.done():
+            self.result.set_exception(Dropped(reason))  # the engine reports it as a drop
+        elif not self.finished and not self.lobby.closing:
+            self.lobby.events.emit(ClientLeft(self.client_id, reason))
+
+
+class Lobby:
+    """Accepts connections, shakes hands and admits clients into the pool; heartbeats."""
+
+    def __init__(self, *, listener: socket.socket, pool: ClientPool, events: Events, traffic: Traffic,
+                 tls: ssl.SSLContext | None, auth: security.Authenticator, welcome, buffers: ReceiveBuffers,
+                 status: Callable[[], str], handshake_timeout_s: float, round_timeout_s: float, heartbeat_s: float,
+                 max_pending: int, require_client_cert: bool, required_features: list[str]):
+        self.listener, self.pool, self.events, self.traffic = listener, pool, events, traffic
+        self.tls, self.auth, self.welcome, self.buffers, self.status = tls, auth, welcome, buffers, status
+        self.handshake_timeout_s, self.round_timeout_s, self.heartbeat_s = handshake_timeout_s, round_timeout_s, heartbeat_s
+        self.max_pending, self.require_client_cert = max_pending, require_client_cert
+        self.required_features = required_features
+        self.pending: dict[asyncio.Task, Pending] = {}  # in arrival order
+        self.evicted = 0
+        self.tasks: set[asyncio.Task] = set()
+        self.closing = False
+        share = SOCKET_BUFFER_BUDGET_BYTES // pool.num_clients
+        self.socket_buffer_bytes = max(share, SOCKET_BUFFER_MIN_BYTES) if share < SOCKET_BUFFER_AUTOTUNED_BYTES else None
+
+    def start(self) -> None:
+        self.spawn(self.accept_loop())
+        self.spawn(self.heartbeat_loop())
+
+    def close(self) -> None:
+        self.closing = True
+        for task in list(self.tasks):
+            task.cancel()
+        self.listener.close()
+
+    def spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # a bug: say so, with what it was
+            exc = task.exception()
+            self.events.notice(f"internal error in the server's connection handling: {type(exc).__name__}: {exc}",
+                               warning=True)
+
+    def send_soon(self, client: RemoteClient, frames: list) -> None:
+        self.spawn(self._send_or_drop(client, frames))
+
+    async def _send_or_drop(self, client: RemoteClient, frames: list) -> None:
+        try:
+            await client.conn.send(frames)
+        except ProtocolError:
+            pass  # the client's reader sees the same closed connection and drops it
+
+    # ---- connections
+    async def accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, address = await loop.sock_accept(self.listener)
+            except OSError as exc:  # out of file descriptors, say: keep serving the others
+                self.events.notice(f"accept failed: {exc}", warning=True)
+                await asyncio.sleep(0.5)  # a pause before trying again, not synchronisation
+                continue
+            peer = f"{address[0]}:{address[1]}"
+            if len(self.pending) >= self.max_pending:
+                self.evict_one()
+            state = Pending(time.monotonic(), peer)
+            # Counted here: sock_accept does not yield while a burst waits in the backlog.
+            self.pending[self.spawn(self.handle_connection(sock, state))] = state
+
+    def evict_one(self) -> None:
+        """Make room: end the oldest silent pending connection, or the oldest pending one."""
+        victim = next((task for task, p in self.pending.items() if not p.talking), None) or next(iter(self.pending))
+        state = self.pending.pop(victim)
+        victim.cancel()
+        self.evicted += 1
+        what = "had sent nothing" if not state.talking else "was the oldest handshake"
+        self.events.emit(ConnectionRefused(state.peer, f"evicted: {self.max_pending} connections were in their "
+                                                       f"handshake and this one {what}"))
+
+    async def handle_connection(self, sock: socket.socket, state: Pending) -> None:
+        """Handshake within --handshake-timeout, then serve the client until it leaves."""
+        try:
+            client = await self.admit(sock, state)
+        except asyncio.CancelledError:  # evicted, or the server is closing
+            if state.conn is not None:
+                state.conn.transport.abort()
+            else:
+                sock.close()
+            raise
+        finally:
+            self.pending.pop(asyncio.current_task(), None)
+        if client is None:
+            if state.conn is not None:
+                await state.conn.close()
+            else:
+                sock.close()
+            return
+        await client.serve()
+
+    async def admit(self, sock: socket.socket, state: Pending) -> RemoteClient | None:
+        """The handshake, with every way it can fail answered and logged; the client if it joined."""
+        peer = state.peer
+        try:
+            async with asyncio.timeout(self.handshake_timeout_s):
+                state.conn = await open_accepted(
+                    sock, self.traffic, self.tls, self.handshake_timeout_s, self.round_timeout_s,
+                    require_client_cert=self.require_client_cert, socket_buffer_bytes=self.socket_buffer_bytes,
+                    first_byte_timeout_s=FIRST_BYTE_TIMEOUT_S, on_first_byte=lambda: setattr(state, "talking", True),
+                )
+                return await self.handshake(state.conn)
+        except (TimeoutError, asyncio.TimeoutError):
+            message = f"no complete handshake within {self.handshake_timeout_s:g} s"
+            self.events.emit(ConnectionRefused(peer, f"{message}; disconnected"))
+            if state.conn is not None:
+                await state.conn.send_error(message)
+            elif self.tls is None:  # before TLS we can only answer in plain frames
+                send_plain_error(sock, message)
+        except ProtocolError as exc:  # SilentPeer included
+            self.events.emit(ConnectionRefused(peer, f"{exc}; disconnected"))
+            if state.conn is not None and not isinstance(exc, ConnectionClosed):
+                await state.conn.send_error(str(exc))
+        except OSError as exc:
+            self.events.emit(ConnectionRefused(peer, f"{exc}; disconnected"))
+        return None
+
+    async def handshake(self, conn: AsyncConnection) -> RemoteClient | None:
+        hello = await conn.recv_message(PRE_AUTH_CONTROL_BYTES)
+        if hello["header"] != "<HELLO>":
+            raise BadMessage(f"expected <HELLO> first, got {hello['header']}")
+        if hello["protocol_version"] != PROTOCOL_VERSION:
+            raise BadMessage(f"protocol version {hello['protocol_version']} is not supported; this server speaks "
+                             f"{PROTOCOL_VERSION} (update the client)")
+        client_id = hello["client_id"]
+        if self.auth.required:
+            nonce = security.new_nonce()
+            await conn.send([encode_message("<CHALLENGE>", nonce=nonce.hex())])
+            answer = await conn.recv_message(PRE_AUTH_CONTROL_BYTES)
+            if answer["header"] == "<ERROR>":
+                raise ConnectionClosed(f"client {client_id} gave up at the challenge: {answer['message'][:200]}")
+            if answer["header"] != "<AUTH>" or not self.auth.verify(client_id, nonce, answer["mac"]):
+                raise BadMessage(f"authentication failed for client id {client_id}")
+        missing = [f for f in self.required_features if f not in hello["features"]]
+        refusal = self.pool.refusal(client_id, self.welcome.next_round(), self.welcome.num_rounds)
+        if missing and not refusal:
+            refusal = (f"this run needs the client features {', '.join(missing)}, which this client does not have "
+                       f"(update it)")
+        if refusal:
+            self.events.emit(ConnectionRefused(conn.peer, refusal, client_id))
+            await conn.send_error(refusal)
+            await conn.close()
+            return None
+        client = RemoteClient(self, client_id, conn, self.welcome.max_examples(client_id))
+        rejoined = self.pool.training_started
+        self.pool.joined(client)
+        await conn.send([encode_message("<METADATA>", **self.welcome.fields(client_id))])
+        self.events.emit(ClientJoined(client_id, conn.peer, rejoined))
+        return client
+
+    # ---- heartbeats
+    async def heartbeat_loop(self) -> None:
+        """Tell every connected client, now and then, that the server is alive and what it waits for,
+        so that a client can tell a slow round from a server that is gone."""
+        while True:
+            await asyncio.sleep(self.heartbeat_s)  # a period, not synchronisation
+            status = self.status()
+            if self.buffers.receiving:
+                status += f"; {self.buffers.receiving} update(s) arriving"
+            frame = encode_message("<WAITING>", message=status)
+            for client in list(self.pool.connected.values()):
+                if not client.conn.sending:  # a model on its way says the same
+                    self.send_soon(client, [frame])

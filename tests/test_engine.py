@@ -1,0 +1,223 @@
+"""The round engine with fake clients behind the ClientProxy seam: no socket, no process, milliseconds.
+
+Each fake client answers `fit` with the global weights plus its own fixed step, so every
+aggregate can be computed by hand. A fake can drop (raise Dropped), or stall until the
+test opens its gate; the test opens gates from the engine's own events (an observer),
+never after a sleep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+import pytest
+import torch
+
+from fedsock.clients import ClientPool, Dropped, FitIns, FitRes, GlobalModel
+from fedsock.config import ServerConfig
+from fedsock.console import ExitStatus
+from fedsock.events import ClientDropped, Event, Events, Observer, RoundFailed, RoundFinished, RoundSaved, RoundStarted
+from fedsock.strategies import Strategy
+from fedsock.transport import Traffic
+from fl_server import RoundEngine, RunFailed, strategy_settings
+
+RUN_TIMEOUT_S = 20  # a bound on every run below (each takes milliseconds)
+
+
+class FakeClient:
+    def __init__(self, client_id: int, step: float = 1.0, num_examples: int = 10):
+        self.client_id, self.step, self.num_examples = client_id, step, num_examples
+        self.pool: ClientPool | None = None
+        self.fits: list[int] = []  # the rounds it was sent a model for
+        self.acks: list[tuple[int, bool]] = []
+        self.finished: tuple | None = None
+        self.gate: asyncio.Event | None = None  # when set: a stalled client waits for it
+        self.drop: str | None = None  # when set: fit raises Dropped with this reason
+        self.leaves = True  # a dropped client leaves the pool, as a closed connection does
+
+    async def fit(self, ins: FitIns) -> FitRes:
+        self.fits.append(ins.round)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.drop:
+            if self.leaves:
+                self.pool.remove(self.client_id)
+            raise Dropped(self.drop)
+        tensors = {name: t + self.step for name, t in ins.model.tensors.items()}
+        return FitRes(self.client_id, ins.round, self.num_examples, tensors,
+                      {"train_loss": 0.5, "local_test_accuracy": 0.9, "fit_seconds": 0.01})
+
+    def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
+        self.acks.append((result.round, accepted))
+
+    async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
+        self.finished = (completed, rounds_completed, message)
+
+
+class Recorder(Observer):
+    """Keeps every event, and runs the test's hooks on chosen ones."""
+
+    def __init__(self):
+        self.events: list[Event] = []
+        self.hooks: list[tuple[Callable[[Event], bool], Callable[[], None]]] = []
+
+    def on(self, matches: Callable[[Event], bool], action: Callable[[], None]) -> None:
+        self.hooks.append((matches, action))
+
+    def notify(self, event: Event) -> None:
+        self.events.append(event)
+        for matches, action in self.hooks:
+            if matches(event):
+                action()
+
+    def of(self, kind: type) -> list:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def rows(self) -> list[dict]:
+        return [e.row for e in self.of(RoundSaved)]
+
+
+def engine_for(clients: list[FakeClient], **changes) -> tuple[RoundEngine, Recorder]:
+    config = ServerConfig(**{"num_clients": len(clients), "model": "logreg", "time_to_wait_s": 0.0,
+                             "round_timeout_s": 0.3, "num_rounds": 3, "round_retries": 1, **changes})
+    pool = ClientPool(config.num_clients)
+    for client in clients:
+        client.pool = pool
+        pool.joined(client)
+        pool.add(client)
+    recorder = Recorder()
+    engine = RoundEngine(config, Strategy(strategy_settings(config)), pool, GlobalModel.of({"w": torch.zeros(2)}),
+                         lambda tensors: {"test_accuracy": float(tensors["w"][0]), "test_loss": 0.0},
+                         Events([recorder]), Traffic())
+    return engine, recorder
+
+
+def run(engine: RoundEngine) -> int:
+    async def bounded() -> int:
+        return await asyncio.wait_for(engine.run(), RUN_TIMEOUT_S)
+
+    return asyncio.run(bounded())
+
+
+def test_each_round_is_the_example_weighted_mean_of_the_updates():
+    clients = [FakeClient(1, step=1.0, num_examples=1), FakeClient(2, step=4.0, num_examples=3)]
+    engine, recorder = engine_for(clients)
+    assert run(engine) == ExitStatus.OK
+    # every round moves w by (1 * 1 + 3 * 4) / 4 = 3.25
+    assert [row["test_accuracy"] for row in recorder.rows()] == [3.25, 6.5, 9.75]
+    assert [(row["clients"], row["expected"]) for row in recorder.rows()] == [(2, 2)] * 3
+    assert engine.model.tensors["w"].tolist() == [9.75, 9.75]
+    for client in clients:
+        assert client.fits == [1, 2, 3] and client.acks == [(1, True), (2, True), (3, True)]
+        assert client.finished[:2] == (True, 3) and "final test accuracy 975.00%" in client.finished[2]
+
+
+def test_a_dropped_client_is_left_out_and_the_round_goes_on():
+    clients = [FakeClient(1), FakeClient(2, step=3.0), FakeClient(3)]
+    engine, recorder = engine_for(clients)
+    recorder.on(lambda e: isinstance(e, RoundStarted) and e.number == 2, lambda: setattr(clients[1], "drop", "connection closed"))
+    assert run(engine) == ExitStatus.OK
+    assert [row["clients"] for row in recorder.rows()] == [3, 2, 2]
+    drops = recorder.of(ClientDropped)
+    assert [(d.number, d.client_id, d.reason, d.timed_out) for d in drops] == [(2, 2, "connection closed", False)]
+    assert engine.drops and "client 2 in round 2 (connection closed)" in engine.drops[0]
+    assert clients[1].finished is None  # it left: nobody to tell
+
+
+def test_a_stalled_client_is_left_out_at_the_timeout_and_its_late_update_is_refused():
+    clients = [FakeClient(1), FakeClient(2)]
+    clients[1].gate = asyncio.Event()
+    engine, recorder = engine_for(clients)
+    # Round 2 starts while client 2 still trains round 1's model: it is not sent round 2's.
+    recorder.on(lambda e: isinstance(e, RoundStarted) and e.number == 2, clients[1].gate.set)
+    assert run(engine) == ExitStatus.OK
+    assert [(row["clients"], row["expected"]) for row in recorder.rows()] == [(1, 2), (1, 1), (2, 2)]
+    timed_out = recorder.of(ClientDropped)
+    assert [(d.number, d.client_id, d.timed_out) for d in timed_out] == [(1, 2, True)]
+    assert clients[1].fits == [1, 3]  # no new model while its late update was outstanding
+    assert clients[1].acks == [(1, False), (3, True)]
+
+
+def test_too_few_updates_retry_the_round_then_the_run_gives_up():
+    clients = [FakeClient(1), FakeClient(2)]
+    clients[1].drop, clients[1].leaves = "it crashed", False  # flaky: stays, and fails every time
+    engine, recorder = engine_for(clients, min_clients=2, round_retries=2)
+    with pytest.raises(RunFailed, match="round 1 failed 3 times; the last good model is round 0"):
+        run(engine)
+    failed = recorder.of(RoundFailed)
+    assert [(f.number, f.got, f.needed, f.retry) for f in failed] == [(1, 1, 2, 1), (1, 1, 2, 2), (1, 1, 2, 0)]
+    assert clients[0].fits == [1, 1, 1]  # the same round, retried with the same model
+    assert clients[0].finished[0] is False and not recorder.of(RoundSaved)
+
+
+def test_an_update_from_an_earlier_attempt_of_the_same_round_counts():
+    clients = [FakeClient(1), FakeClient(2, step=3.0)]
+    clients[1].gate = asyncio.Event()
+    engine, recorder = engine_for(clients, min_clients=2, num_rounds=1)
+    recorder.on(lambda e: isinstance(e, RoundStarted) and e.attempt == 1, clients[1].gate.set)
+    assert run(engine) == ExitStatus.OK
+    started = recorder.of(RoundStarted)
+    assert [(s.attempt, s.picked, s.expected) for s in started] == [(0, [1, 2], [1, 2]), (1, [1], [1, 2])]
+    assert recorder.rows()[0]["clients"] == 2 and clients[1].fits == [1]
+    assert engine.model.tensors["w"].tolist() == [2.0, 2.0]  # (1 + 3) / 2
+
+
+def test_sampling_sends_the_model_only_to_the_picked_clients():
+    clients = [FakeClient(k) for k in range(1, 11)]
+    engine, recorder = engine_for(clients, clients_per_round=3, seed=5)
+    assert run(engine) == ExitStatus.OK
+    for started in recorder.of(RoundStarted):
+        assert len(started.picked) == 3 and started.idle == 7
+        assert {c.client_id for c in clients if started.number in c.fits} == set(started.picked)
+    again, again_recorder = engine_for([FakeClient(k) for k in range(1, 11)], clients_per_round=3, seed=5)
+    run(again)
+    assert [s.picked for s in again_recorder.of(RoundStarted)] == [s.picked for s in recorder.of(RoundStarted)]
+    assert len({tuple(s.picked) for s in recorder.of(RoundStarted)}) > 1  # not the same three every round
+
+
+def test_a_stop_during_a_round_ends_the_run_and_nobody_is_called_dropped():
+    clients = [FakeClient(1), FakeClient(2)]
+    engine, recorder = engine_for(clients, round_timeout_s=30.0)
+
+    def stall_and_stop() -> None:  # the fits of round 2 start after this event: client 2 stalls in it
+        clients[1].gate = asyncio.Event()
+        engine.request_stop("SIGINT")
+
+    recorder.on(lambda e: isinstance(e, RoundStarted) and e.number == 2, stall_and_stop)
+    assert run(engine) == ExitStatus.INTERRUPTED
+    for client in clients:
+        assert client.finished[:2] == (False, 1)
+        assert "the server was stopped (SIGINT) after round 1; it can resume from its checkpoint" in client.finished[2]
+    assert not recorder.of(ClientDropped)
+
+
+def test_a_stop_before_any_round_says_there_is_nothing_to_resume():
+    clients = [FakeClient(1)]
+    clients[0].gate = asyncio.Event()
+    engine, recorder = engine_for(clients, round_timeout_s=30.0)
+    recorder.on(lambda e: isinstance(e, RoundStarted), lambda: engine.request_stop("SIGTERM"))
+    assert run(engine) == ExitStatus.TERMINATED
+    assert "before any round completed; there is no checkpoint to resume from" in clients[0].finished[2]
+
+
+def test_the_server_optimiser_state_goes_into_every_checkpoint():
+    engine, recorder = engine_for([FakeClient(1, step=2.0)], strategy="fedavgm", server_momentum=0.5, num_rounds=2)
+    assert run(engine) == ExitStatus.OK
+    states = [e.checkpoint.strategy_state for e in recorder.of(RoundFinished)]
+    # round 1: v = 2, x = 2; round 2: delta 2, v = 0.5 * 2 + 2 = 3, x = 5
+    assert [s["momentum/w"].tolist() for s in states] == [[2.0, 2.0], [3.0, 3.0]]
+    assert engine.model.tensors["w"].tolist() == [5.0, 5.0]
+
+
+def test_a_robust_strategy_holds_off_a_poisoned_update():
+    clients = [FakeClient(k, step=1.0) for k in range(1, 5)] + [FakeClient(5, step=-100.0, num_examples=10**6)]
+    fedavg, _ = engine_for([FakeClient(k, step=c.step, num_examples=c.num_examples) for k, c in enumerate(clients, 1)],
+                           num_rounds=1)
+    run(fedavg)
+    assert fedavg.model.tensors["w"][0] < -99  # the claimed example count lets one client pull the mean anywhere
+    for strategy in ("median", "trimmed-mean", "krum", "multi-krum"):
+        fresh = [FakeClient(c.client_id, step=c.step, num_examples=c.num_examples) for c in clients]
+        engine, _ = engine_for(fresh, strategy=strategy, num_rounds=1, min_clients=5, byzantine_clients=1)
+        assert run(engine) == ExitStatus.OK
+        assert engine.model.tensors["w"].tolist() == [1.0, 1.0], strategy
