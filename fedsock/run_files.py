@@ -163,29 +163,23 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 def _read_checkpoint(path: Path) -> Checkpoint:
-    data = path.read_bytes()
+    data = memoryview(path.read_bytes())
     if not data:
         raise ValueError("the file is empty (0 bytes), not a checkpoint (was the disk full when it was written?)")
     reader, position = FrameReader(), 0
 
-    def next_frame(limit: int, blob: bytearray | None = None) -> Any:
+    def read_into(target: memoryview) -> int:
         nonlocal position
-        (reader.expect_blob(blob) if blob is not None else reader.expect_message(limit))
-        view = memoryview(data)
-
-        def read_into(target: memoryview) -> int:
-            nonlocal position
-            n = min(len(target), len(data) - position)
-            target[:n] = view[position : position + n]
-            position += n
-            return n
-
-        reader.fill_from(read_into)
-        return reader.payload
+        n = min(len(target), len(data) - position)
+        target[:n] = data[position : position + n]
+        position += n
+        return n
 
     try:
-        header = next_frame(MAX_CHECKPOINT_JSON_BYTES)
-        state = json.loads(bytes(header))
+        reader.expect_message(MAX_CHECKPOINT_JSON_BYTES)
+        reader.fill_from(read_into)
+        header_end = position - reader.staged
+        state = json.loads(bytes(reader.payload))
     except (ProtocolError, ValueError) as exc:
         raise ValueError(f"not a fedsock checkpoint ({exc})") from None
     if not isinstance(state, dict) or state.get("header") != "<CHECKPOINT>":
@@ -195,19 +189,22 @@ def _read_checkpoint(path: Path) -> Checkpoint:
                          f"this one reads {CHECKPOINT_FORMAT})")
     layout = state.get("weights")
     nbytes = layout.get("nbytes") if isinstance(layout, dict) else None
-    if not isinstance(nbytes, int) or not 0 <= nbytes <= len(data):
-        raise ValueError("the weights part is missing or cut short")
+    if not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError("it has no valid weights layout")
+    body_end = header_end + 8 + nbytes  # then the checksum frame: its 8-byte length (32) and the digest
+    if len(data) < body_end + 8 + DIGEST_BYTES:
+        raise ValueError(f"the file is cut short ({len(data)} bytes; its layout needs {body_end + 8 + DIGEST_BYTES})")
+    if len(data) > body_end + 8 + DIGEST_BYTES:
+        raise ValueError("the checksum is followed by junk")
+    digest = hashlib.sha256(data[:body_end]).digest()
+    if data[body_end:] != frame_header(DIGEST_BYTES) + digest:
+        raise ValueError("it is damaged: its SHA-256 checksum does not match its contents")
     blob = bytearray(nbytes)
     try:
-        next_frame(0, blob)
-        body_end = position - reader.staged
-        digest = next_frame(DIGEST_BYTES)
+        reader.expect_blob(blob)  # takes what the reader already read ahead, then the rest
+        reader.fill_from(read_into)
     except ProtocolError as exc:
-        raise ValueError(f"the file is cut short ({exc})") from None
-    if reader.staged or position != len(data):
-        raise ValueError("the checksum is followed by junk")
-    if len(digest) != DIGEST_BYTES or hashlib.sha256(memoryview(data)[:body_end]).digest() != bytes(digest):
-        raise ValueError("it is damaged: its SHA-256 checksum does not match its contents")
+        raise ValueError(f"its weights part does not match its layout ({exc})") from None
     return _checked(state, decode_weights(layout, blob))
 
 

@@ -55,6 +55,11 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
+    def run_program(self, program: str, *args: str) -> Proc:
+        proc = Proc([program, *args], program)
+        self.procs.append(proc)
+        return proc
+
     def flood(self, count: int = 300, port: int | None = None) -> Proc:
         """`count` silent connections to the server, each re-opened when the server closes it
         (tests/flood.py), until stop_flood(); returns once they are all open."""

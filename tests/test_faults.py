@@ -1,6 +1,13 @@
 """Fault injection with real processes: clients killed or stalled, the server killed, interrupted and resumed."""
 
+import errno
+import re
+import shutil
 import signal
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from conftest import FAST, read_metrics
 from fedsock.run_files import read_checkpoint
@@ -79,6 +86,8 @@ def test_sigint_tells_clients_and_leaves_a_checkpoint(cluster, tmp_path):
         assert client.finish(timeout=60) == 0
         client.wait_for(r"server: the server was stopped \(SIGINT\) after round \d+; it can resume from its checkpoint")
         assert "Traceback" not in client.output
+    # The clients left because they were told to: that is the run's clean end, not a drop.
+    assert "dropped" not in server.output and "goes on without it" not in server.output, server.output
     state = read_checkpoint(out / "checkpoint.fsck")
     assert 1 <= state.round < 20 and len(read_metrics(out / "metrics.csv")) == state.round
     assert not (out / "checkpoint.fsck.tmp").exists()
@@ -125,3 +134,94 @@ def test_a_client_gives_up_when_the_server_goes_silent(cluster, tmp_path):
     finally:
         server.signal(signal.SIGCONT)
     client.wait_for(r"error: the server at 127.0.0.1:\d+ sent nothing for 5 s; giving up")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs of the test's own, so that the test can fill the disk under a running server."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill (needs root): {made.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write zeros into `folder` until its file system is full."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(bytes(64 << 10))
+                f.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+    return filler
+
+
+def test_a_full_disk_ends_the_run_cleanly_and_the_files_agree(cluster, small_disk):
+    out = small_disk / "run"
+    server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "12", "--local-epochs", "3", output_dir=out)
+    clients = [cluster.client(k) for k in (1, 2)]
+    server.wait_for(r"round 2/12  clients 2/2")
+    filler = fill(small_disk)
+    assert server.finish(timeout=120) == 1
+    error = server.wait_for(r"fl_server.py: error: cannot write the checkpoint \S+checkpoint.fsck for round (\d+): "
+                            r"No space left on device; the checkpoint of round (\d+) is intact: resume with --resume")
+    failed, safe = int(error.group(1)), int(error.group(2))
+    assert failed == safe + 1
+    for client in clients:  # told the run is over, with why: not a crash
+        assert client.finish(timeout=60) == 0
+        client.wait_for(r"server: cannot write the checkpoint .* for round \d+: No space left on device")
+    assert not list(out.glob("*.tmp")), list(out.glob("*"))
+    assert read_checkpoint(out / "checkpoint.fsck").round == safe
+    assert [r["round"] for r in read_metrics(out / "metrics.csv")] == list(range(1, safe + 1))  # they agree
+    assert "Traceback" not in server.output
+    # Room again: the run resumes from the safe round, and metrics.csv has each round once.
+    filler.unlink()
+    resumed = cluster.server("--resume", str(out / "checkpoint.fsck"), "--time-to-wait", "30", output_dir=out)
+    clients = [cluster.client(k) for k in (1, 2)]
+    assert [c.finish() for c in clients] == [0, 0] and resumed.finish() == 0
+    assert [r["round"] for r in read_metrics(out / "metrics.csv")] == list(range(1, 13))
+
+
+def test_an_output_folder_that_vanishes_mid_run_ends_it_cleanly(cluster, tmp_path):
+    out = tmp_path / "run"
+    server = cluster.server(*FAST, "--num-clients", "1", "--num-rounds", "12", "--local-epochs", "3")
+    client = cluster.client(1)
+    server.wait_for(r"round 2/12  clients 1/1")
+    shutil.rmtree(out)
+    assert server.finish(timeout=120) == 1
+    server.wait_for(r"fl_server.py: error: cannot write the checkpoint \S+ for round \d+: No such file or directory; "
+                    r"the checkpoint of round \d+ is intact")
+    assert client.finish(timeout=60) == 0  # <FINISHED> came, with the reason
+    client.wait_for(r"server: cannot write the checkpoint")
+    assert "Traceback" not in server.output
+
+
+def test_a_damaged_checkpoint_is_one_line_that_names_it(cluster, tmp_path):
+    out = tmp_path / "run"
+    server = cluster.server(*FAST, "--num-clients", "1", "--num-rounds", "1")
+    assert cluster.client(1).finish() == 0 and server.finish() == 0
+    data = bytearray((out / "checkpoint.fsck").read_bytes())
+    data[len(data) // 2] ^= 0x40
+    (out / "damaged.fsck").write_bytes(data)
+    (out / "empty.fsck").write_bytes(b"")
+    for name, reason in (("damaged.fsck", "it is damaged: its SHA-256 checksum does not match its contents"),
+                         ("empty.fsck", r"the file is empty \(0 bytes\), not a checkpoint")):
+        resumed = cluster.server("--resume", str(out / name), "--num-rounds", "3", wait=False)
+        assert resumed.finish(timeout=60) == 2
+        assert re.search(rf"^fl_server.py: error: cannot resume from \S+{name}: {reason}", resumed.output, re.M), resumed.output
+        assert "Traceback" not in resumed.output
+
+
+def test_a_server_stopped_before_its_first_checkpoint_does_not_promise_one(cluster, tmp_path):
+    server = cluster.server(*FAST, "--num-clients", "2", "--time-to-wait", "60")
+    server.signal(signal.SIGTERM)
+    assert server.finish(timeout=60) == 143
+    server.wait_for(r"the server was stopped \(SIGTERM\) before any round completed; there is no checkpoint to resume from")
+    assert not (tmp_path / "run" / "checkpoint.fsck").exists()

@@ -1,5 +1,6 @@
 """Whole federations: a real server and real client processes on 127.0.0.1."""
 
+import re
 import socket
 
 import pytest
@@ -93,6 +94,14 @@ def test_no_server_is_one_line_and_non_zero(cluster):
         (["--tls-cert", "nope.pem"], "--tls-cert and --tls-key go together"),
         (["--tls-cert", "nope.pem", "--tls-key", "nope.key"], "cannot load --tls-cert/--tls-key"),
         (["--resume", "no-such-checkpoint"], "cannot resume from no-such-checkpoint"),
+        (["--num-clients", "65000"], "--num-clients 65000 would leave clients with fewer than 10 of the 60000 training "
+                                     "examples; use --num-clients 6000 or fewer"),
+        (["--server-momentum", "0.9"], "--server-momentum applies to --strategy fedavgm, not fedavg"),
+        (["--strategy", "krum", "--num-clients", "4"], "krum with --byzantine-clients 1 needs at least 5 updates a round"),
+        (["--clients-per-round", "3", "--fraction-fit", "0.5"], "use --clients-per-round or --fraction-fit, not both"),
+        (["--clients-per-round", "9"], "--clients-per-round 9 is more than --num-clients 5"),
+        (["--initial-model", "nope.pt"], "cannot read --initial-model nope.pt"),
+        (["--fraction-fit", "0"], "--fraction-fit: must be 0..1"),
     ],
 )
 def test_bad_server_flags_are_one_line_errors(cluster, args, message):
@@ -116,6 +125,18 @@ def test_bad_client_flags_are_one_line_errors(cluster, args, message):
     assert client.finish(timeout=30) == 2
     assert message in client.output
     assert_no_traceback(client)
+
+
+def test_help_names_each_setting_as_its_flag(cluster):
+    """--help shows a flag's value by the flag's own name or unit, never an internal field name."""
+    for program in ("fl_server.py", "fl_client.py"):
+        proc = cluster.run_program(program, "--help")
+        assert proc.finish(timeout=60) == 0
+        assert not re.search(r"\b[A-Z_]+_S\b", proc.output), proc.output  # TIME_TO_WAIT_S, HEARTBEAT_S, ...
+    server_help = cluster.procs[0].output
+    for flag in ("--time-to-wait SECONDS", "--heartbeat-interval SECONDS", "--round-timeout SECONDS",
+                 "--handshake-timeout SECONDS", "--num-clients N", "--clients-per-round K"):
+        assert flag in server_help, flag
 
 
 def test_port_in_use_and_missing_data(cluster, tmp_path):

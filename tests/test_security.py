@@ -275,6 +275,21 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(cluster, tmp_p
     assert_one_clear_line(stranger, r"TLS: .*client('s)? certificate")
 
 
+def test_a_flood_of_silent_connections_does_not_lock_a_tls_lobby(cluster, tmp_path, pki):
+    """Over TLS a silent peer stalls the handshake itself (the server waits for its ClientHello):
+    300 of them, re-opened as they are shed, while five TLS clients with a token join and finish."""
+    token_file = secret_file(tmp_path / "token", TOKEN)
+    server = cluster.server(*FAST, "--num-clients", "5", "--num-rounds", "2", "--time-to-wait", "120",
+                            *cert_flags(pki["server"]), "--auth-token-file", token_file)
+    flood = cluster.flood(300)
+    clients = [cluster.client(k, "--tls-ca", pki["ca"], "--auth-token-file", token_file, "--connect-timeout", "60")
+               for k in range(1, 6)]
+    assert [c.finish(timeout=180) for c in clients] == [0] * 5
+    opened = cluster.stop_flood(flood)
+    assert server.finish(timeout=60) == 0 and opened > 300
+    server.wait_for(r"evicted: 64 connections were in their handshake and this one had sent nothing")
+
+
 # --------------------------------------------------------------------------- tokens
 
 

@@ -146,3 +146,52 @@ def test_a_connection_reads_only_so_much_at_once_before_the_event_loop_gets_a_tu
     read_at_once, blob = asyncio.run(asyncio.wait_for(main(), 2 * TIMEOUT_S))
     assert 0 < read_at_once <= 100_000  # the rest came in the event loop's own turns
     assert blob == payload
+
+
+def test_a_send_still_waiting_when_the_connection_closes_ends_cleanly():
+    """A network partition, as the server saw it: a <MODEL> waits for room in a peer's full socket,
+    a heartbeat waits behind it, and the connection is closed (the client was dropped). When the
+    link comes back and the socket drains, the waiting sends must end with ConnectionClosed, not
+    write into a transport that has already sent its end of file (asyncio's RuntimeError: "Cannot
+    call write() after write_eof()", an exception nobody retrieved)."""
+    from socket_methods import ConnectionClosed
+
+    problems: list[str] = []
+
+    async def scenario() -> list:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _, context: problems.append(str(context.get("exception") or context)))
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            listener.setblocking(False)
+            peer = socket.socket()
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)  # a small window: the model cannot fit
+            peer.connect(listener.getsockname())
+            peer.sendall(b"\0")  # its first byte, as a client's <HELLO> would be
+            sock, _ = await asyncio.wait_for(loop.sock_accept(listener), TIMEOUT_S)
+            conn = await open_accepted(sock, Traffic(), None, TIMEOUT_S, TIMEOUT_S, socket_buffer_bytes=SMALL)
+            layout, blob = encode_weights(model(3))
+            sends = [asyncio.ensure_future(conn.send(frame_weights("<MODEL>", blob, round=1, weights=layout))),
+                     asyncio.ensure_future(conn.send([encode_message("<WAITING>", message="heartbeat")]))]
+            for _ in range(1000):  # event-loop turns until the model has filled the socket and waits for room
+                if not conn._writable.is_set():
+                    break
+                await asyncio.sleep(0)
+            assert not conn._writable.is_set() and not any(s.done() for s in sends), "the model fit into the socket"
+            closing = asyncio.ensure_future(conn.close(timeout_s=TIMEOUT_S))
+            await asyncio.sleep(0)
+            await loop.run_in_executor(None, drain, peer)  # the link is back: the peer reads everything
+            await asyncio.wait_for(closing, TIMEOUT_S)
+            outcomes = await asyncio.gather(*sends, return_exceptions=True)
+            peer.close()
+            return outcomes
+
+    def drain(peer: socket.socket) -> None:
+        peer.settimeout(TIMEOUT_S)
+        while peer.recv(1 << 20):
+            pass
+        peer.shutdown(socket.SHUT_WR)  # and closes its side too, as the server's close waits for
+
+    outcomes = asyncio.run(scenario())
+    assert not problems, problems
+    assert all(o is None or isinstance(o, ConnectionClosed) for o in outcomes), outcomes
+    assert any(isinstance(o, ConnectionClosed) for o in outcomes), outcomes
