@@ -252,7 +252,7 @@ class Progress:
 
             def line(done: int) -> None:
                 if done in marks:
-                    say(self.config.who, f"{description}: {100 * done // total}% ({done}/{total} batches, "
+                    say(self.config.who, f"{description}: {100 * done // total}% trained ({done}/{total} batches, "
                                          f"{time.perf_counter() - started:.1f} s)")
 
             return line
@@ -260,7 +260,7 @@ class Progress:
             return None
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total, desc=description, unit="batch", leave=False)
+        self.bar = tqdm(total=total, desc=f"{self.config.who} {description}", unit="batch", leave=False)
         return lambda done: self.bar.update(done - self.bar.n)
 
     def stop(self) -> None:
@@ -321,7 +321,7 @@ class LocalTrainer:
         conn.recv_blob(self.received.buffer)
         tensors = self.received.tensors  # views of the bytes just received
         check_finite(tensors)
-        description = f"client {self.config.client_id} round {number}/{self.num_rounds}"
+        description = f"round {number}/{self.num_rounds}"
         batches = self.nnh.batches_per_round(self.num_examples, message["local_epochs"], message["batch_size"])
         try:
             metrics = self.nnh.local_round(

@@ -60,13 +60,13 @@ class Proc:
     error: type[Exception] = RuntimeError
 
     def __init__(self, args: list[str], name: str, env: dict | None = None, cwd: Path = ROOT, stdin_pipe: bool = False,
-                 preexec_fn=None):
+                 preexec_fn=None, interpreter: str | None = PYTHON):
         self.name = name
         self.args = args
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         self.popen = subprocess.Popen(
-            [PYTHON, "-u", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [interpreter, "-u", *args] if interpreter else args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})}, stdin=subprocess.PIPE if stdin_pipe else None, preexec_fn=preexec_fn,
         )
         self.pid = self.popen.pid

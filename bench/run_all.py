@@ -29,6 +29,7 @@ import broadcast_once  # noqa: E402
 import many_clients  # noqa: E402
 import overhead  # noqa: E402
 import startup  # noqa: E402
+import training  # noqa: E402
 import wire  # noqa: E402
 from common import BENCH, ROOT, Row, say  # noqa: E402
 
@@ -44,6 +45,7 @@ def benchmarks(args: argparse.Namespace) -> dict[str, tuple[str, callable]]:
         "3": ("overhead per round", lambda: overhead.run(args.quick, models)),
         "4": ("many clients, flat memory", lambda: many_clients.run(args.quick)),
         "5": ("client startup", lambda: startup.run(args.quick)),
+        "6": ("local training against a plain loop", lambda: training.run(args.quick)),
     }
 
 
@@ -88,7 +90,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions and rounds, no cnn federation (~2 min)")
     parser.add_argument("--skip-cnn", action="store_true", help="leave out the cnn federation of benchmark 3 (~2 min)")
-    parser.add_argument("--only", nargs="+", choices=("1", "2", "3", "4", "5"), help="run only these benchmarks")
+    parser.add_argument("--only", nargs="+", choices=("1", "2", "3", "4", "5", "6"), help="run only these benchmarks")
     args = parser.parse_args()
     chosen = benchmarks(args)
     rows: list[Row] = []

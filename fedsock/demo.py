@@ -62,7 +62,8 @@ def server_command(args: argparse.Namespace, port: int, output_dir: Path, extra:
 
 def client_command(client_id: int, port: int, quiet: bool) -> list[str]:
     return [sys.executable, "-u", program("fl_client"), "--client-id", str(client_id), "--server-port", str(port),
-            *(["--quiet"] if quiet else [])]
+            # Interleaved lines cannot hold a progress bar: a line per client each quarter of its training instead.
+            *(["--quiet", "--progress-every", "25"] if quiet else [])]
 
 
 def pump(proc: subprocess.Popen, label: str, colour: str, tty: bool, ready: threading.Event | None = None,

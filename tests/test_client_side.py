@@ -177,11 +177,15 @@ def run_against(cluster, script, *args: str) -> tuple[FakeServer, object]:
 # --------------------------------------------------------------------------- the control case
 
 
-def test_a_valid_exchange_with_the_fake_server_trains_and_finishes(cluster):
+@pytest.mark.parametrize("changes", [{}, dict(num_clients=10**6, partition="dirichlet", alpha=0.01)],
+                         ids=["two clients", "a million clients"])
+def test_a_valid_exchange_with_the_fake_server_trains_and_finishes(cluster, changes):
+    """The control case. With a million clients announced, the client's work is the same: the server
+    says which examples are its own, so nothing the client computes grows with what is announced."""
     layout, blob = logreg_weights()
 
     def script(server: FakeServer, sock: socket.socket) -> None:
-        sock.sendall(metadata_frame())
+        sock.sendall(metadata_frame(**changes))
         ready = server.message(sock)  # the client loaded its data and warmed up
         assert ready is not None and ready["header"] == "<READY>" and ready["num_examples"] == 27000, ready
         sock.sendall(model_frames(layout, blob))

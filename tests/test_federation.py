@@ -22,8 +22,9 @@ def test_client_ids_are_printed_as_runs():
 
 def test_federation_trains_and_keeps_its_results(cluster, tmp_path):
     server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "3")
-    clients = [cluster.client(k) for k in (1, 2)]
+    clients = [cluster.client(1, "--progress-every", "50"), cluster.client(2)]
     assert [c.finish() for c in clients] == [0, 0]
+    clients[0].wait_for(r"\[client 1\] round 2/3: 50% trained \(422/844 batches, \d+\.\d s\)")  # a line, not a bar
     assert server.finish() == 0
     server.wait_for(r"round 3/3  clients 2/2  test acc \d+\.\d\d%  loss \d\.\d+  \d+\.\d s")
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
