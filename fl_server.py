@@ -467,8 +467,8 @@ def load_initial_model(path: str, template: dict[str, torch.Tensor]) -> dict[str
     try:
         # weights_only: PyTorch's restricted unpickler, which loads tensors and nothing that runs code.
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise UsageError(f"cannot read --initial-model {path}: {exc}".splitlines()[0]) from exc
+    except Exception as exc:  # torch.load raises many kinds (UnpicklingError, RuntimeError, EOFError, ...) for a bad file
+        raise UsageError(f"cannot read --initial-model {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"--initial-model {path} is not a model.pt (a state_dict of tensors)")
     try:

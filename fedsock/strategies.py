@@ -264,6 +264,8 @@ STRATEGIES = {
     "multi-krum": "mean of the n-f updates nearest their neighbours (Blanchard et al. 2017); holds every update",
 }
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
+# The server's learning rate when --server-lr is not given (tuned on bench/strategies.py: see the README).
+DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
 ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")
 
 
@@ -282,7 +284,7 @@ class Strategy:
     def server_lr(self) -> float:
         if self.settings.server_lr is not None:
             return self.settings.server_lr
-        return 1.0 if self.name == "fedavgm" else 0.01
+        return DEFAULT_SERVER_LR.get(self.name, 1.0)
 
     @property
     def collects(self) -> bool:

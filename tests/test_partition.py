@@ -14,7 +14,7 @@ def labels():
     return load_split("mnist", "train").labels
 
 
-@pytest.mark.parametrize("scheme, alpha", [("iid", 1.0), ("dirichlet", 0.1), ("dirichlet", 10.0)])
+@pytest.mark.parametrize("scheme, alpha", [("iid", 1.0), ("dirichlet", 0.1), ("dirichlet", 10.0), ("shards", 1.0)])
 def test_partitions_are_disjoint_complete_and_deterministic(labels, scheme, alpha):
     parts = partition_indices(labels, 7, scheme, alpha, seed=3)
     joined = np.concatenate(parts)
@@ -37,6 +37,35 @@ def test_label_skew_grows_as_alpha_falls(labels):
     skews = [label_skew(labels, partition_indices(labels, 10, "dirichlet", alpha, seed=0)) for alpha in (100, 1, 0.1)]
     assert skews[0] < skews[1] < skews[2]
     assert skews[0] < 0.1 and skews[2] > 0.5
+
+
+def test_shards_give_each_client_two_label_sorted_shards(labels):
+    """McMahan et al. 2017: sorted by label, 2N shards, two per client; with 100 clients each holds
+    600 examples, and nearly every client sees one or two labels."""
+    parts = partition_indices(labels, 100, "shards", 1.0, seed=0)
+    assert {len(p) for p in parts} == {600}
+    classes = [len(np.unique(labels[p])) for p in parts]
+    assert max(classes) <= 4 and np.mean([c <= 2 for c in classes]) > 0.8
+    assert label_skew(labels, parts) > label_skew(labels, partition_indices(labels, 100, "dirichlet", 0.5, seed=0))
+
+
+def test_too_many_clients_for_the_data_is_refused(labels):
+    with pytest.raises(client_helper.UsageError, match="use --num-clients 6000 or fewer"):
+        partition_indices(labels, 6001, "iid", 1.0, seed=0)
+    assert len(partition_indices(labels, 6000, "iid", 1.0, seed=0)) == 6000
+
+
+def test_a_partition_crosses_the_wire_as_a_bitmap_exactly():
+    from socket_methods import BadMessage, decode_bitmap, encode_bitmap
+
+    indices = np.array([0, 7, 8, 9999, 10000])
+    text = encode_bitmap(indices, 10001)
+    assert np.array_equal(decode_bitmap(text, 10001), indices)
+    assert len(text) == 4 * -(-(10001 + 7) // 8 // 3)  # base64 of ceil(10001 / 8) = 1251 bytes
+    with pytest.raises(BadMessage, match="bits set past the end"):
+        decode_bitmap(encode_bitmap([10003], 10004), 10001)
+    with pytest.raises(BadMessage, match="has 2 bytes; 10001 examples need 1251"):
+        decode_bitmap("AAA=", 10001)
 
 
 def test_local_split_holds_out_a_tenth_deterministically():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import hashlib
+import hmac
 import ipaddress
 import re
 import select
@@ -328,6 +330,29 @@ def test_token_authentication(cluster, tmp_path):
     server.wait_for(r"authentication failed for client id 1; disconnected")
     assert "chmod 600" not in honest[1].output
     assert_token_not_exposed(cluster, TOKEN)
+
+
+def test_the_challenge_answer_as_the_readme_writes_it(cluster, tmp_path):
+    """A third party's client computes the answer from the README alone: the secret is the token file's
+    first line, stripped, as UTF-8 bytes; the HMAC is over the nonce's 32 bytes, not its hex; the hex
+    of the answer may be upper case."""
+    token_file = secret_file(tmp_path / "token", "  s3cret with spaces inside \n# not part of it\n")
+    server = cluster.server(*FED, "--auth-token-file", token_file)
+    secret = b"s3cret with spaces inside"
+    for client_id, case in ((1, str.upper), (2, str.lower)):
+        peer = RawPeer(cluster.port)
+        nonce = bytes.fromhex(peer.hello(client_id)["nonce"])
+        mac = hmac.new(secret, b"fedsock-auth-v1\x00" + nonce + b"\x00" + str(client_id).encode("ascii"), hashlib.sha256)
+        peer.send("<AUTH>", mac=case(mac.hexdigest()))
+        assert peer.recv()["header"] == "<METADATA>"
+        peer.close()
+    wrong = RawPeer(cluster.port)
+    nonce_hex = wrong.hello(1)["nonce"]
+    over_hex = hmac.new(secret, b"fedsock-auth-v1\x00" + nonce_hex.encode() + b"\x00" + b"1", hashlib.sha256)
+    wrong.send("<AUTH>", mac=over_hex.hexdigest())  # the HMAC over the nonce's hex text is not the answer
+    assert wrong.recv() == {"header": "<ERROR>", "message": "authentication failed for client id 1"}
+    wrong.close()
+    server.kill()
 
 
 def test_per_client_secrets_do_not_open_other_ids(cluster, tmp_path):
