@@ -23,7 +23,7 @@ from typing import Any
 from fedsock import config as settings
 from fedsock import security
 from fedsock.config import setting
-from fedsock.console import ArgumentParser, FedsockError, RefusedError, UsageError, number, run_main, say, warn
+from fedsock.console import ArgumentParser, FedsockError, HelpFormatter, RefusedError, UsageError, number, run_main, say, warn
 from fedsock.transport import BlockingConnection, tune_socket
 from socket_methods import (
     MAX_CONTROL_BYTES,
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="fl_client.py",
         description="fedsock client: federated learning on this machine's data.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     settings.add_settings(parser, ClientConfig)
     parser.add_argument("--use-cuda", action=argparse.BooleanOptionalAction, default=None,
@@ -246,13 +246,13 @@ class Progress:
 
     def start(self, total: int, description: str):
         if self.config.progress_every:
-            step = max(1, total * self.config.progress_every // 100)
-            marks = set(range(step, total, step))
+            every = self.config.progress_every
+            marks = {-(-total * pct // 100): pct for pct in range(every, 100, every)}  # batch -> percent
             started = time.perf_counter()
 
             def line(done: int) -> None:
                 if done in marks:
-                    say(self.config.who, f"{description}: {100 * done // total}% trained ({done}/{total} batches, "
+                    say(self.config.who, f"{description}: {marks[done]}% trained ({done}/{total} batches, "
                                          f"{time.perf_counter() - started:.1f} s)")
 
             return line

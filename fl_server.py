@@ -46,7 +46,7 @@ from fedsock import config as settings
 from fedsock import security
 from fedsock.clients import ClientPool, ClientProxy, Dropped, FitIns, FitRes, GlobalModel, Stopped, wait_any
 from fedsock.config import ServerConfig
-from fedsock.console import ArgumentParser, ExitStatus, FedsockError, UsageError, run_main, say, warn
+from fedsock.console import ArgumentParser, ExitStatus, FedsockError, HelpFormatter, UsageError, run_main, say, warn
 from fedsock.events import (
     ClientDropped,
     Console,
@@ -80,9 +80,9 @@ class RunFailed(FedsockError):
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="fl_server.py",
-        description="fedsock server: federated learning over plain TCP (or TLS). Strategies: "
-                    + "; ".join(f"{name}: {what}" for name, what in STRATEGIES.items()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="fedsock server: federated learning over plain TCP (or TLS).",
+        epilog="strategies (--strategy):\n" + "\n".join(f"  {name:<13} {what}" for name, what in STRATEGIES.items()),
+        formatter_class=HelpFormatter,
     )
     settings.add_settings(parser, ServerConfig)
     parser.add_argument("--use-cuda", action=argparse.BooleanOptionalAction, default=None,
@@ -326,6 +326,7 @@ class RoundEngine:
             round_.aggregator.add(result.tensors, result.num_examples)
         finally:
             result.release()
+            result.tensors = {}  # views of a buffer that is reused now
         round_.expected.add(proxy.client_id)
         round_.reported[proxy.client_id] = {"num_examples": result.num_examples, **result.metrics}
         proxy.acknowledge(result, True, "update accepted")

@@ -130,7 +130,7 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "local_epochs": Field(int, 1, 1000, meaning="epochs to train"),
         "batch_size": Field(int, 1, 10**7, meaning="minibatch size"),
         "lr": Field(float, 0, 1000, low_open=True, meaning="SGD learning rate"),
-        "proximal_mu": Field(float, 0, 10**6, meaning="FedProx: add (mu/2)||w - w_global||^2 to the loss; 0 = off"),
+        "proximal_mu": Field(float, 0, 10**6, meaning="FedProx: add (mu/2)·‖w − w_global‖² to the loss; 0 = off"),
         "weights": Field(dict, meaning="the layout of the weights frame that follows"),
     },
     "<UPDATE>": {
@@ -290,6 +290,8 @@ class FrameReader:
         self._in_header = True
         self._limit = 0
         self._blob: memoryview | None = None
+        self._sink: Callable[[memoryview], None] | None = None  # windowed blobs: where each full window goes
+        self._remaining = 0  # windowed blobs: payload bytes not yet handed to the sink
         self.payload: bytes | bytearray | memoryview | None = None
         self.done = True
 
@@ -302,8 +304,14 @@ class FrameReader:
         view = memoryview(buffer).cast("B")
         self._start(len(view), view)
 
-    def _start(self, limit: int, blob: memoryview | None) -> None:
-        self._limit, self._blob = limit, blob
+    def expect_blob_in_windows(self, window: bytearray | memoryview, total: int,
+                               sink: Callable[[memoryview], None]) -> None:
+        """Next frame is weights of exactly `total` bytes, read `window` bytes at a time: each time
+        the window is full (and at the end), `sink(filled_part)` takes its bytes."""
+        self._start(total, memoryview(window).cast("B"), sink)
+
+    def _start(self, limit: int, blob: memoryview | None, sink: Callable[[memoryview], None] | None = None) -> None:
+        self._limit, self._blob, self._sink, self._remaining = limit, blob, sink, limit
         self._target, self._filled, self._in_header = memoryview(self._header), 0, True
         self.payload, self.done = None, False
         self._take_staged()
@@ -312,6 +320,13 @@ class FrameReader:
     def staged(self) -> int:
         """Bytes already received for the frames after this one."""
         return len(self._staged)
+
+    @property
+    def progress(self) -> int:
+        """Payload bytes of the frame being read received so far (0 while its length is read)."""
+        if self._in_header:
+            return 0
+        return self._limit - self._remaining + self._filled if self._sink is not None else self._filled
 
     def buffer(self) -> memoryview:
         # While a frame is not done, the stage is empty (`_take_staged` took it all).
@@ -330,7 +345,8 @@ class FrameReader:
             self._take_staged()
             return
         self._filled += nbytes
-        self.done = self._filled == len(self._target)
+        if self._filled == len(self._target):
+            self._end_part()
 
     def _take_staged(self) -> None:
         """Move staged bytes into the current frame until it is done or the stage is empty."""
@@ -344,14 +360,26 @@ class FrameReader:
 
     def _end_part(self) -> None:
         if not self._in_header:
-            self.done = True
+            if self._sink is None:
+                self.done = True
+                return
+            self._sink(self._target[: self._filled])  # a window is full: hand it on, start it over
+            self._remaining -= self._filled
+            self._filled = 0
+            self._target = self._blob[: min(len(self._blob), self._remaining)]
+            self.done = self._remaining == 0
             return
         (length,) = FRAME_HEADER.unpack(self._header)
-        if self._blob is not None and length != len(self._blob):
-            raise BadWeights(f"weights frame has {length} bytes, its layout says {len(self._blob)}")
+        expected = self._limit if self._sink is not None else len(self._blob) if self._blob is not None else None
+        if expected is not None and length != expected:
+            raise BadWeights(f"weights frame has {length} bytes, its layout says {expected}")
         if length > self._limit:
             raise FrameTooLarge(f"frame of {length} bytes is over the {self._limit}-byte limit")
         self._in_header, self._filled = False, 0
+        if self._sink is not None:
+            self._target = self._blob[: min(len(self._blob), length)]
+            self.done = length == 0
+            return
         if self._blob is None and length <= len(self._staged):  # a small message, all in the stage
             self.payload, self._staged = bytes(self._staged[:length]), self._staged[length:]
             self.done = True
@@ -364,6 +392,9 @@ class FrameReader:
         if self._in_header and self._filled == 0:
             return ConnectionClosed("the peer closed the connection")
         part = "header" if self._in_header else "payload"
+        if self._sink is not None and not self._in_header:
+            received = self._limit - self._remaining + self._filled
+            return TruncatedFrame(f"connection closed after {received} of {self._limit} frame payload bytes")
         return TruncatedFrame(
             f"connection closed after {self._filled} of {len(self._target)} frame {part} bytes"
         )

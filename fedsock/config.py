@@ -118,7 +118,7 @@ class ServerConfig:
     strategy: str = setting("fedavg", "how updates become the next global model (see the README's strategy table)",
                             group=STRATEGY, choices=("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                                                      "median", "trimmed-mean", "krum", "multi-krum"))
-    proximal_mu: float = setting(0.01, "fedprox: mu of the proximal term (mu/2)||w - w_global||^2 in each client's loss",
+    proximal_mu: float = setting(0.01, "fedprox: mu of the proximal term (mu/2)·‖w − w_global‖² in each client's loss",
                                  group=STRATEGY, type=non_negative_float, metavar="MU")
     server_lr: float | None = setting(None, "fedavgm/fedadam/fedyogi/fedadagrad: the server's learning rate "
                                             "(default: 1 for fedavgm, 0.01 for fedadam and fedyogi, 0.1 for fedadagrad)",

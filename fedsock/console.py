@@ -42,6 +42,15 @@ class RefusedError(FedsockError):
     exit_status = ExitStatus.REFUSED
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help with each flag's default (where it has one), and the description and epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (not the whole usage) and exit status 2."""
 

@@ -12,19 +12,19 @@ Two limits keep strangers and slow peers from hurting everyone else:
   oldest silent connection is evicted to make room (the oldest pending one if none is
   silent): a flood of mute sockets cannot lock honest clients out; it only ever
   evicts itself.
-- **Receive buffers.** Updates are received into a few pooled model-sized buffers. When
-  all are in use (slow senders hold them while their bytes trickle in), the next update
-  goes into a temporary file of its own instead, mapped into memory (the kernel keeps its
-  pages in the page cache and may write them to disk): no update waits for another
-  client's transfer, and the server's own memory stays flat however many updates are in
-  flight. Only if no such file can be made (a full disk) does an update wait for a buffer.
+- **Receive buffers.** Updates are received into a few pooled model-sized buffers. While
+  the updates holding them arrive fast, a buffer frees within milliseconds and the next
+  update waits for it (in TCP). When all have been held for a while by updates still
+  arriving (slow senders), the next update goes into a temporary file of its own instead,
+  written a 64 KB window at a time: no update waits for another client's slow transfer,
+  and the server's memory stays flat however many updates are in flight.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import mmap
-import os
 import socket
 import ssl
 import tempfile
@@ -46,6 +46,7 @@ from socket_methods import (
     WeightsBuffer,
     check_finite,
     check_layout,
+    decode_weights,
     encode_message,
     frame_weights,
 )
@@ -53,8 +54,13 @@ from socket_methods import (
 # A client's first byte comes one network trip after its connect; 3 s allows a slow
 # link, and sheds a silent connection long before --handshake-timeout (10 s).
 FIRST_BYTE_TIMEOUT_S = 3.0
-# Updates received into memory at once; past these, each goes to a file of its own.
+# Updates received into memory at once. Past these, an update waits for one of them, unless
+# every one is held by a slow update (held for SPOOL_AFTER_S, and arriving at less than
+# SLOW_BYTES_PER_S, 32 Mbit/s): then it goes to a file of its own. A 6.7 MB cnn update at
+# 4 MB/s takes under 2 s; on loopback, or a fast link, one takes milliseconds.
 RECEIVE_BUFFERS = 4
+SPOOL_AFTER_S = 0.25
+SLOW_BYTES_PER_S = 4 << 20
 # Waiting in TCP costs kernel memory, though: Linux grows each connection's socket
 # buffers by itself, up to several MB, so a thousand clients sending their updates at
 # once can pin gigabytes, past the kernel's TCP memory limit (tcp_mem), where it drops
@@ -67,59 +73,161 @@ SOCKET_BUFFER_MIN_BYTES = 256 << 10
 SOCKET_BUFFER_AUTOTUNED_BYTES = 4 << 20
 
 
-class SpooledBuffer(WeightsBuffer):
-    """A receive buffer in a temporary file of its own, mapped into memory (see the module's doc).
+class SpooledUpdate:
+    """An update received into a temporary file of its own (see the module's doc).
 
-    The file is unlinked from the start (O_TMPFILE), and its blocks are reserved at once
-    (posix_fallocate): a full disk is an OSError here, never a SIGBUS while receiving."""
+    Its bytes are written to the file a window at a time as they arrive, so the server
+    holds only the window; when the update is whole, the file is mapped (privately, for
+    reading) and its tensors are views of the map, for as long as it takes to fold them
+    in. The file is unlinked from the start (O_TMPFILE): nothing is left behind. A write
+    that fails (a full disk) is kept, and reported when the update is opened."""
+
+    WINDOW_BYTES = 64 << 10
 
     def __init__(self, layout: dict[str, Any], directory: Path):
-        self._file = tempfile.TemporaryFile(dir=directory, prefix=".fedsock-update-")
-        try:
-            os.posix_fallocate(self._file.fileno(), 0, layout["nbytes"])
-            super().__init__(layout, mmap.mmap(self._file.fileno(), layout["nbytes"]))
-        except BaseException:
-            self._file.close()
-            raise
+        self.layout = layout
+        self.file = tempfile.TemporaryFile(dir=directory, prefix=".fedsock-update-")
+        self.window = bytearray(self.WINDOW_BYTES)
+        self.error: OSError | None = None
+        self.tensors: dict[str, Any] = {}
+        self.opening: asyncio.Semaphore | None = None
+
+    def write(self, part: memoryview) -> None:
+        if self.error is None:
+            try:
+                self.file.write(part)
+            except OSError as exc:
+                self.error = exc
+
+    async def open(self, opening: asyncio.Semaphore) -> dict[str, Any]:
+        """The update's tensors, mapped from its file. At most a few are open at once (`opening`,
+        held until close): a whole update is in memory only while it is checked and folded in."""
+        if self.error is not None:
+            raise self.error
+        await opening.acquire()
+        self.opening = opening
+        self.file.flush()
+        mapped = mmap.mmap(self.file.fileno(), self.layout["nbytes"], access=mmap.ACCESS_COPY)
+        self.tensors = decode_weights(self.layout, mapped)
+        return self.tensors
 
     def close(self) -> None:
-        # The map is unmapped when its last tensor view is gone; the file's blocks are freed then.
+        # The map goes when its last tensor view does; the file's blocks are freed then.
         self.tensors = {}
-        self._file.close()
+        self.file.close()
+        if self.opening is not None:
+            self.opening.release()
+            self.opening = None
 
 
 class ReceiveBuffers:
-    """Buffers for the updates in flight: RECEIVE_BUFFERS in memory, then one file each."""
+    """Buffers for the updates in flight: RECEIVE_BUFFERS in memory, then one file each.
+
+    An update waits for a pooled buffer while the updates holding them are arriving fast:
+    a buffer then frees soon, and waiting (in TCP) costs nothing. When every pooled buffer is
+    held by a slow update (see SLOW_BYTES_PER_S), the next update goes to a file of its own
+    at once. The waiting is one future per waiting update, handed a buffer when one is given
+    back, and one timer for all of them (when to look at the holders' pace again)."""
 
     def __init__(self, layout: dict[str, Any], count: int, spool_dir: Path):
         self.layout, self.spool_dir = layout, spool_dir
-        self.free: asyncio.Queue[WeightsBuffer] = asyncio.Queue()
-        for _ in range(count):
-            self.free.put_nowait(WeightsBuffer(layout))
+        self.free: list[WeightsBuffer] = [WeightsBuffer(layout) for _ in range(count)]
+        # id(buffer) -> (when taken, how many bytes of its update are in); None once the update is whole
+        self.held: dict[int, tuple[float, Callable[[], int]] | None] = {}
+        self.waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.alarm: asyncio.TimerHandle | None = None
+        self.spool_failed_at = -1e9  # when a file last could not be made (then: wait for a buffer for a while)
         self.spooled = 0  # updates received into files so far
         self.receiving = 0  # updates whose weights are arriving now (said in <WAITING>)
+        self.opening = asyncio.Semaphore(count)  # spooled updates open in memory at once
 
-    async def take(self) -> WeightsBuffer:
+    async def take(self, progress: Callable[[], int]) -> WeightsBuffer | SpooledUpdate:
+        """A buffer for an update whose bytes received so far `progress()` tells."""
         self.receiving += 1
-        if not self.free.empty():
-            return self.free.get_nowait()
         try:
-            buffer = SpooledBuffer(self.layout, self.spool_dir)
-        except (OSError, ValueError):  # no room for a file: wait for a buffer in memory
-            try:
-                return await self.free.get()
-            except BaseException:
-                self.receiving -= 1
-                raise
-        self.spooled += 1
+            while True:
+                if self.free:
+                    return self._hold(self.free.pop(), progress)
+                if self.until_all_slow_s() <= 0:
+                    try:
+                        buffer = SpooledUpdate(self.layout, self.spool_dir)
+                    except OSError:  # no file can be made here: wait for a buffer in memory for a while
+                        self.spool_failed_at = time.monotonic()
+                    else:
+                        self.spooled += 1
+                        return buffer
+                waiter = asyncio.get_running_loop().create_future()
+                self.waiters.append(waiter)
+                self._arm_alarm()
+                try:
+                    buffer = await waiter
+                except asyncio.CancelledError:
+                    if waiter.done() and waiter.result() is not None:
+                        self.give_back(waiter.result(), taken=False)  # handed over as we were cancelled
+                    raise
+                if buffer is not None:
+                    return self._hold(buffer, progress)
+                # None: the holders have turned slow: look again (and go to a file)
+        except BaseException:
+            self.receiving -= 1
+            raise
+
+    def _hold(self, buffer: WeightsBuffer, progress: Callable[[], int]) -> WeightsBuffer:
+        self.held[id(buffer)] = (time.monotonic(), progress)
         return buffer
 
-    def give_back(self, buffer: WeightsBuffer) -> None:
-        self.receiving -= 1
-        if isinstance(buffer, SpooledBuffer):
+    def until_all_slow_s(self) -> float:
+        """0 when every pooled buffer is held by a slow update: one held for SPOOL_AFTER_S and arriving
+        at less than SLOW_BYTES_PER_S. Otherwise when to look again; infinite while one of them holds a
+        whole update, about to be folded in and freed."""
+        now, again = time.monotonic(), 0.0
+        if now - self.spool_failed_at < 1.0:
+            return float("inf")
+        for holder in self.held.values():
+            if holder is None:
+                return float("inf")
+            since, progress = holder
+            held_s = now - since
+            if held_s < SPOOL_AFTER_S:
+                again = max(again, SPOOL_AFTER_S - held_s)
+            elif progress() >= SLOW_BYTES_PER_S * held_s:  # arriving fast: its buffer frees soon
+                again = max(again, SPOOL_AFTER_S)
+        return again
+
+    def _arm_alarm(self) -> None:
+        if self.alarm is None and self.waiters:
+            delay = self.until_all_slow_s()
+            if delay != float("inf"):
+                self.alarm = asyncio.get_running_loop().call_later(max(delay, 0.0), self._ring)
+
+    def _ring(self) -> None:
+        self.alarm = None
+        if self.until_all_slow_s() > 0:
+            self._arm_alarm()
+            return
+        waiters, self.waiters = self.waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def received(self, buffer: WeightsBuffer | SpooledUpdate) -> None:
+        """The update in `buffer` is whole: the buffer is back as soon as it is folded in."""
+        if id(buffer) in self.held:
+            self.held[id(buffer)] = None
+
+    def give_back(self, buffer: WeightsBuffer | SpooledUpdate, taken: bool = True) -> None:
+        if taken:
+            self.receiving -= 1
+        if isinstance(buffer, SpooledUpdate):
             buffer.close()
-        else:
-            self.free.put_nowait(buffer)
+            return
+        self.held.pop(id(buffer), None)
+        while self.waiters:
+            waiter = self.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(buffer)  # straight to the longest waiting update
+                return
+        self.free.append(buffer)
 
 
 @dataclass
@@ -158,7 +266,10 @@ class RemoteClient:
             await self.conn.send(frames)
         except ProtocolError:
             pass  # the reader sees the same closed connection, and drops the client
-        return await self.result
+        try:
+            return await self.result
+        finally:
+            self.result = None  # the update's buffer must not stay referenced from here
 
     def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
         self.lobby.send_soon(self, [encode_message("<SUCCESS>", round=result.round, accepted=accepted, message=note)])
@@ -223,21 +334,39 @@ class RemoteClient:
                              f"(the examples this client said it holds)")
         buffers = self.lobby.buffers
         check_layout(update["weights"], buffers.layout)
-        buffer = await buffers.take()
+        buffer = await buffers.take(lambda: self.conn.reader.progress)
         try:
-            await self.conn.recv_blob(buffer.buffer)
-            check_finite(buffer.tensors)  # views of the bytes just received
+            if isinstance(buffer, SpooledUpdate):
+                await self.conn.recv_blob_in_windows(buffer.window, buffers.layout["nbytes"], buffer.write)
+                tensors = await buffer.open(buffers.opening)
+            else:
+                await self.conn.recv_blob(buffer.buffer)
+                tensors = buffer.tensors  # views of the bytes just received
+            buffers.received(buffer)
+            check_finite(tensors)
+        except OSError as exc:  # the file for this update could not be written: the update is lost, not the client
+            buffers.give_back(buffer)
+            self.lost_update(number, f"the server could not store this update ({exc.strerror or exc})")
+            return
         except BaseException:
             buffers.give_back(buffer)
             raise
         self.expecting = None
         metrics = {k: update[k] for k in ("train_loss", "local_test_accuracy", "fit_seconds")}
-        result = FitRes(self.client_id, number, update["num_examples"], buffer.tensors, metrics,
+        result = FitRes(self.client_id, number, update["num_examples"], tensors, metrics,
                         release=lambda: buffers.give_back(buffer))
         if self.result is not None and not self.result.done():
             self.result.set_result(result)
         else:  # nobody waits (cannot happen while `expecting` was set): do not keep the buffer
             result.release()
+
+    def lost_update(self, number: int, reason: str) -> None:
+        """An update the server could not keep: the round goes on without it, the client stays."""
+        self.expecting = None
+        self.lobby.events.notice(f"client {self.client_id}: {reason}", warning=True)
+        self.lobby.send_soon(self, [encode_message("<SUCCESS>", round=number, accepted=False, message=reason)])
+        if self.result is not None and not self.result.done():
+            self.result.set_exception(Dropped(reason))
 
     def leave(self, reason: str) -> None:
         if self.gone:

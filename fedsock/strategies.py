@@ -254,7 +254,7 @@ class StrategySettings:
 STRATEGIES = {
     "fedavg": "example-weighted mean of the updates (McMahan et al. 2017); streams",
     "fedavgm": "fedavg plus server momentum (Hsu et al. 2019); streams, keeps one momentum model",
-    "fedprox": "fedavg whose clients add (mu/2)||w - w_global||^2 to their loss (Li et al. 2020); streams",
+    "fedprox": "fedavg whose clients add (mu/2)·‖w − w_global‖² to their loss (Li et al. 2020); streams",
     "fedadam": "Adam on the server over the mean update (Reddi et al. 2021); streams, keeps two moment models",
     "fedyogi": "Yogi on the server over the mean update (Reddi et al. 2021); streams, keeps two moment models",
     "fedadagrad": "Adagrad on the server over the mean update (Reddi et al. 2021); streams, keeps two moment models",

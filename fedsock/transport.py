@@ -203,6 +203,13 @@ class AsyncConnection(asyncio.BufferedProtocol):
             self._arm_deadline()  # the weights must follow their <UPDATE> promptly
         await self._read_frame()
 
+    async def recv_blob_in_windows(self, window: bytearray, total: int, sink) -> None:
+        """A weights frame of `total` bytes, through `window`: `sink` takes each part (see FrameReader)."""
+        self.reader.expect_blob_in_windows(window, total, sink)
+        if not self.reader.done:
+            self._arm_deadline()
+        await self._read_frame()
+
     @property
     def sending(self) -> bool:
         return self._send_lock.locked()

@@ -374,3 +374,28 @@ def test_non_finite_weights_are_refused():
     with pytest.raises(BadWeights):
         check_finite({"w": torch.tensor([float("inf")], dtype=torch.bfloat16)})
     check_finite({"w": torch.ones(3), "i": torch.tensor([1, 2])})
+
+
+@pytest.mark.parametrize("step", [1, 7, 1000, 5000])
+def test_a_blob_can_be_read_through_a_small_window(step):
+    """What the server spools to a file: the bytes reach the sink in order, a window at a time,
+    the reader's limits still hold, and a cut-off frame says how far it got."""
+    blob = bytes(range(256)) * 40  # 10240 bytes
+    data = frame_header(len(blob)) + blob + encode_message("<WAITING>", message="next")
+    parts: list[bytes] = []
+    reader = FrameReader()
+    reader.expect_blob_in_windows(bytearray(1000), len(blob), lambda part: parts.append(bytes(part)))
+    taken = feed(reader, data, step)
+    assert reader.done and b"".join(parts) == blob and all(len(p) == 1000 for p in parts[:-1])
+    reader.expect_message(1 << 20)  # what came after the blob is still there
+    feed(reader, data[taken:], step)
+    assert decode_message(reader.payload)["message"] == "next"
+    wrong = FrameReader()
+    wrong.expect_blob_in_windows(bytearray(1000), len(blob) + 64, lambda part: None)
+    with pytest.raises(BadWeights, match=r"weights frame has 10240 bytes, its layout says 10304"):
+        feed(wrong, data, step)
+    cut = FrameReader()
+    cut.expect_blob_in_windows(bytearray(1000), len(blob), lambda part: None)
+    feed(cut, data[: 8 + 2500], step)
+    with pytest.raises(TruncatedFrame, match=r"connection closed after 2500 of 10240 frame payload bytes"):
+        cut.advance(0)
