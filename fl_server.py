@@ -425,6 +425,7 @@ class Setup:
     partitions: list[np.ndarray]
     train_size: int
     checkpoint: Checkpoint | None
+    train: client_helper.Split | None = None
 
 
 class Evaluator:
@@ -481,15 +482,25 @@ def load_initial_model(path: str, template: dict[str, torch.Tensor]) -> dict[str
 
 
 def prepare(config: ServerConfig, checkpoint: Checkpoint | None) -> Setup:
-    info = client_helper.DATASETS[config.dataset]
-    device = nnh.choose_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    """The server's setup: TLS and tokens, then what every run needs (prepare_training)."""
     tls = security.server_tls_context(config.tls_cert, config.tls_key, config.tls_client_ca)
     if config.auth_token_file and config.auth_tokens_file:
         raise UsageError("use --auth-token-file or --auth-tokens-file, not both")
     per_client = security.read_client_secrets(config.auth_tokens_file, WHO) if config.auth_tokens_file else None
     shared = None if per_client else security.load_token(config.auth_token_file, WHO)
+    setup = prepare_training(config, checkpoint)
+    setup.tls, setup.auth = tls, security.Authenticator(shared, per_client)
+    return setup
+
+
+def prepare_training(config: ServerConfig, checkpoint: Checkpoint | None, keep_train: bool = False,
+                     who: str = WHO) -> Setup:
+    """The data split among the clients, the test set, the starting model and the strategy: what a
+    server and a simulation both need. `keep_train` keeps the training split (a simulation trains on it)."""
+    info = client_helper.DATASETS[config.dataset]
+    device = nnh.choose_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     train = client_helper.load_split(config.dataset, "train", config.data_root)
     parts = client_helper.partition_indices(train.labels, config.num_clients, config.partition, config.alpha, config.seed)
     test = client_helper.load_split(config.dataset, "test", config.data_root)
@@ -514,12 +525,12 @@ def prepare(config: ServerConfig, checkpoint: Checkpoint | None) -> Setup:
         strategy.load_state(checkpoint.strategy_state)
     skew = client_helper.label_skew(train.labels, parts)
     sizes = sorted(len(p) for p in parts)
-    say(WHO, f"{config.dataset}: {len(train.labels)} training examples in {config.num_clients} {config.partition} "
+    say(who, f"{config.dataset}: {len(train.labels)} training examples in {config.num_clients} {config.partition} "
              f"partitions of {sizes[0]}..{sizes[-1]} (label skew {skew:.2f}); {len(test.labels)} test examples on {device}")
     return Setup(
-        info=info, tls=tls, auth=security.Authenticator(shared, per_client), model=GlobalModel.of(weights),
+        info=info, tls=None, auth=security.Authenticator(), model=GlobalModel.of(weights),
         strategy=strategy, evaluate=Evaluator(model, nnh.to_tensors(test.images, test.labels, info, device)),
-        partitions=parts, train_size=len(train.labels), checkpoint=checkpoint,
+        partitions=parts, train_size=len(train.labels), checkpoint=checkpoint, train=train if keep_train else None,
     )
 
 
@@ -573,6 +584,19 @@ def make_output_dir(requested: str | None) -> Path:
     return path
 
 
+def stop_on_signals(engine: RoundEngine) -> None:
+    """SIGINT and SIGTERM end the run after its current step, with the checkpoint whole; a second one at once."""
+
+    def on_signal(signum: signal.Signals) -> None:
+        if engine.stopping.is_set():
+            say(WHO, "second signal: exiting at once (the last checkpoint is intact)")
+            os._exit(128 + signum)
+        engine.request_stop(signal.Signals(signum).name)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, on_signal, signum)
+
+
 async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
     listener = open_listener(config.host, config.server_port)
     host, port = listener.getsockname()[:2]
@@ -591,15 +615,7 @@ async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
         require_client_cert=bool(config.tls_client_ca), required_features=[],
     )
     loop = asyncio.get_running_loop()
-
-    def on_signal(signum: signal.Signals) -> None:
-        if engine.stopping.is_set():
-            say(WHO, "second signal: exiting at once (the last checkpoint is intact)")
-            os._exit(128 + signum)
-        engine.request_stop(signal.Signals(signum).name)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
+    stop_on_signals(engine)
     loop.set_exception_handler(lambda _, context: warn(WHO, f"internal: {context.get('message')} {context.get('exception') or ''}"))
     transport = "TLS" + (" with client certificates" if config.tls_client_ca else "") if setup.tls else "plain TCP"
     auth = "token authentication" if setup.auth.required else "no authentication"

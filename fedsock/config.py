@@ -38,13 +38,12 @@ def _metavar(spec: Field) -> str | None:
     return flag_name(spec).lstrip("-").replace("-", "_").upper()
 
 
-def add_settings(parser: argparse.ArgumentParser, config_class: type, groups: Iterable[str] | None = None) -> None:
-    """One flag per setting of `config_class` (only those of `groups`, if given), grouped as declared."""
+def add_settings(parser: argparse.ArgumentParser, config_class: type, exclude: Iterable[str] = ()) -> None:
+    """One flag per setting of `config_class` (but those named in `exclude`), grouped as declared."""
     sections: dict[str, argparse._ArgumentGroup] = {}
-    wanted = set(groups) if groups is not None else None
     for spec in fields(config_class):
         meta = spec.metadata
-        if "group" not in meta or (wanted is not None and meta["group"] not in wanted):
+        if "group" not in meta or spec.name in exclude:
             continue
         section = sections.get(meta["group"]) or sections.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         options: dict[str, Any] = dict(dest=spec.name, help=meta["help"])
@@ -85,9 +84,9 @@ fraction = number(float, 0, 1, positive=True)
 port = number(int, 0, 65535)
 seed = number(int, 0, 2**32 - 1)
 
-NETWORK, FEDERATION, TRAINING, STRATEGY, DATA, OUTPUT, FAULTS, SECURITY = (
+NETWORK, FEDERATION, TRAINING, STRATEGY, DATA, OUTPUT, FAULTS, CONNECTIONS, SECURITY = (
     "network", "federation", "training (sent to the clients every round)", "strategy", "data", "output",
-    "fault tolerance", "security",
+    "fault tolerance", "connections", "security",
 )
 
 
@@ -161,15 +160,15 @@ class ServerConfig:
     round_retries: int = setting(3, "times a round that got too few updates is retried before the run stops",
                                  group=FAULTS, type=non_negative_int, metavar="N")
     handshake_timeout_s: float = setting(10.0, "seconds a new connection has to complete TLS, hello and "
-                                               "authentication", group=FAULTS, flag="--handshake-timeout",
+                                               "authentication", group=CONNECTIONS, flag="--handshake-timeout",
                                          type=positive_float)
     heartbeat_s: float = setting(10.0, "seconds between <WAITING> messages; a client gives up on a server silent for "
-                                       "three intervals", group=FAULTS, flag="--heartbeat-interval",
+                                       "three intervals", group=CONNECTIONS, flag="--heartbeat-interval",
                                  type=number(float, 0, 600, positive=True))
-    max_message_mb: float = setting(64.0, "largest frame accepted; also caps the model size", group=FAULTS,
+    max_message_mb: float = setting(64.0, "largest frame accepted; also caps the model size", group=CONNECTIONS,
                                     type=positive_float, metavar="MB")
     max_pending: int = setting(64, "most connections in their handshake at once; a new one evicts the oldest silent "
-                                   "one", group=FAULTS, type=positive_int, metavar="N")
+                                   "one", group=CONNECTIONS, type=positive_int, metavar="N")
     tls_cert: str | None = setting(None, "server certificate (PEM); enables TLS", group=SECURITY, metavar="PEM")
     tls_key: str | None = setting(None, "private key of --tls-cert (PEM)", group=SECURITY, metavar="PEM")
     tls_client_ca: str | None = setting(None, "require client certificates signed by this CA (mutual TLS)",

@@ -189,13 +189,13 @@ class Console(Observer):
     REFUSAL_WINDOW_S = 5.0
     REFUSAL_LINES = 10
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, who: str = WHO):
+        self.quiet, self.who = quiet, who
         self._refusals: dict[str, list] = {}  # reason -> [window start, lines shown, lines not shown]
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            say(WHO, message)
+            say(self.who, message)
 
     def notify(self, event: Event) -> None:
         handler = getattr(self, "on_" + event.kind, None)
@@ -203,7 +203,7 @@ class Console(Observer):
             handler(event)
 
     def on_Listening(self, e: Listening) -> None:
-        say(WHO, f"listening on {e.address} ({e.transport}, {e.auth}); output in {e.output_dir}")
+        say(self.who, f"listening on {e.address} ({e.transport}, {e.auth}); output in {e.output_dir}")
 
     def on_ClientJoined(self, e: ClientJoined) -> None:
         self.info(f"client {e.client_id} joined from {e.peer}{' (rejoined)' if e.rejoined else ''}")
@@ -229,16 +229,16 @@ class Console(Observer):
         window[1] += 1
         more = f" ({hidden} more like it in the last {self.REFUSAL_WINDOW_S:g} s were not shown)" if hidden else ""
         who = f"refused client {e.client_id}: " if e.client_id is not None else ""
-        warn(WHO, f"{e.peer}: {who}{e.reason}{more}")
+        warn(self.who, f"{e.peer}: {who}{e.reason}{more}")
 
     def on_Notice(self, e: Notice) -> None:
         if e.warning:
-            warn(WHO, e.message)
+            warn(self.who, e.message)
         else:
             self.info(e.message)
 
     def on_TrainingStarted(self, e: TrainingStarted) -> None:
-        say(WHO, f"training starts with {len(e.client_ids)} client(s) [{id_ranges(e.client_ids)}]: rounds "
+        say(self.who, f"training starts with {len(e.client_ids)} client(s) [{id_ranges(e.client_ids)}]: rounds "
                  f"{e.first_round}..{e.num_rounds} of {e.model} on {e.dataset}, strategy {e.strategy}")
 
     def on_RoundStarted(self, e: RoundStarted) -> None:
@@ -247,20 +247,20 @@ class Console(Observer):
                       f"[{id_ranges(e.picked)}]")
 
     def on_ClientDropped(self, e: ClientDropped) -> None:
-        warn(WHO, drop_line(e))
+        warn(self.who, drop_line(e))
 
     def on_RoundFailed(self, e: RoundFailed) -> None:
-        say(WHO, f"round {e.number}: {e.got} update(s) arrived, {e.needed} needed; the global model stays as it was")
+        say(self.who, f"round {e.number}: {e.got} update(s) arrived, {e.needed} needed; the global model stays as it was")
         if e.retry:
-            say(WHO, f"retrying round {e.number} (retry {e.retry} of {e.retries})")
+            say(self.who, f"retrying round {e.number} (retry {e.retry} of {e.retries})")
 
     def on_RoundSaved(self, e: RoundSaved) -> None:
-        say(WHO, round_line(e.row, e.num_rounds))
+        say(self.who, round_line(e.row, e.num_rounds))
 
     def on_RunFinished(self, e: RunFinished) -> None:
         for line in e.drops:
-            say(WHO, f"dropped: {line}")
-        say(WHO, f"{e.message}. Outputs in {e.output_dir}")
+            say(self.who, f"dropped: {line}")
+        say(self.who, f"{e.message}. Outputs in {e.output_dir}")
 
 
 def drop_line(e: ClientDropped) -> str:

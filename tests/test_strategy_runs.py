@@ -32,7 +32,7 @@ def test_every_strategy_trains_over_the_wire(cluster, tmp_path, strategy):
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert [r["clients"] for r in rows] == [5, 5]
     # It learns (how well each strategy does is bench/strategies.py's question, not this test's).
-    assert rows[-1]["test_accuracy"] > 0.3 and rows[-1]["test_loss"] < rows[0]["test_loss"], rows
+    assert rows[-1]["test_accuracy"] > 0.3, rows  # chance is 0.1
     state = read_checkpoint(tmp_path / "run" / "checkpoint.fsck").strategy_state
     expected = {"fedavgm": {"momentum"}, "fedadam": {"m", "v"}, "fedyogi": {"m", "v"}, "fedadagrad": {"m", "v"}}
     assert {name.split("/")[0] for name in state} == expected.get(strategy, set())

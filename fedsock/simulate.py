@@ -1,0 +1,396 @@
+"""Many virtual clients, trained for real, on the server's own round engine.
+
+    python fl_simulate.py --num-clients 100 --fraction-fit 0.1 --num-rounds 20 --model cnn
+
+A virtual client is a `ClientProxy` (fedsock/clients.py) that holds an id and the
+indices of its examples, nothing more: the training set is loaded once, normalised once
+and shared read-only, and only the clients picked for a round train, on a model that a
+worker keeps for whoever it trains next. So N can be far larger than the live models
+memory could hold. The rounds are `fl_server.RoundEngine`'s: the same sampling,
+strategies, retries and timeouts, the same console lines, metrics.csv, plot, model and
+checkpoint as a real federation, and, for the same seed and settings, the same numbers
+(each virtual client trains exactly as fl_client.py would on the same share).
+
+Where the clients train (--backend):
+- `inprocess`: in this process, one after another (--workers 1) or on a few threads.
+- `processes`: a pool of --workers processes on this machine; the data is in shared memory.
+- `ray`: Ray tasks, placed by Ray's scheduler with --client-cpus/--client-gpus each, on this
+  machine or a cluster (--ray-address). Ray is an optional extra: pip install -e '.[ray]'.
+
+`--transport sockets` instead starts a real fl_server.py and runs the virtual clients
+against it over TCP with the normal protocol (their training still on the backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import client_helper
+import neural_net_helper as nnh
+from fedsock import config as settings
+from fedsock.clients import ClientPool, Dropped, FitIns, FitRes
+from fedsock.config import ServerConfig, setting
+from fedsock.console import ArgumentParser, HelpFormatter, UsageError, run_main, say
+from fedsock.events import Console, Events
+from fedsock.run_files import RunFiles, read_checkpoint
+from fedsock.transport import Traffic
+from socket_methods import decode_weights, encode_weights
+
+WHO = "simulation"
+SIMULATION = "simulation"
+
+
+@dataclass
+class SimulationConfig(ServerConfig):
+    """A server's settings, and where and how its virtual clients run."""
+
+    backend: str = setting("inprocess", "where the virtual clients train: inprocess, processes (a pool on this "
+                                        "machine) or ray (a Ray cluster)", group=SIMULATION,
+                           choices=("inprocess", "processes", "ray"))
+    workers: int = setting(1, "clients training at once: threads (inprocess) or processes (processes)",
+                           group=SIMULATION, type=settings.positive_int, metavar="W")
+    ray_address: str | None = setting(None, "the Ray cluster to use (default: start one on this machine)",
+                                      group=SIMULATION, metavar="ADDRESS")
+    client_cpus: float = setting(1.0, "ray: the CPUs each virtual client's task asks Ray for", group=SIMULATION,
+                                 type=settings.positive_float, metavar="CPUS")
+    client_gpus: float = setting(0.0, "ray: the GPUs each virtual client's task asks Ray for (a fraction shares "
+                                      "one)", group=SIMULATION, type=settings.non_negative_float, metavar="GPUS")
+    transport: str = setting("inprocess", "inprocess (fast), or sockets: a real fl_server.py over TCP, "
+                                          "the clients speaking the protocol", group=SIMULATION,
+                             choices=("inprocess", "sockets"))
+    drop_rate: float = setting(0.0, "the chance that a picked client fails in a round (a simulated crash)",
+                               group=SIMULATION, type=settings.number(float, 0, 1), metavar="P")
+    straggler_rate: float = setting(0.0, "the chance that a picked client is slow in a round", group=SIMULATION,
+                                    type=settings.number(float, 0, 1), metavar="P")
+    straggler_delay_s: float = setting(10.0, "how much later a straggler's update comes", group=SIMULATION,
+                                       flag="--straggler-delay", type=settings.non_negative_float)
+
+
+# Server settings a simulation has no use for (no listening socket of its own, no TLS, no lobby).
+NOT_SIMULATED = {"host", "server_port", "time_to_wait_s", "handshake_timeout_s", "heartbeat_s", "max_message_mb",
+                 "max_pending", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "auth_tokens_file"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="fl_simulate.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    settings.add_settings(parser, SimulationConfig, exclude=NOT_SIMULATED)
+    parser.add_argument("--traceback", action="store_true", help="show a full traceback on errors (for bug reports)")
+    return parser
+
+
+def parse_config(argv: list[str] | None):
+    import fl_server
+
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    args.pop("traceback")
+    given = settings.given_flags(build_parser, argv)
+    config, checkpoint = SimulationConfig(**args), None
+    if config.resume:
+        checkpoint = read_checkpoint(config.resume)
+        saved = settings.from_dict(SimulationConfig, checkpoint.config)
+        for name in config.fixed_on_resume:
+            if name in given and given[name] != getattr(saved, name):
+                raise UsageError(f"--{name.replace('_', '-')} cannot change on --resume (the run used {getattr(saved, name)!r})")
+        merged = {**asdict(saved), **{k: v for k, v in given.items() if k in args}, "resume": config.resume}
+        if "output_dir" not in given:
+            merged["output_dir"] = str(Path(config.resume).resolve().parent)
+        config = SimulationConfig(**merged)
+    fl_server.check_config(config, given, parser)
+    if config.backend != "ray" and any(name in given for name in ("ray_address", "client_cpus", "client_gpus")):
+        parser.error("--ray-address, --client-cpus and --client-gpus apply to --backend ray")
+    if config.backend == "ray" and "workers" in given:
+        parser.error("--workers applies to --backend inprocess and processes; Ray places tasks by --client-cpus")
+    return config, checkpoint
+
+
+# --------------------------------------------------------------------------- the data, once
+
+
+class SharedData:
+    """The training split as normalised tensors, made once and only read after, and each virtual
+    client's examples as index arrays: its share of the partition, split into its training part
+    and its held-out 10% exactly as fl_client.py splits it."""
+
+    def __init__(self, train: client_helper.Split, info: client_helper.DatasetInfo, partitions: list[np.ndarray],
+                 seed: int):
+        self.info = info
+        self.x, self.y = nnh.to_tensors(train.images, train.labels, info, torch.device("cpu"))
+        self.shares: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for client_id, part in enumerate(partitions, start=1):
+            self.set_share(client_id, part, seed)
+
+    def set_share(self, client_id: int, indices: np.ndarray, seed: int) -> None:
+        self.shares[client_id] = client_helper.split_local(indices, seed, client_id)
+
+    def share_memory(self) -> None:
+        self.x.share_memory_()
+        self.y.share_memory_()
+
+    def num_examples(self, client_id: int) -> int:
+        return len(self.shares[client_id][0])
+
+    def local(self, client_id: int, device: torch.device) -> nnh.LocalData:
+        return self.rows(self.shares[client_id], device)
+
+    def rows(self, share: tuple[np.ndarray, np.ndarray], device: torch.device) -> nnh.LocalData:
+        """A client's examples (its training part, its held-out part), gathered from the shared tensors."""
+        mine, held_out = (torch.from_numpy(np.ascontiguousarray(i)) for i in share)
+        return nnh.LocalData(self.x[mine].to(device), self.y[mine].to(device),
+                             self.x[held_out].to(device), self.y[held_out].to(device))
+
+
+def train_one(model: torch.nn.Module, data: nnh.LocalData, weights: dict, settings_: dict, seed: int, client_id: int,
+              number: int) -> dict[str, float]:
+    """A virtual client's round: what fl_client.py's LocalTrainer.fit does, with the same seed."""
+    return nnh.local_round(model, data, weights, epochs=settings_["local_epochs"], batch_size=settings_["batch_size"],
+                           lr=settings_["lr"], proximal_mu=settings_["proximal_mu"],
+                           seed=hash((seed, client_id, number)) & 0x7FFFFFFF)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class InProcessBackend:
+    """Virtual clients train in this process, on --workers threads, each with a model of its own."""
+
+    name = "inprocess"
+
+    def __init__(self, data: SharedData, model_name: str, seed: int, workers: int, device: torch.device):
+        self.data, self.model_name, self.seed, self.device = data, model_name, seed, device
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="virtual-client")
+        self.local = threading.local()
+
+    async def fit(self, client_id: int, ins: FitIns) -> tuple[dict, dict[str, float]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self._fit, client_id, ins.round, ins.model.tensors, ins.settings)
+
+    def _fit(self, client_id: int, number: int, weights: dict, settings_: dict) -> tuple[dict, dict[str, float]]:
+        model = getattr(self.local, "model", None)
+        if model is None:
+            model = self.local.model = nnh.build_model(self.model_name, self.data.info, self.seed).to(self.device)
+            nnh.warm_up(model, self.data.x[:32].to(self.device), self.data.y[:32].to(self.device))
+        metrics = train_one(model, self.data.local(client_id, self.device), weights, settings_, self.seed,
+                            client_id, number)
+        return {name: t.detach().cpu().clone() for name, t in model.state_dict().items()}, metrics
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+_WORKER: dict[str, Any] = {}  # a pool worker's data and model, set up once per process
+
+
+def _worker_start(data: SharedData, model_name: str, seed: int, threads: int) -> None:
+    torch.set_num_threads(max(threads, 1))
+    model = nnh.build_model(model_name, data.info, seed)
+    nnh.warm_up(model, data.x[:32], data.y[:32])
+    _WORKER.update(data=data, seed=seed, model=model)
+
+
+def _worker_ready() -> bool:
+    return bool(_WORKER)
+
+
+def _worker_fit(client_id: int, share: tuple, number: int, layout: dict, blob: bytearray, settings_: dict):
+    weights = decode_weights(layout, blob)
+    model = _WORKER["model"]
+    metrics = train_one(model, _WORKER["data"].rows(share, torch.device("cpu")), weights, settings_,
+                        _WORKER["seed"], client_id, number)
+    out_layout, out_blob = encode_weights(nnh.get_weights(model))
+    return out_layout, out_blob, metrics
+
+
+class ProcessBackend:
+    """Virtual clients train in a pool of --workers processes; the training set is shared with them
+    through shared memory (it is not copied), the global model is sent with each task."""
+
+    name = "processes"
+
+    def __init__(self, data: SharedData, model_name: str, seed: int, workers: int, threads: int):
+        import torch.multiprocessing as mp  # registers the reductions that share tensors' memory
+
+        data.share_memory()
+        self.data = data
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                        initializer=_worker_start, initargs=(data, model_name, seed, threads))
+        for started in [self.pool.submit(_worker_ready) for _ in range(workers)]:  # start them all before round 1
+            started.result()
+
+    async def fit(self, client_id: int, ins: FitIns) -> tuple[dict, dict[str, float]]:
+        loop = asyncio.get_running_loop()
+        layout, blob, metrics = await loop.run_in_executor(
+            self.pool, _worker_fit, client_id, self.data.shares[client_id], ins.round, ins.model.layout, ins.model.blob,
+            ins.settings)
+        return decode_weights(layout, blob), metrics
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+_RAY_MODELS: dict[tuple, torch.nn.Module] = {}  # a Ray worker process keeps the models it built
+
+
+def _ray_fit(x: np.ndarray, y: np.ndarray, shares: tuple, info: client_helper.DatasetInfo, model_name: str,
+             seed: int, client_id: int, number: int, layout: dict, blob: bytearray, settings_: dict, use_gpu: bool):
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    key = (model_name, info.name, seed, device.type)
+    if key not in _RAY_MODELS:
+        torch.set_num_threads(1)
+        _RAY_MODELS[key] = nnh.build_model(model_name, info, seed).to(device)
+    model = _RAY_MODELS[key]
+    mine, held_out = (torch.from_numpy(np.ascontiguousarray(i)) for i in shares)
+    xs, ys = torch.from_numpy(x), torch.from_numpy(y)  # read-only views of Ray's object store
+    data = nnh.LocalData(xs[mine].to(device), ys[mine].to(device), xs[held_out].to(device), ys[held_out].to(device))
+    metrics = train_one(model, data, decode_weights(layout, blob), settings_, seed, client_id, number)
+    out_layout, out_blob = encode_weights(nnh.get_weights(model))
+    return out_layout, out_blob, metrics
+
+
+class RayBackend:
+    """Virtual clients train as Ray tasks, each asking for --client-cpus and --client-gpus; the training
+    set is put in Ray's object store once, and every task reads it from there."""
+
+    name = "ray"
+
+    def __init__(self, data: SharedData, model_name: str, seed: int, address: str | None, cpus: float, gpus: float):
+        try:
+            import ray
+        except ImportError:
+            raise UsageError("--backend ray needs Ray, an optional extra: pip install -e '.[ray]'") from None
+        import warnings
+
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        self.ray = ray
+        ray.init(address=address, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False,
+                 logging_level="ERROR")
+        self.data, self.model_name, self.seed = data, model_name, seed
+        self.x, self.y = ray.put(data.x.numpy()), ray.put(data.y.numpy())
+        self.task = ray.remote(_ray_fit).options(num_cpus=cpus, num_gpus=gpus)
+        self.use_gpu = gpus > 0
+
+    async def fit(self, client_id: int, ins: FitIns) -> tuple[dict, dict[str, float]]:
+        reference = self.task.remote(self.x, self.y, self.data.shares[client_id], self.data.info, self.model_name,
+                                     self.seed, client_id, ins.round, ins.model.layout, ins.model.blob, ins.settings,
+                                     self.use_gpu)
+        layout, blob, metrics = await reference
+        return decode_weights(layout, blob), metrics
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+# --------------------------------------------------------------------------- virtual clients
+
+
+class Faults:
+    """Which picked clients fail or straggle in a round: drawn from (seed, round, client id), so the
+    same run meets the same faults on any backend."""
+
+    def __init__(self, seed: int, drop_rate: float, straggler_rate: float, straggler_delay_s: float):
+        self.seed, self.drop_rate, self.straggler_rate, self.delay_s = seed, drop_rate, straggler_rate, straggler_delay_s
+
+    def fate(self, client_id: int, number: int) -> tuple[bool, float]:
+        """(drops, seconds of delay) for this client in this round."""
+        if not (self.drop_rate or self.straggler_rate):
+            return False, 0.0
+        draw_drop, draw_slow = np.random.default_rng([self.seed, number, client_id, 0xFA]).random(2)
+        return bool(draw_drop < self.drop_rate), self.delay_s if draw_slow < self.straggler_rate else 0.0
+
+
+class VirtualClient:
+    """A ClientProxy that trains on the backend: an id and a count; its data stays in SharedData."""
+
+    def __init__(self, client_id: int, num_examples: int, backend, faults: Faults):
+        self.client_id, self.num_examples, self.backend, self.faults = client_id, num_examples, backend, faults
+
+    async def fit(self, ins: FitIns) -> FitRes:
+        drops, delay_s = self.faults.fate(self.client_id, ins.round)
+        if drops:
+            raise Dropped("a simulated crash (--drop-rate)")
+        if delay_s:
+            await asyncio.sleep(delay_s)  # a simulated straggler: its update really comes this much later
+        tensors, metrics = await self.backend.fit(self.client_id, ins)
+        return FitRes(self.client_id, ins.round, self.num_examples, tensors, metrics)
+
+    def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
+        pass
+
+    async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
+        pass
+
+
+def make_backend(config: SimulationConfig, data: SharedData):
+    if config.backend == "processes":
+        return ProcessBackend(data, config.model, config.seed, config.workers, config.threads)
+    if config.backend == "ray":
+        return RayBackend(data, config.model, config.seed, config.ray_address, config.client_cpus, config.client_gpus)
+    return InProcessBackend(data, config.model, config.seed, config.workers, nnh.choose_device(config.device))
+
+
+async def simulate(config: SimulationConfig, setup, data: SharedData, backend, output_dir: Path) -> int:
+    import fl_server
+
+    title = (f"fedsock simulation: {config.model} on {config.dataset}, {config.num_clients} clients, "
+             f"{config.partition}, {config.strategy}")
+    files = RunFiles(output_dir, title, setup.checkpoint)
+    events = Events([Console(config.quiet, WHO), files])
+    pool = ClientPool(config.num_clients)
+    faults = Faults(config.seed, config.drop_rate, config.straggler_rate, config.straggler_delay_s)
+    for client_id in range(1, config.num_clients + 1):
+        client = VirtualClient(client_id, data.num_examples(client_id), backend, faults)
+        pool.joined(client)
+        pool.add(client)
+    engine = fl_server.RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),
+                                   setup.checkpoint, str(output_dir))
+    fl_server.stop_on_signals(engine)
+    try:
+        return await engine.run()
+    finally:
+        files.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import fl_server
+
+    config, checkpoint = parse_config(argv)
+    if config.transport == "sockets":
+        from fedsock.simulate_sockets import run_over_sockets
+
+        return run_over_sockets(config, argv)
+    setup = fl_server.prepare_training(config, checkpoint, keep_train=True, who=WHO)
+    if checkpoint is not None:
+        say(WHO, f"resuming from {config.resume}: round {checkpoint.round} of {config.num_rounds} was the last completed")
+        if checkpoint.round >= config.num_rounds:
+            raise UsageError(f"the checkpoint already has all {config.num_rounds} rounds; raise --num-rounds to go on")
+    data = SharedData(setup.train, setup.info, setup.partitions, config.seed)
+    setup.train = None
+    output_dir = fl_server.make_output_dir(config.output_dir)
+    (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    backend = make_backend(config, data)
+    workers = f", {config.workers} worker(s)" if config.backend != "ray" else ""
+    say(WHO, f"{config.num_clients} virtual clients on the {backend.name} backend{workers}; output in {output_dir}")
+    try:
+        return asyncio.run(simulate(config, setup, data, backend, output_dir))
+    finally:
+        backend.close()
+
+
+def cli() -> int:
+    return run_main("fl_simulate.py", main)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,158 @@
+"""`fl_simulate.py --transport sockets`: virtual clients against a real fl_server.py over TCP.
+
+The simulation starts the real server (a process of its own, on 127.0.0.1 and a free port,
+with the simulation's server settings), then runs every virtual client in this process as
+an asyncio connection that speaks the normal protocol: <HELLO>, its share from the
+server's partition bitmap, <READY>, and an <UPDATE> for every <MODEL>. The training itself
+runs on the chosen backend, as in the in-process transport. This tests the server at scale
+with real training; the server writes metrics.csv, the plot, the model and checkpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import socket
+import subprocess
+import sys
+import threading
+
+from fedsock.clients import FitIns, GlobalModel
+from fedsock.console import FedsockError, UsageError, say
+from fedsock.transport import AsyncConnection, Traffic, tune_socket
+from socket_methods import (
+    PROTOCOL_VERSION,
+    WeightsBuffer,
+    check_layout,
+    decode_bitmap,
+    encode_message,
+    encode_weights,
+    frame_weights,
+)
+
+WHO = "simulation"
+SERVER_START_TIMEOUT_S = 300
+# Flags of fl_simulate.py that are the simulation's own, not the server's.
+SIMULATION_FLAGS = ("--backend", "--workers", "--ray-address", "--client-cpus", "--client-gpus", "--transport",
+                    "--drop-rate", "--straggler-rate", "--straggler-delay")
+
+
+def server_argv(argv: list[str]) -> list[str]:
+    """The simulation's command line without its own flags: what the server is given."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in SIMULATION_FLAGS:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+class SocketClient:
+    """One virtual client over TCP: the protocol here, its training on the backend."""
+
+    def __init__(self, client_id: int, port: int, data, backend):
+        self.client_id, self.port, self.data, self.backend = client_id, port, data, backend
+        self.rounds = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", self.port))
+        tune_socket(sock)
+        _, conn = await loop.create_connection(lambda: AsyncConnection(Traffic()), sock=sock)
+        try:
+            await conn.send([encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=self.client_id,
+                                            features=[])])
+            meta = await self.next(conn, {"<METADATA>"})
+            indices = decode_bitmap(meta["partition_bitmap"], meta["train_size"])
+            self.data.set_share(self.client_id, indices, meta["seed"])
+            await conn.send([encode_message("<READY>", num_examples=self.data.num_examples(self.client_id))])
+            received, layout = None, None
+            while True:
+                message = await self.next(conn, {"<MODEL>", "<SUCCESS>", "<WAITING>", "<FINISHED>"})
+                if message["header"] == "<FINISHED>":
+                    return
+                if message["header"] != "<MODEL>":
+                    continue
+                if received is None:  # the first model: its layout is this run's
+                    layout = message["weights"]
+                    received = WeightsBuffer(layout)
+                check_layout(message["weights"], layout)
+                await conn.recv_blob(received.buffer)
+                settings = {k: message[k] for k in ("local_epochs", "batch_size", "lr", "proximal_mu")}
+                model = GlobalModel(received.tensors, message["weights"], received.buffer)
+                tensors, metrics = await self.backend.fit(self.client_id, FitIns(message["round"], model, settings))
+                update_layout, blob = encode_weights(tensors)
+                await conn.send(frame_weights("<UPDATE>", blob, round=message["round"], client_id=self.client_id,
+                                              num_examples=self.data.num_examples(self.client_id),
+                                              weights=update_layout, **metrics))
+                self.rounds += 1
+        finally:
+            await conn.close()
+
+    async def next(self, conn: AsyncConnection, allowed: set[str]) -> dict:
+        message = await conn.recv_message()
+        if message["header"] == "<ERROR>":
+            raise FedsockError(f"client {self.client_id}: the server says: {message['message']}")
+        if message["header"] not in allowed:
+            raise FedsockError(f"client {self.client_id}: the server sent {message['header']}")
+        return message
+
+
+def run_over_sockets(config, argv: list[str] | None) -> int:
+    import client_helper
+    from fedsock.simulate import SharedData, make_backend
+
+    if config.drop_rate or config.straggler_rate:
+        raise UsageError("--drop-rate and --straggler-rate apply to --transport inprocess; over sockets, kill or "
+                         "stop client processes instead (a real fault)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    spec = importlib.util.find_spec("fl_server")
+    command = [sys.executable, "-u", spec.origin, *server_argv(argv), "--server-port", "0", "--time-to-wait", "60",
+               "--max-pending", str(max(64, min(config.num_clients, 1024)))]
+    train = client_helper.load_split(config.dataset, "train", config.data_root)
+    data = SharedData(train, client_helper.DATASETS[config.dataset], [], config.seed)
+    backend = make_backend(config, data)
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        port = None
+        for line in server.stdout:
+            print(line, end="", flush=True)
+            if "listening on " in line:
+                port = int(line.split("listening on ", 1)[1].split()[0].rsplit(":", 1)[1])
+                break
+        if port is None:
+            return server.wait(timeout=30) or 1
+        say(WHO, f"{config.num_clients} virtual clients connecting to the server at 127.0.0.1:{port}, training on the "
+                 f"{backend.name} backend")
+        clients = [SocketClient(k, port, data, backend) for k in range(1, config.num_clients + 1)]
+
+        async def everyone() -> list:
+            return await asyncio.gather(*(c.run() for c in clients), return_exceptions=True)
+
+        def relay() -> None:
+            for line in server.stdout:
+                print(line, end="", flush=True)
+
+        relaying = threading.Thread(target=relay, daemon=True)
+        relaying.start()
+        outcomes = asyncio.run(everyone())
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        code = server.wait(timeout=120)
+        relaying.join(timeout=10)
+        say(WHO, f"{config.num_clients - len(failures)} of {config.num_clients} virtual clients finished; "
+                 f"{sum(c.rounds for c in clients)} client-rounds trained; server exit {code}")
+        for failure in failures[:3]:
+            say(WHO, f"a virtual client failed: {failure}")
+        return code if not failures else (code or 1)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=10)
+        backend.close()

@@ -1,0 +1,116 @@
+"""fl_simulate.py: many virtual clients on the server's own round engine, as real processes.
+
+The round logic itself is tested in-process (test_engine.py); here, that a simulation gives a
+real federation's numbers, that its backends agree, that only the sampled clients train, that
+simulated faults behave, and that the sockets transport runs a real server at scale."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from conftest import FAST, ROOT, Proc, read_metrics
+
+LOGREG = ["--model", "logreg"]
+
+
+def simulate(cluster, *args: str, output_dir, env: dict | None = None) -> Proc:
+    proc = Proc(["fl_simulate.py", "--output-dir", str(output_dir), *args], "simulation", env)
+    cluster.procs.append(proc)
+    return proc
+
+
+def test_a_simulation_gives_a_real_federations_numbers(cluster, tmp_path):
+    """Each virtual client trains exactly as fl_client.py would on the same share, with the same seed."""
+    flags = ["--num-clients", "2", "--num-rounds", "2", "--seed", "3", "--partition", "dirichlet", "--alpha", "1"]
+    server = cluster.server(*FAST, *flags, output_dir=tmp_path / "real")
+    clients = [cluster.client(k) for k in (1, 2)]
+    assert [c.finish() for c in clients] == [0, 0] and server.finish() == 0
+    sim = simulate(cluster, *LOGREG, *flags, output_dir=tmp_path / "sim")
+    assert sim.finish(timeout=300) == 0, sim.output
+    real, simulated = read_metrics(tmp_path / "real" / "metrics.csv"), read_metrics(tmp_path / "sim" / "metrics.csv")
+    keys = ("round", "clients", "test_accuracy", "test_loss", "train_loss")
+    assert [{k: r[k] for k in keys} for r in real] == [{k: r[k] for k in keys} for r in simulated]
+    a, b = torch.load(tmp_path / "real" / "model.pt"), torch.load(tmp_path / "sim" / "model.pt")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert (tmp_path / "sim" / "accuracy.png").exists() and (tmp_path / "sim" / "checkpoint.fsck").exists()
+
+
+def test_the_backends_agree(cluster, tmp_path):
+    flags = [*LOGREG, "--num-clients", "8", "--num-rounds", "2", "--seed", "1"]
+    runs = {"inprocess-1": ["--backend", "inprocess"], "inprocess-2": ["--backend", "inprocess", "--workers", "2"],
+            "processes-2": ["--backend", "processes", "--workers", "2"]}
+    for name, backend in runs.items():
+        proc = simulate(cluster, *flags, *backend, output_dir=tmp_path / name)
+        assert proc.finish(timeout=300) == 0, proc.output
+        proc.wait_for(rf"8 virtual clients on the {backend[1]} backend")
+    models = {name: torch.load(tmp_path / name / "model.pt") for name in runs}
+    metrics = {name: read_metrics(tmp_path / name / "metrics.csv") for name in runs}
+    # One worker, or workers in processes: every client's training is the same computation, bit for bit.
+    # With several workers the updates arrive in another order, and the float64 sums may round in
+    # their last bits: equal to far below float32's resolution.
+    for name in runs:
+        for tensor in models[name]:
+            assert torch.allclose(models[name][tensor], models["inprocess-1"][tensor], rtol=0, atol=1e-6)
+        assert [r["test_accuracy"] for r in metrics[name]] == [r["test_accuracy"] for r in metrics["inprocess-1"]]
+
+
+def test_only_the_sampled_clients_of_a_thousand_train(cluster, tmp_path):
+    proc = simulate(cluster, *LOGREG, "--num-clients", "1000", "--clients-per-round", "10", "--num-rounds", "3",
+                    output_dir=tmp_path / "sim")
+    assert proc.finish(timeout=300) == 0, proc.output
+    rows = read_metrics(tmp_path / "sim" / "metrics.csv")
+    assert [(r["clients"], r["round"]) for r in rows] == [(10, 1), (10, 2), (10, 3)]
+    picked = re.findall(r"round (\d): picked 10 of 1000 ready clients", proc.output)
+    assert picked == ["1", "2", "3"]
+    assert rows[-1]["test_accuracy"] > 0.6  # 600 examples a round (10 clients of 60): it learns
+
+
+def test_simulated_drops_and_stragglers_are_reproducible(cluster, tmp_path):
+    flags = [*LOGREG, "--num-clients", "10", "--num-rounds", "4", "--drop-rate", "0.3", "--straggler-rate", "0.2",
+             "--straggler-delay", "3", "--round-timeout", "1.5", "--seed", "4"]
+    outputs = []
+    for attempt in (1, 2):
+        proc = simulate(cluster, *flags, output_dir=tmp_path / f"run{attempt}")
+        assert proc.finish(timeout=300) == 0, proc.output
+        outputs.append(proc)
+    first, second = (read_metrics(tmp_path / f"run{k}" / "metrics.csv") for k in (1, 2))
+    assert [r["clients"] for r in first] == [r["clients"] for r in second]
+    assert [r["test_accuracy"] for r in first] == [r["test_accuracy"] for r in second]
+    assert any(r["clients"] < 10 for r in first)
+    assert "(a simulated crash (--drop-rate)); the round goes on without it" in outputs[0].output
+    assert re.search(r"sent no update within 1.5 s in round \d", outputs[0].output)
+
+
+def test_the_sockets_transport_runs_a_real_server(cluster, tmp_path):
+    proc = simulate(cluster, *LOGREG, "--num-clients", "30", "--num-rounds", "2", "--transport", "sockets",
+                    output_dir=tmp_path / "sim")
+    assert proc.finish(timeout=300) == 0, proc.output
+    proc.wait_for(r"\[server\] listening on 127\.0\.0\.1:\d+")
+    proc.wait_for(r"30 of 30 virtual clients finished; 60 client-rounds trained; server exit 0")
+    rows = read_metrics(tmp_path / "sim" / "metrics.csv")
+    assert [r["clients"] for r in rows] == [30, 30] and rows[0]["bytes_received"] > 30 * 31_000
+
+
+def test_a_missing_ray_is_one_line(cluster, tmp_path):
+    (tmp_path / "noray").mkdir()
+    (tmp_path / "noray" / "ray.py").write_text("raise ImportError('No module named ray')\n")
+    proc = simulate(cluster, *LOGREG, "--backend", "ray", output_dir=tmp_path / "sim",
+                    env={"PYTHONPATH": f"{tmp_path / 'noray'}:{ROOT}"})
+    assert proc.finish(timeout=120) == 2
+    assert "fl_simulate.py: error: --backend ray needs Ray, an optional extra: pip install -e '.[ray]'" in proc.output
+    assert "Traceback" not in proc.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workers", "2", "--backend", "ray"], "--workers applies to --backend inprocess and processes"),
+    (["--client-gpus", "1"], "--ray-address, --client-cpus and --client-gpus apply to --backend ray"),
+    (["--drop-rate", "1.5"], "--drop-rate: must be 0..1"),
+    (["--transport", "sockets", "--drop-rate", "0.1"], "--drop-rate and --straggler-rate apply to --transport inprocess"),
+])
+def test_simulation_flags_that_make_no_sense_are_one_line(cluster, tmp_path, args, message):
+    proc = simulate(cluster, *LOGREG, *args, output_dir=tmp_path / "sim")
+    assert proc.finish(timeout=120) == 2
+    assert message in proc.output and "Traceback" not in proc.output
