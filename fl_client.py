@@ -38,7 +38,7 @@ from socket_methods import (
 
 # The optional protocol features this client supports (sent in <HELLO>; a run that needs
 # others refuses it with a sentence, rather than letting it train without them).
-FEATURES: list[str] = []
+FEATURES: list[str] = ["dp-local"]
 # Reconnect backoff: first pause and the longest one.
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0
 
@@ -326,7 +326,8 @@ class LocalTrainer:
         try:
             metrics = self.nnh.local_round(
                 self.model, self.data, tensors, epochs=message["local_epochs"], batch_size=message["batch_size"],
-                lr=message["lr"], proximal_mu=message["proximal_mu"],
+                lr=message["lr"], proximal_mu=message["proximal_mu"], dp_clip=message.get("dp_clip"),
+                dp_noise_std=message.get("dp_noise_std", 0.0),
                 seed=hash((self.seed, self.config.client_id, number)) & 0x7FFFFFFF,
                 progress=self.progress.start(batches, description),
             )

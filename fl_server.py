@@ -62,6 +62,7 @@ from fedsock.events import (
     drop_line,
 )
 from fedsock.lobby import RECEIVE_BUFFERS, Lobby, ReceiveBuffers
+from fedsock.privacy import Accountant, Privacy, PrivacySettings, default_delta, plan_noise_multiplier
 from fedsock.run_files import Checkpoint, OutputFailed, RunFiles, read_checkpoint
 from fedsock.strategies import ROBUST, STRATEGIES, Strategy, StrategySettings
 from fedsock.transport import Traffic
@@ -143,6 +144,20 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
         if name in given and config.strategy not in strategies:
             parser.error(f"--{name.replace('_', '-')} applies to --strategy {' or '.join(strategies)}, "
                          f"not {config.strategy}")
+    dp_flags = [name for name in ("dp_noise_multiplier", "dp_epsilon", "dp_delta", "dp_mode") if name in given]
+    if config.dp_clip is None and dp_flags:
+        parser.error(f"--{dp_flags[0].replace('_', '-')} needs --dp-clip S, which turns client-level DP on")
+    if config.dp_clip is not None:
+        if (config.dp_noise_multiplier is None) == (config.dp_epsilon is None):
+            parser.error("client-level DP needs either --dp-noise-multiplier Z or a budget --dp-epsilon E (one of them)")
+        if config.strategy in ROBUST:
+            parser.error(f"--strategy {config.strategy} does not go with --dp-clip: the DP guarantee is for the "
+                         f"noised mean of clipped updates, and {config.strategy} is not a mean")
+        if config.dp_delta is not None and config.dp_delta >= 1 / config.num_clients:
+            parser.error(f"--dp-delta {config.dp_delta:g} is not below 1/N = {1 / config.num_clients:g}: a guarantee "
+                         f"that may fail for one client in N protects no one")
+    if config.sampling == "poisson" and config.clients_per_round is None and config.fraction_fit is None:
+        parser.error("--sampling poisson needs --fraction-fit C (or --clients-per-round K: a rate of K/N)")
     if config.strategy in ("krum", "multi-krum"):
         needed = 2 * config.byzantine_clients + 3
         if max(config.min_clients, needed) > min(config.clients_per_round or config.num_clients, config.num_clients):
@@ -168,6 +183,8 @@ class Round:
     aggregator: Any
     started: float
     traffic_at_start: tuple[int, int]
+    population: int = 0  # ready, free clients when the round sampled
+    picked: int = 0
     reported: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> num_examples and metrics
     dropped: dict[int, str] = field(default_factory=dict)  # id -> why
     complete: asyncio.Event = field(default_factory=asyncio.Event)
@@ -193,11 +210,17 @@ class RoundEngine:
         self.evaluate, self.events, self.traffic, self.output_dir = evaluate, events, traffic, output_dir
         self.rounds_done = resumed.round if resumed else 0
         self.metrics: list[dict[str, Any]] = list(resumed.metrics) if resumed else []
-        self.needed = max(config.min_clients, strategy.min_updates())
+        self.needed = max(config.min_clients, strategy.min_updates())  # ready clients a round waits for
+        self.privacy = strategy.privacy
+        # Updates a round needs to be released. With DP and Poisson sampling, every sampled round is
+        # released, whatever arrived (even noise alone): the accountant's analysis is of exactly that.
+        poisson_dp = self.privacy is not None and strategy.sampled and config.sampling == "poisson"
+        self.release_at = 0 if poisson_dp else self.needed
         self.current: Round | None = None
         self.reporting: asyncio.Future | None = None  # the last round's evaluation and files
         self.stopping = asyncio.Event()
         self.stop_reason = ""
+        self.budget_spent = False
         self.drops: list[str] = []
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
 
@@ -225,6 +248,11 @@ class RoundEngine:
             raise
         finally:
             self.worker.shutdown(wait=True)
+        if self.budget_spent:
+            await self.finish(False, f"the privacy budget (epsilon {self.privacy.budget:g} at delta "
+                                     f"{self.privacy.settings.delta:g}) allows no more rounds: stopped after round "
+                                     f"{self.rounds_done} of {self.config.num_rounds}")
+            return ExitStatus.OK
         await self.finish(True, f"training finished after {self.rounds_done} rounds")
         return ExitStatus.OK
 
@@ -250,7 +278,9 @@ class RoundEngine:
         while self.rounds_done < self.config.num_rounds:
             number = self.rounds_done + 1
             round_ = await self.fit_round(number, failures)
-            if len(round_.reported) < self.needed:
+            if round_ is None:
+                return  # the privacy budget is spent
+            if round_.aggregator is None or len(round_.reported) < self.release_at:
                 failures += 1
                 give_up = failures > self.config.round_retries
                 self.events.emit(RoundFailed(number, len(round_.reported), self.needed, 0 if give_up else failures,
@@ -262,23 +292,33 @@ class RoundEngine:
             failures = 0
             self.model = GlobalModel.of(self.strategy.step(self.model.tensors, round_.aggregator.result()))
             self.rounds_done = number
-            self.reporting = asyncio.ensure_future(
-                self.report(self.round_row(round_), self.model, dict(self.strategy.state)))
+            row = self.round_row(round_)
+            if self.privacy is not None:
+                row["epsilon"] = self.privacy.record(round_.population, round_.picked,
+                                                     self.strategy.sampling_rate(round_.population))
+            self.reporting = asyncio.ensure_future(self.report(row, self.model, dict(self.strategy.state)))
         await self.settle_report()
 
-    async def fit_round(self, number: int, attempt: int) -> Round:
-        """One round's story: sample, send, collect. The caller aggregates."""
+    async def fit_round(self, number: int, attempt: int) -> Round | None:
+        """One round's story: sample, send, collect. The caller aggregates. None: the privacy budget
+        would not allow this round."""
         pool = self.pool
-        round_ = Round(number, attempt, set(), self.strategy.aggregator(self.model.tensors), time.perf_counter(),
-                       (self.traffic.sent, self.traffic.received))
-        carried = lambda: [i for i, busy_round in pool.busy.items() if busy_round == number]  # noqa: E731
+        round_ = Round(number, attempt, set(), None, time.perf_counter(), (self.traffic.sent, self.traffic.received))
+        # A retried round keeps the same model, so a client still training it from an earlier
+        # attempt is as good as one picked now: it is expected too. (Not with DP: there, a round's
+        # participants are exactly its fresh sample, as the accountant assumes.)
+        carried = lambda: [] if self.privacy else [i for i, r in pool.busy.items() if r == number]  # noqa: E731
         if not await pool.wait_until(lambda: len(pool.idle()) + len(carried()) >= self.needed,
                                      self.config.round_timeout_s, self.stopping):
             return round_
         idle = pool.idle()
+        if self.privacy is not None and self.privacy.would_exceed_budget(
+                len(idle), self.strategy.clients_to_pick(len(idle)), self.strategy.sampling_rate(len(idle))):
+            self.budget_spent = True
+            return None
         picked = self.strategy.sample(idle, number, attempt)
-        # A retried round keeps the same model, so a client still training it from an earlier
-        # attempt is as good as one picked now: it is expected too.
+        round_.population, round_.picked = len(idle), len(picked)
+        round_.aggregator = self.strategy.aggregator(self.model.tensors, self.strategy.planned(len(picked), len(idle)))
         round_.expected = set(picked) | set(carried())
         round_.started = time.perf_counter()
         round_.traffic_at_start = (self.traffic.sent, self.traffic.received)
@@ -289,6 +329,7 @@ class RoundEngine:
         for client_id in picked:
             self.start_fit(pool.members[client_id], instructions)
         self.events.emit(RoundStarted(number, attempt, picked, sorted(round_.expected), len(idle) - len(picked)))
+        round_.settle()  # a round that picked nobody (Poisson sampling) is complete at once
         await self.settle_report()  # the last round's evaluation ran while this model went out
         await wait_any(round_.complete, self.stopping, self.config.round_timeout_s)
         if self.stopping.is_set():
@@ -346,7 +387,7 @@ class RoundEngine:
 
     def round_row(self, round_: Round) -> dict[str, Any]:
         updates = list(round_.reported.values())
-        examples = sum(u["num_examples"] for u in updates)
+        examples = sum(u["num_examples"] for u in updates) or 1  # a DP round may release noise alone
         return {
             "round": round_.number,
             "clients": len(updates),
@@ -355,7 +396,7 @@ class RoundEngine:
             "seconds": round_.seconds,
             "bytes_sent": self.traffic.sent - round_.traffic_at_start[0],
             "bytes_received": self.traffic.received - round_.traffic_at_start[1],
-            "max_fit_seconds": max(u["fit_seconds"] for u in updates),
+            "max_fit_seconds": max([u["fit_seconds"] for u in updates], default=0.0),
         }
 
     async def report(self, row: dict[str, Any], model: GlobalModel, strategy_state: dict) -> None:
@@ -364,7 +405,9 @@ class RoundEngine:
         loop = asyncio.get_running_loop()
         row.update(await loop.run_in_executor(self.worker, self.evaluate, model.tensors))
         self.metrics.append(row)
-        checkpoint = Checkpoint(asdict(self.config), row["round"], list(self.metrics), model.tensors, strategy_state)
+        extra = {"privacy": self.privacy.to_json()} if self.privacy is not None else {}
+        checkpoint = Checkpoint(asdict(self.config), row["round"], list(self.metrics), model.tensors, strategy_state,
+                                extra)
         self.events.emit(RoundFinished(row, self.config.num_rounds, checkpoint))
         await self.events.flush()
         self.events.emit(RoundSaved(row, self.config.num_rounds))
@@ -460,8 +503,13 @@ class Welcome:
             seed=c.seed, model=c.model, num_rounds=c.num_rounds, round_timeout_s=c.round_timeout_s,
             heartbeat_s=c.heartbeat_s, next_round=self.next_round(), train_size=self.setup.train_size,
             partition_bitmap=encode_bitmap(self.setup.partitions[client_id - 1], self.setup.train_size),
-            required_features=[],
+            required_features=required_features(c),
         )
+
+
+def required_features(config: ServerConfig) -> list[str]:
+    """The optional protocol features a client must support to take part in this run."""
+    return ["dp-local"] if config.dp_clip is not None and config.dp_mode == "local" else []
 
 
 def load_initial_model(path: str, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -520,7 +568,7 @@ def prepare_training(config: ServerConfig, checkpoint: Checkpoint | None, keep_t
     if model_bytes > config.max_message_mb * 2**20:
         raise UsageError(f"the {config.model} model has {model_bytes / 2**20:.1f} MB of weights, over "
                          f"--max-message-mb {config.max_message_mb:g}")
-    strategy = Strategy(strategy_settings(config))
+    strategy = Strategy(strategy_settings(config), make_privacy(config, checkpoint, who))
     if checkpoint is not None:
         strategy.load_state(checkpoint.strategy_state)
     skew = client_helper.label_skew(train.labels, parts)
@@ -532,6 +580,34 @@ def prepare_training(config: ServerConfig, checkpoint: Checkpoint | None, keep_t
         strategy=strategy, evaluate=Evaluator(model, nnh.to_tensors(test.images, test.labels, info, device)),
         partitions=parts, train_size=len(train.labels), checkpoint=checkpoint, train=train if keep_train else None,
     )
+
+
+def make_privacy(config: ServerConfig, checkpoint: Checkpoint | None, who: str = WHO) -> Privacy | None:
+    """Client-level DP, when --dp-clip asks for it: its noise multiplier (given, or planned for the budget
+    --dp-epsilon over the rounds still to run), and the accountant and sampling secret of a resumed run."""
+    if config.dp_clip is None:
+        return None
+    delta = config.dp_delta if config.dp_delta is not None else default_delta(config.num_clients)
+    probe = Strategy(strategy_settings(config))
+    sampling = config.sampling if probe.sampled else "none"
+    saved = checkpoint.extra.get("privacy") if checkpoint is not None else None
+    accountant = Accountant.from_json(saved["accountant"]) if saved else Accountant(delta, sampling)
+    if accountant.sampling != sampling or accountant.delta != delta:
+        raise UsageError(f"the checkpoint's privacy accounting is for {accountant.sampling} sampling at delta "
+                         f"{accountant.delta:g}: keep --sampling and --dp-delta on --resume")
+    z = config.dp_noise_multiplier
+    if z is None:
+        planned = probe.clients_to_pick(config.num_clients)
+        rounds = config.num_rounds - (checkpoint.round if checkpoint is not None else 0)
+        try:
+            z = plan_noise_multiplier(config.dp_epsilon, delta, rounds, sampling, config.num_clients, planned,
+                                      probe.sampling_rate(config.num_clients), accountant)
+        except ValueError as exc:
+            raise UsageError(f"--dp-epsilon {config.dp_epsilon:g} cannot be met: {exc}") from exc
+    privacy = Privacy(PrivacySettings(config.dp_clip, z, delta, config.dp_mode, sampling), accountant,
+                      saved["sampling_seed"] if saved else None, config.dp_epsilon)
+    say(who, privacy.describe() + (f"; planned for epsilon {config.dp_epsilon:g}" if config.dp_epsilon else ""))
+    return privacy
 
 
 def open_listener(host: str, port: int) -> socket.socket:
@@ -612,7 +688,7 @@ async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
         buffers=ReceiveBuffers(setup.model.layout, min(RECEIVE_BUFFERS, config.num_clients), output_dir),
         status=engine.status, handshake_timeout_s=config.handshake_timeout_s, round_timeout_s=config.round_timeout_s,
         heartbeat_s=config.heartbeat_s, max_pending=config.max_pending,
-        require_client_cert=bool(config.tls_client_ca), required_features=[],
+        require_client_cert=bool(config.tls_client_ca), required_features=required_features(config),
     )
     loop = asyncio.get_running_loop()
     stop_on_signals(engine)

@@ -54,6 +54,7 @@ class Field:
     max_len: int | None = None
     items: type | None = None
     nullable: bool = False
+    optional: bool = False  # may be absent (present only when the run uses the feature)
     meaning: str = ""
 
     def problem(self, value: Any) -> str | None:
@@ -131,6 +132,10 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "batch_size": Field(int, 1, 10**7, meaning="minibatch size"),
         "lr": Field(float, 0, 1000, low_open=True, meaning="SGD learning rate"),
         "proximal_mu": Field(float, 0, 10**6, meaning="FedProx: add (mu/2)·‖w − w_global‖² to the loss; 0 = off"),
+        "dp_clip": Field(float, 0, 10**6, low_open=True, optional=True,
+                         meaning="feature dp-local: clip the update's delta to this L2 norm"),
+        "dp_noise_std": Field(float, 0, 10**6, optional=True,
+                              meaning="feature dp-local: then add Gaussian noise of this std to every coordinate"),
         "weights": Field(dict, meaning="the layout of the weights frame that follows"),
     },
     "<UPDATE>": {
@@ -255,6 +260,8 @@ def decode_message(payload: bytes | bytearray | memoryview) -> dict[str, Any]:
         raise BadMessage(f"unknown header {header[:40]!r}")
     for name, spec in fields.items():
         if name not in message:
+            if spec.optional:
+                continue
             raise BadMessage(f"{header} lacks the field '{name}'")
         problem = spec.problem(message[name])
         if problem:

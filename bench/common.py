@@ -188,8 +188,9 @@ class RssSampler:
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
+    """metrics.csv's rows as numbers (a blank cell, such as epsilon without DP, is None)."""
     with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def say(message: str) -> None:

@@ -84,9 +84,9 @@ fraction = number(float, 0, 1, positive=True)
 port = number(int, 0, 65535)
 seed = number(int, 0, 2**32 - 1)
 
-NETWORK, FEDERATION, TRAINING, STRATEGY, DATA, OUTPUT, FAULTS, CONNECTIONS, SECURITY = (
-    "network", "federation", "training (sent to the clients every round)", "strategy", "data", "output",
-    "fault tolerance", "connections", "security",
+NETWORK, FEDERATION, TRAINING, STRATEGY, PRIVACY, DATA, OUTPUT, FAULTS, CONNECTIONS, SECURITY = (
+    "network", "federation", "training (sent to the clients every round)", "strategy",
+    "differential privacy (client level, DP-FedAvg)", "data", "output", "fault tolerance", "connections", "security",
 )
 
 
@@ -109,6 +109,9 @@ class ServerConfig:
     fraction_fit: float | None = setting(
         None, "C: train this fraction of the ready clients each round, at least --min-clients (McMahan et al.'s C)",
         group=FEDERATION, type=fraction, metavar="C")
+    sampling: str = setting("fixed", "how --clients-per-round/--fraction-fit pick: fixed (exactly K of the ready "
+                                     "clients) or poisson (each ready client with probability C, or K/N)",
+                            group=FEDERATION, choices=("fixed", "poisson"))
     model: str = setting("cnn", "logreg, mlp (2NN) or cnn (McMahan et al. 2017)", group=TRAINING,
                          choices=("logreg", "mlp", "cnn"))
     local_epochs: int = setting(1, "epochs each client trains per round", group=TRAINING, type=positive_int, metavar="E")
@@ -134,6 +137,18 @@ class ServerConfig:
                                    group=STRATEGY, type=number(float, 0, 0.5), metavar="BETA")
     byzantine_clients: int = setting(1, "krum/multi-krum: f, the malicious clients to tolerate per round",
                                      group=STRATEGY, type=non_negative_int, metavar="F")
+    dp_clip: float | None = setting(None, "S: clip each client's update (its model delta) to L2 norm S; turns "
+                                          "client-level DP on", group=PRIVACY, type=positive_float, metavar="S")
+    dp_noise_multiplier: float | None = setting(None, "z: Gaussian noise of std z*S on each round's sum of clipped "
+                                                      "updates", group=PRIVACY, type=positive_float, metavar="Z")
+    dp_epsilon: float | None = setting(None, "a privacy budget: pick z so that the planned rounds spend at most this "
+                                             "epsilon (instead of --dp-noise-multiplier); stop when it is spent",
+                                       group=PRIVACY, type=positive_float, metavar="EPSILON")
+    dp_delta: float | None = setting(None, "delta of the guarantee (default: 1e-5, or 1/(10 N) past 10,000 clients)",
+                                     group=PRIVACY, type=number(float, 0, 1, positive=True), metavar="DELTA")
+    dp_mode: str = setting("central", "where the noise is added: central (the server clips and adds it) or local "
+                                      "(each client clips and noises its own update)", group=PRIVACY,
+                           choices=("central", "local"))
     dataset: str = setting("mnist", "dataset (MNIST ships with fedsock)", group=DATA,
                            choices=("mnist", "fashion-mnist", "cifar10"))
     data_root: str | None = setting(None, "folder with the dataset files (default: the one shipped in fedsock/data/)",

@@ -270,6 +270,7 @@ def drop_line(e: ClientDropped) -> str:
 
 
 def round_line(row: dict[str, Any], num_rounds: int) -> str:
-    """`round 3/10  clients 5/5  test acc 98.71%  loss 0.0410  2.3 s`"""
+    """`round 3/10  clients 5/5  test acc 98.71%  loss 0.0410  2.3 s` (and `  ε 1.23` with DP)"""
+    privacy = f"  ε {row['epsilon']:.3g}" if row.get("epsilon") is not None else ""
     return (f"round {row['round']}/{num_rounds}  clients {row['clients']}/{row['expected']}  "
-            f"test acc {100 * row['test_accuracy']:.2f}%  loss {row['test_loss']:.4f}  {row['seconds']:.1f} s")
+            f"test acc {100 * row['test_accuracy']:.2f}%  loss {row['test_loss']:.4f}  {row['seconds']:.1f} s{privacy}")

@@ -30,7 +30,7 @@ from socket_methods import FrameReader, ProtocolError, decode_weights, encode_me
 
 METRIC_COLUMNS = (
     "round", "clients", "test_accuracy", "test_loss", "train_loss", "seconds",
-    "bytes_sent", "bytes_received", "max_fit_seconds",
+    "bytes_sent", "bytes_received", "max_fit_seconds", "epsilon",
 )
 CHECKPOINT_NAME = "checkpoint.fsck"
 CHECKPOINT_FORMAT = 2  # 1: no checksum, no strategy state (fedsock before the round engine)

@@ -246,7 +246,9 @@ class StrategySettings:
     byzantine_clients: int = 1
     clients_per_round: int | None = None
     fraction_fit: float | None = None
+    sampling: str = "fixed"  # fixed: exactly K; poisson: each with probability C (or K/N)
     min_clients: int = 1
+    num_clients: int = 1
     seed: int = 0
 
 
@@ -272,13 +274,14 @@ ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")
 class Strategy:
     """Sampling, fit settings, aggregation and the server step of one run's strategy."""
 
-    def __init__(self, settings: StrategySettings):
+    def __init__(self, settings: StrategySettings, privacy=None):
         self.settings = settings
         self.name = settings.strategy
         if self.name not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.name!r}")
         # Server optimiser state, float64, keyed "m/<tensor>", "v/<tensor>" or "momentum/<tensor>".
         self.state: dict[str, torch.Tensor] = {}
+        self.privacy = privacy  # fedsock.privacy.Privacy, when client-level DP is on
 
     @property
     def server_lr(self) -> float:
@@ -293,18 +296,38 @@ class Strategy:
     def min_updates(self) -> int:
         """The fewest updates this strategy can combine."""
         if self.name in ("krum", "multi-krum"):
-            return self.settings.byzantine_clients + 3
+            return 2 * self.settings.byzantine_clients + 3  # n >= 2f + 3 (Blanchard et al. 2017)
         return 1
 
     # ---- who trains
+    @property
+    def sampled(self) -> bool:
+        return self.settings.clients_per_round is not None or self.settings.fraction_fit is not None
+
+    def sampling_rate(self, available: int) -> float:
+        """Poisson sampling's probability q: C, or K/N."""
+        s = self.settings
+        return s.fraction_fit if s.fraction_fit is not None else min(1.0, s.clients_per_round / max(s.num_clients, 1))
+
     def sample(self, idle: list[int], round_number: int, attempt: int) -> list[int]:
         """The ids that train this round: all idle clients, or K (or the fraction C) of them, picked
-        by an RNG seeded from (seed, round, attempt), so that a resumed run picks the same ones."""
+        by an RNG seeded from (seed, round, attempt), so that a resumed run picks the same ones. With
+        client-level DP the seed is the run's secret one instead (see fedsock/privacy.py)."""
+        seed = self.privacy.sampling_seed if self.privacy is not None else self.settings.seed
+        rng = np.random.default_rng([seed, round_number, attempt])
+        if self.sampled and self.settings.sampling == "poisson":
+            chosen = rng.random(len(idle)) < self.sampling_rate(len(idle))
+            return [i for i, take in zip(sorted(idle), chosen) if take]
         wanted = self.clients_to_pick(len(idle))
         if wanted >= len(idle):
             return sorted(idle)
-        rng = np.random.default_rng([self.settings.seed, round_number, attempt])
         return sorted(int(i) for i in rng.choice(sorted(idle), size=wanted, replace=False))
+
+    def planned(self, picked: int, available: int) -> float:
+        """The clients a round plans for: DP's fixed denominator (the expected count for Poisson)."""
+        if self.sampled and self.settings.sampling == "poisson":
+            return self.sampling_rate(available) * available
+        return picked
 
     def clients_to_pick(self, available: int) -> int:
         s = self.settings
@@ -316,11 +339,17 @@ class Strategy:
 
     # ---- what they are told
     def fit_settings(self) -> dict[str, float]:
-        return {"proximal_mu": self.settings.proximal_mu if self.name == "fedprox" else 0.0}
+        settings = {"proximal_mu": self.settings.proximal_mu if self.name == "fedprox" else 0.0}
+        if self.privacy is not None:
+            settings.update(self.privacy.fit_settings())
+        return settings
 
     # ---- combining
-    def aggregator(self, template: Mapping[str, torch.Tensor]):
+    def aggregator(self, template: Mapping[str, torch.Tensor], planned: float = 1.0):
+        """How this round's updates are combined; `planned`: the clients the round planned for."""
         s = self.settings
+        if self.privacy is not None:
+            return self.privacy.aggregator(template, planned)
         if self.name == "median":
             return CollectingAggregator(coordinate_median)
         if self.name == "trimmed-mean":
