@@ -42,7 +42,7 @@ FEATURES: list[str] = ["dp-local"]
 # Reconnect backoff: first pause and the longest one.
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0
 
-NETWORK, DATA, OUTPUT, SECURITY = "network", "data and device", "output", "security"
+NETWORK, DATA, PRIVACY, OUTPUT, SECURITY = "network", "data and device", "example-level privacy (DP-SGD)", "output", "security"
 
 
 @dataclass
@@ -64,6 +64,14 @@ class ClientConfig:
                            type=settings.non_negative_int, metavar="N")
     max_message_mb: float = setting(64.0, "largest model this client accepts, in MB of weights", group=DATA,
                                     type=settings.positive_float, metavar="MB")
+    dp_sgd: bool = setting(False, "train with DP-SGD (Opacus): per-example clipping and noise, and this client's own "
+                                  "epsilon for its examples in every round line", group=PRIVACY)
+    dp_sgd_noise_multiplier: float = setting(1.0, "DP-SGD: noise std as a multiple of --dp-sgd-clip", group=PRIVACY,
+                                             type=settings.positive_float, metavar="Z")
+    dp_sgd_clip: float = setting(1.0, "DP-SGD: clip each example's gradient to this L2 norm", group=PRIVACY,
+                                 type=settings.positive_float, metavar="C")
+    dp_sgd_delta: float = setting(1e-5, "DP-SGD: delta of this client's guarantee (below 1/its examples)",
+                                  group=PRIVACY, type=number(float, 0, 1, positive=True), metavar="DELTA")
     quiet: bool = setting(False, "no progress bar and no <WAITING> lines, only a line per round", group=OUTPUT)
     progress_every: int | None = setting(
         None, "a progress line each time this many percent of a round's training is done (for logs and demos, "
@@ -108,6 +116,10 @@ def parse_config(argv: list[str] | None) -> ClientConfig:
             parser.error("--use-cuda/--no-use-cuda contradicts --device")
         args.device = wanted
     del args.use_cuda, args.traceback
+    given = settings.given_flags(build_parser, argv)
+    stray = [name for name in ("dp_sgd_noise_multiplier", "dp_sgd_clip", "dp_sgd_delta") if name in given]
+    if stray and not args.dp_sgd:
+        parser.error(f"--{stray[0].replace('_', '-')} applies to --dp-sgd")
     return ClientConfig(**vars(args))
 
 
@@ -309,6 +321,12 @@ class LocalTrainer:
         self.num_rounds = meta["num_rounds"]
         self.progress = Progress(config)
         nnh.warm_up(self.model, self.data.x, self.data.y)
+        self.dp_sgd = None
+        if config.dp_sgd:
+            from fedsock.privacy import ExampleLevelDP
+
+            self.dp_sgd = ExampleLevelDP(self.model, config.dp_sgd_noise_multiplier, config.dp_sgd_clip,
+                                         config.dp_sgd_delta)
 
     @property
     def num_examples(self) -> int:
@@ -317,6 +335,11 @@ class LocalTrainer:
     def fit(self, conn: BlockingConnection, message: dict[str, Any]) -> list:
         """Receive the global weights, train, test locally; the <UPDATE> frames to send."""
         number = message["round"]
+        if self.dp_sgd is not None and (message["proximal_mu"] > 0 or "dp_clip" in message):
+            reason = ("this client trains with --dp-sgd, which it cannot combine with the run's "
+                      + ("FedProx proximal term" if message["proximal_mu"] > 0 else "client-side update noise"))
+            conn.send([encode_message("<ERROR>", message=reason)])
+            raise FedsockError(reason)
         check_layout(message["weights"], self.layout)
         conn.recv_blob(self.received.buffer)
         tensors = self.received.tensors  # views of the bytes just received
@@ -327,14 +350,19 @@ class LocalTrainer:
             metrics = self.nnh.local_round(
                 self.model, self.data, tensors, epochs=message["local_epochs"], batch_size=message["batch_size"],
                 lr=message["lr"], proximal_mu=message["proximal_mu"], dp_clip=message.get("dp_clip"),
-                dp_noise_std=message.get("dp_noise_std", 0.0),
+                dp_noise_std=message.get("dp_noise_std", 0.0), dp_sgd=self.dp_sgd,
                 seed=hash((self.seed, self.config.client_id, number)) & 0x7FFFFFFF,
                 progress=self.progress.start(batches, description),
             )
         finally:
             self.progress.stop()
+        privacy = ""
+        if self.dp_sgd is not None:
+            metrics["dp_sgd_epsilon"] = self.dp_sgd.epsilon()
+            privacy = f", DP-SGD epsilon {metrics['dp_sgd_epsilon']:.3g} at delta {self.config.dp_sgd_delta:g}"
         say(self.config.who, f"round {number}: trained on {self.num_examples} examples, loss {metrics['train_loss']:.4f}, "
-                             f"local test acc {100 * metrics['local_test_accuracy']:.2f}%, {metrics['fit_seconds']:.1f} s")
+                             f"local test acc {100 * metrics['local_test_accuracy']:.2f}%, {metrics['fit_seconds']:.1f} s"
+                             f"{privacy}")
         return self.sender.frames(
             "<UPDATE>", self.nnh.get_weights(self.model), out=self.send_buffer, round=number,
             client_id=self.config.client_id, num_examples=self.num_examples, **metrics,

@@ -279,7 +279,7 @@ class RoundEngine:
             number = self.rounds_done + 1
             round_ = await self.fit_round(number, failures)
             if round_ is None:
-                return  # the privacy budget is spent
+                break  # the privacy budget is spent
             if round_.aggregator is None or len(round_.reported) < self.release_at:
                 failures += 1
                 give_up = failures > self.config.round_retries

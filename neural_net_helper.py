@@ -175,16 +175,22 @@ class LocalData:
 
 def local_round(model: nn.Module, data: LocalData, weights: dict[str, torch.Tensor], *, epochs: int, batch_size: int,
                 lr: float, seed: int, proximal_mu: float = 0.0, dp_clip: float | None = None, dp_noise_std: float = 0.0,
-                progress: Callable[[int], None] | None = None) -> dict[str, float]:
+                dp_sgd=None, progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """What a client does with a round's model: load it, train on its data, test on its held-out
     split. The model then holds the update; returns train_loss, local_test_accuracy, fit_seconds.
 
     With `dp_clip` (client-level DP, local mode) the update it holds is then the received weights
-    plus the delta clipped to that L2 norm, plus Gaussian noise of std `dp_noise_std`."""
+    plus the delta clipped to that L2 norm, plus Gaussian noise of std `dp_noise_std`. With
+    `dp_sgd` (a fedsock.privacy.ExampleLevelDP) it trains with DP-SGD instead."""
     started = time.perf_counter()
     set_weights(model, weights)
-    loss = train(model, data.x, data.y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                 proximal_mu=proximal_mu, progress=progress)
+    if dp_sgd is not None:
+        if proximal_mu:
+            raise ValueError("DP-SGD and FedProx's proximal term do not go together here")
+        loss = dp_sgd.train(data.x, data.y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    else:
+        loss = train(model, data.x, data.y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                     proximal_mu=proximal_mu, progress=progress)
     accuracy, _ = evaluate(model, data.test_x, data.test_y)
     if dp_clip is not None:
         from fedsock.privacy import privatize_update

@@ -145,6 +145,8 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "train_loss": Field(float, 0, meaning="mean loss over every example of every local epoch"),
         "local_test_accuracy": Field(float, 0, 1, meaning="accuracy on the client's held-out split, 0..1"),
         "fit_seconds": SECONDS,
+        "dp_sgd_epsilon": Field(float, 0, optional=True,
+                                meaning="the client's own example-level epsilon so far, if it trains with DP-SGD"),
         "weights": Field(dict, meaning="the layout: exactly the <MODEL>'s"),
     },
     "<SUCCESS>": {"round": ROUND, "accepted": Field(bool, meaning="false: the round had closed"), "message": TEXT},

@@ -352,7 +352,8 @@ class RemoteClient:
             buffers.give_back(buffer)
             raise
         self.expecting = None
-        metrics = {k: update[k] for k in ("train_loss", "local_test_accuracy", "fit_seconds")}
+        metrics = {k: update[k] for k in ("train_loss", "local_test_accuracy", "fit_seconds", "dp_sgd_epsilon")
+                   if k in update}
         result = FitRes(self.client_id, number, update["num_examples"], tensors, metrics,
                         release=lambda: buffers.give_back(buffer))
         if self.result is not None and not self.result.done():

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -262,3 +263,57 @@ class Privacy:
         return (f"client-level DP ({self.settings.mode}: {where}): clip S = {self.settings.clip:g}, noise multiplier "
                 f"z = {self.settings.noise_multiplier:.4g}, delta = {self.settings.delta:.3g}, sampling "
                 f"{self.settings.sampling} ({self.settings.relation} neighbours)")
+
+
+class ExampleLevelDP:
+    """`fl_client.py --dp-sgd`: DP-SGD on one client's own examples (Abadi et al. 2016), with Opacus.
+
+    Every example's gradient is clipped to L2 norm `max_grad_norm`, each batch's sum gets Gaussian
+    noise of std z * max_grad_norm, and batches are Poisson samples of the client's examples (each
+    example with probability B/n), which is what Opacus's RDP accountant analyses. The guarantee is
+    about one example of this client's data (add or remove one), over every round it trains; it is
+    this client's own, independent of the server's client-level DP."""
+
+    def __init__(self, model: torch.nn.Module, noise_multiplier: float, max_grad_norm: float, delta: float):
+        from opacus import GradSampleModule
+        from opacus.accountants import RDPAccountant
+
+        self.module = GradSampleModule(model)  # the same parameters, with per-example gradient hooks
+        self.noise_multiplier, self.max_grad_norm, self.delta = noise_multiplier, max_grad_norm, delta
+        self.accountant = RDPAccountant()
+
+    def train(self, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int, lr: float, seed: int,
+              progress=None) -> float:
+        from opacus.data_loader import DPDataLoader
+        from opacus.optimizers import DPOptimizer
+        from torch.nn import functional as F
+        from torch.utils.data import DataLoader, TensorDataset
+
+        generator = torch.Generator().manual_seed(seed)
+        loader = DPDataLoader.from_data_loader(DataLoader(TensorDataset(x, y), batch_size=batch_size),
+                                               generator=generator)
+        optimizer = DPOptimizer(torch.optim.SGD(self.module.parameters(), lr=lr), noise_multiplier=self.noise_multiplier,
+                                max_grad_norm=self.max_grad_norm, expected_batch_size=batch_size)
+        optimizer.attach_step_hook(self.accountant.get_optimizer_hook_fn(sample_rate=loader.sample_rate))
+        self.module.train()
+        total, seen, done = 0.0, 0, 0
+        with warnings.catch_warnings():
+            # Opacus's per-example hooks fire on the first layer, whose input needs no gradient:
+            # PyTorch warns about that, though it is what the hooks are for.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(epochs):
+                for xb, yb in loader:
+                    optimizer.zero_grad(set_to_none=True)
+                    if len(xb):
+                        loss = F.cross_entropy(self.module(xb), yb)
+                        loss.backward()
+                        total, seen = total + float(loss.detach()) * len(xb), seen + len(xb)
+                    optimizer.step()
+                    done += 1
+                    if progress is not None:
+                        progress(done)
+        self.module.zero_grad(set_to_none=True)
+        return total / max(seen, 1)
+
+    def epsilon(self) -> float:
+        return float(self.accountant.get_epsilon(self.delta))

@@ -305,9 +305,13 @@ class Strategy:
         return self.settings.clients_per_round is not None or self.settings.fraction_fit is not None
 
     def sampling_rate(self, available: int) -> float:
-        """Poisson sampling's probability q: C, or K/N."""
+        """Poisson sampling's probability q: C, or K/N (1 without sampling)."""
         s = self.settings
-        return s.fraction_fit if s.fraction_fit is not None else min(1.0, s.clients_per_round / max(s.num_clients, 1))
+        if s.fraction_fit is not None:
+            return s.fraction_fit
+        if s.clients_per_round is not None:
+            return min(1.0, s.clients_per_round / max(s.num_clients, 1))
+        return 1.0
 
     def sample(self, idle: list[int], round_number: int, attempt: int) -> list[int]:
         """The ids that train this round: all idle clients, or K (or the fraction C) of them, picked
