@@ -56,6 +56,15 @@ class ClientConfig:
         30.0, "seconds to keep trying to join: while no server listens, or a busy one closes the connection before "
               "welcoming this client (start clients before the server if you like)", group=NETWORK,
         flag="--connect-timeout", type=settings.positive_float)
+    data: str | None = setting(None, "this client's own data, for a server started with --task image or text: an image "
+                                     "folder (PATH/train/<class>/...), a .tsv/.csv of label and text, or an .npz",
+                               group=DATA, metavar="PATH")
+    data_format: str | None = setting(None, "what --data is, when its name does not say", group=DATA,
+                                      choices=("imagefolder", "table", "npz"))
+    label_column: str | None = setting(None, "text table: the label's column, a name or a 0-based index (default: "
+                                             "found by name, else the first)", group=DATA, metavar="COLUMN")
+    text_column: str | None = setting(None, "text table: the text's column (default: found by name, else the second)",
+                                      group=DATA, metavar="COLUMN")
     device: str = setting("auto", "where this client trains", group=DATA, choices=("auto", "cpu", "cuda"))
     data_root: str | None = setting(None, "folder with the dataset files (default: the one shipped in fedsock/data/)",
                                     group=DATA, metavar="DIR")
@@ -291,24 +300,54 @@ class LocalTrainer:
         import neural_net_helper as nnh
         from socket_methods import WeightsBuffer, WeightsSender, decode_bitmap, weights_layout
 
+        import numpy as np
+
+        from fedsock.own_data import load_own_data
+        from fedsock.tasks import Task
+
         self.nnh, self.config = nnh, config
         if config.threads:
             torch.set_num_threads(config.threads)
-        if meta["dataset"] not in client_helper.DATASETS or meta["model"] not in nnh.MODELS:
-            raise BadMessage(f"the server asks for dataset {meta['dataset']!r} and model {meta['model']!r}, unknown here")
-        info = client_helper.DATASETS[meta["dataset"]]
+        if meta["model"] not in nnh.MODELS:
+            raise BadMessage(f"the server asks for model {meta['model']!r}, unknown here")
+        self.task = task = Task.from_json(meta["task"])
+        if not nnh.model_fits(meta["model"], task.kind):
+            raise BadMessage(f"the server asks for model {meta['model']!r} for a {task.kind} task")
         self.device = nnh.choose_device(config.device)
-        train = client_helper.load_split(meta["dataset"], "train", config.data_root)
-        if len(train.labels) != meta["train_size"]:
-            raise BadMessage(f"the server's {meta['dataset']} has {meta['train_size']} training examples, this "
-                             f"client's copy has {len(train.labels)}: not the same dataset")
-        indices = decode_bitmap(meta["partition_bitmap"], len(train.labels))
-        if not len(indices):
-            raise BadMessage("the server gave this client no training examples (an empty partition)")
-        mine, local_test = client_helper.split_local(indices, meta["seed"], config.client_id)
-        self.data = nnh.LocalData(*nnh.to_tensors(train.images[mine], train.labels[mine], info, self.device),
-                                  *nnh.to_tensors(train.images[local_test], train.labels[local_test], info, self.device))
-        self.model = nnh.build_model(meta["model"], info, meta["seed"]).to(self.device)
+        if meta["dataset"]:  # a dataset every party has: the server says which examples are this client's
+            if config.data:
+                raise UsageError(f"this run trains on {meta['dataset']}, split by the server; --data is for runs whose "
+                                 f"server was started with --task image or text")
+            if meta["dataset"] not in client_helper.DATASETS:
+                raise BadMessage(f"the server asks for dataset {meta['dataset']!r} and model {meta['model']!r}, "
+                                 f"unknown here")
+            train = client_helper.load_split(meta["dataset"], "train", config.data_root)
+            if len(train.labels) != meta["train_size"]:
+                raise BadMessage(f"the server's {meta['dataset']} has {meta['train_size']} training examples, this "
+                                 f"client's copy has {len(train.labels)}: not the same dataset")
+            if meta["partition_bitmap"] is None:
+                raise BadMessage("the server named a dataset but gave this client no partition_bitmap")
+            indices = decode_bitmap(meta["partition_bitmap"], len(train.labels))
+            if not len(indices):
+                raise BadMessage("the server gave this client no training examples (an empty partition)")
+            mine, local_test = client_helper.split_local(indices, meta["seed"], config.client_id)
+            xs, ys, test_x, test_y = train.images[mine], train.labels[mine], train.images[local_test], train.labels[local_test]
+        else:  # its own files, checked against the task
+            if not config.data:
+                raise UsageError(f"this run's clients bring their own data ({task.describe()}): pass --data PATH")
+            own = load_own_data(config.data, task, config.data_format, config.label_column, config.text_column)
+            if own.test_x is None:  # no test split of its own: hold out 10%, as every client does
+                mine, local_test = client_helper.split_local(np.arange(len(own.y)), meta["seed"], config.client_id)
+                xs, ys, test_x, test_y = own.x[mine], own.y[mine], own.x[local_test], own.y[local_test]
+            else:
+                xs, ys, test_x, test_y = own.x, own.y, own.test_x, own.test_y
+            if not len(ys):
+                raise UsageError(f"--data {config.data} leaves no training examples")
+            say(config.who, f"own data: {len(ys)} training and {len(test_y)} test examples from {own.source}")
+        self.data = nnh.LocalData(*nnh.to_tensors(xs, ys, task, self.device),
+                                  *nnh.to_tensors(test_x, test_y, task, self.device))
+        self.model = nnh.build_model(meta["model"], task, meta["seed"]).to(self.device)
+        self.federated_evaluation = meta["federated_evaluation"]
         self.layout = weights_layout(nnh.get_weights(self.model))
         if self.layout["nbytes"] > config.max_message_mb * 2**20:
             raise BadMessage(f"the {meta['model']} model has {self.layout['nbytes'] / 2**20:.1f} MB of weights, over "
@@ -344,6 +383,12 @@ class LocalTrainer:
         conn.recv_blob(self.received.buffer)
         tensors = self.received.tensors  # views of the bytes just received
         check_finite(tensors)
+        evaluation = {}
+        if self.federated_evaluation:  # what the received model (last round's) scores on this client's test split
+            self.nnh.set_weights(self.model, tensors)
+            loss_sum, confusion = self.nnh.evaluate_counts(self.model, self.data.test_x, self.data.test_y,
+                                                           self.task.num_classes)
+            evaluation = dict(eval_round=number - 1, eval_loss_sum=loss_sum, eval_confusion=confusion.tolist())
         description = f"round {number}/{self.num_rounds}"
         batches = self.nnh.batches_per_round(self.num_examples, message["local_epochs"], message["batch_size"])
         try:
@@ -365,8 +410,22 @@ class LocalTrainer:
                              f"{privacy}")
         return self.sender.frames(
             "<UPDATE>", self.nnh.get_weights(self.model), out=self.send_buffer, round=number,
-            client_id=self.config.client_id, num_examples=self.num_examples, **metrics,
+            client_id=self.config.client_id, num_examples=self.num_examples, **metrics, **evaluation,
         )
+
+    def evaluate(self, conn: BlockingConnection, message: dict[str, Any]) -> list:
+        """<EVALUATE>: the model of the run's last round, on this client's test split; the <EVALUATION>."""
+        check_layout(message["weights"], self.layout)
+        conn.recv_blob(self.received.buffer)
+        check_finite(self.received.tensors)
+        self.nnh.set_weights(self.model, self.received.tensors)
+        loss_sum, confusion = self.nnh.evaluate_counts(self.model, self.data.test_x, self.data.test_y,
+                                                       self.task.num_classes)
+        accuracy = float(confusion.trace()) / max(int(confusion.sum()), 1)
+        say(self.config.who, f"evaluated round {message['round']}'s model on {int(confusion.sum())} test examples: "
+                             f"acc {100 * accuracy:.2f}%")
+        return [encode_message("<EVALUATION>", round=message["round"], eval_loss_sum=loss_sum,
+                               eval_confusion=confusion.tolist())]
 
 
 def server_spoke(conn: BlockingConnection) -> bool:
@@ -406,8 +465,9 @@ def run_client(config: ClientConfig) -> int:
     conn, told_server = None, False
     try:
         conn, meta = join(config, tls, token)
-        say(config.who, f"joined the server at {config.address}: {meta['model']} on {meta['dataset']}, "
-                        f"{meta['partition']} partition {config.client_id} of {meta['num_clients']}")
+        where = (f"{meta['dataset']}, {meta['partition']} partition {config.client_id} of {meta['num_clients']}"
+                 if meta["dataset"] else "its own data")
+        say(config.who, f"joined the server at {config.address}: {meta['model']} on {where}")
         try:
             trainer = LocalTrainer(config, meta)
         except (FedsockError, KeyboardInterrupt) as exc:  # tell the server why this client leaves
@@ -415,12 +475,15 @@ def run_client(config: ClientConfig) -> int:
             conn.send([encode_message("<ERROR>", message=f"client setup failed: {reason}")])
             told_server = True
             raise
-        conn.send([encode_message("<READY>", num_examples=trainer.num_examples)])
+        conn.send([encode_message("<READY>", num_examples=trainer.num_examples, test_examples=len(trainer.data.test_y))])
         # The server sends <WAITING> every heartbeat while we wait: three missed ones and it is gone.
         conn.sock.settimeout(3 * meta["heartbeat_s"] + 2)
         status = Status(config)
         while True:
-            message = expect(conn, CONTROL | {"<MODEL>"})
+            message = expect(conn, CONTROL | {"<MODEL>", "<EVALUATE>"})
+            if message["header"] == "<EVALUATE>":
+                conn.send(trainer.evaluate(conn, message), timeout_s=meta["round_timeout_s"])
+                continue
             if message["header"] != "<MODEL>":
                 if status.finished(message):
                     return 0

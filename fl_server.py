@@ -44,14 +44,16 @@ import client_helper
 import neural_net_helper as nnh
 from fedsock import config as settings
 from fedsock import security
-from fedsock.clients import ClientPool, ClientProxy, Dropped, FitIns, FitRes, GlobalModel, Stopped, wait_any
+from fedsock.clients import ClientPool, ClientProxy, Dropped, EvalRes, FitIns, FitRes, GlobalModel, Stopped, wait_any
 from fedsock.config import ServerConfig
 from fedsock.console import ArgumentParser, ExitStatus, FedsockError, HelpFormatter, UsageError, run_main, say, warn
 from fedsock.events import (
     ClientDropped,
     Console,
     Events,
+    FederatedEvaluation,
     Listening,
+    MetricsUpdated,
     RoundFailed,
     RoundFinished,
     RoundSaved,
@@ -62,11 +64,13 @@ from fedsock.events import (
     drop_line,
 )
 from fedsock.lobby import RECEIVE_BUFFERS, Lobby, ReceiveBuffers
+from fedsock.own_data import load_own_data
 from fedsock.privacy import Accountant, Privacy, PrivacySettings, default_delta, plan_noise_multiplier
+from fedsock.tasks import Task, make_task, task_of_dataset
 from fedsock.run_files import Checkpoint, OutputFailed, RunFiles, read_checkpoint
 from fedsock.strategies import ROBUST, STRATEGIES, Strategy, StrategySettings
 from fedsock.transport import Traffic
-from socket_methods import check_finite, check_layout, encode_bitmap, weights_layout
+from socket_methods import ProtocolError, check_finite, check_layout, encode_bitmap, weights_layout
 
 WHO = "server"
 
@@ -111,6 +115,8 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, Checkpoint | Non
         if "device" in given and args["device"] != ("cuda" if use_cuda else "cpu"):
             parser.error("--use-cuda/--no-use-cuda contradicts --device")
         args["device"] = given["device"] = "cuda" if use_cuda else "cpu"
+    if args["task"] == "text" and "model" not in given:
+        args["model"] = "textcnn"
     config, checkpoint = ServerConfig(**args), None
     if config.resume:
         if config.initial_model:
@@ -144,6 +150,23 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
         if name in given and config.strategy not in strategies:
             parser.error(f"--{name.replace('_', '-')} applies to --strategy {' or '.join(strategies)}, "
                          f"not {config.strategy}")
+    task_flags = [name for name in ("classes", "positive_class", "image_size", "channels", "image_mean", "image_std",
+                                    "max_tokens", "buckets", "test_data", "max_client_examples") if name in given]
+    kind = "text" if config.task == "text" else "image"
+    if config.task == "dataset":
+        if task_flags:
+            parser.error(f"--{task_flags[0].replace('_', '-')} applies to --task image or text (clients with their "
+                         f"own data), not to --task dataset")
+    else:
+        if not config.classes:
+            parser.error(f"--task {config.task} needs --classes, e.g. --classes ham,spam")
+        wrong = [name for name in ("dataset", "partition", "alpha", "data_root") if name in given]
+        if wrong:
+            parser.error(f"--{wrong[0].replace('_', '-')} applies to --task dataset; with --task {config.task} each "
+                         f"client brings its own data")
+    if not nnh.model_fits(config.model, kind):
+        parser.error(f"--model {config.model} is for {'text' if kind == 'image' else 'images'}; a {kind} task needs "
+                     f"{' or '.join(nnh.TEXT_MODELS if kind == 'text' else nnh.IMAGE_MODELS)}")
     dp_flags = [name for name in ("dp_noise_multiplier", "dp_epsilon", "dp_delta", "dp_mode") if name in given]
     if config.dp_clip is None and dp_flags:
         parser.error(f"--{dp_flags[0].replace('_', '-')} needs --dp-clip S, which turns client-level DP on")
@@ -221,6 +244,9 @@ class RoundEngine:
         self.stopping = asyncio.Event()
         self.stop_reason = ""
         self.budget_spent = False
+        self.task: Task | None = None  # set by the caller: the classes, for the clients' evaluations
+        self.federated_evaluation = False
+        self.evaluations: dict[int, list] = {}  # round -> [clients, loss sum, confusion] of the clients' own tests
         self.drops: list[str] = []
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
 
@@ -269,8 +295,9 @@ class RoundEngine:
             self.events.notice(f"{len(pool.members)} client(s) ready, {self.needed} needed: waiting for more")
             await pool.wait_until(lambda: len(pool.members) >= self.needed, None, self.stopping)
         pool.training_started = True
+        data = config.dataset if config.task == "dataset" else "their own data"
         self.events.emit(TrainingStarted(sorted(pool.members), self.rounds_done + 1, config.num_rounds,
-                                         config.model, config.dataset, config.strategy))
+                                         config.model, data, config.strategy))
 
     async def train(self) -> None:
         """Rounds until --num-rounds; a round with too few updates is retried with the same model."""
@@ -292,12 +319,15 @@ class RoundEngine:
             failures = 0
             self.model = GlobalModel.of(self.strategy.step(self.model.tensors, round_.aggregator.result()))
             self.rounds_done = number
+            self.attach_evaluation(number - 1)  # what this round's clients measured of the last round's model
             row = self.round_row(round_)
             if self.privacy is not None:
                 row["epsilon"] = self.privacy.record(round_.population, round_.picked,
                                                      self.strategy.sampling_rate(round_.population))
             self.reporting = asyncio.ensure_future(self.report(row, self.model, dict(self.strategy.state)))
         await self.settle_report()
+        if self.federated_evaluation and not self.stopping.is_set():
+            await self.evaluate_final_model()
 
     async def fit_round(self, number: int, attempt: int) -> Round | None:
         """One round's story: sample, send, collect. The caller aggregates. None: the privacy budget
@@ -325,7 +355,7 @@ class RoundEngine:
         self.current = round_
         instructions = FitIns(number, self.model, {"local_epochs": self.config.local_epochs,
                                                    "batch_size": self.config.batch_size, "lr": self.config.lr,
-                                                   **self.strategy.fit_settings()})
+                                                   **self.strategy.fit_settings()}, evaluate=self.federated_evaluation)
         for client_id in picked:
             self.start_fit(pool.members[client_id], instructions)
         self.events.emit(RoundStarted(number, attempt, picked, sorted(round_.expected), len(idle) - len(picked)))
@@ -336,6 +366,45 @@ class RoundEngine:
             raise Stopped
         self.close_round(round_)
         return round_
+
+    def note_evaluation(self, number: int, loss_sum: float, confusion) -> None:
+        entry = self.evaluations.setdefault(number, [0, 0.0, 0])
+        entry[0], entry[1], entry[2] = entry[0] + 1, entry[1] + loss_sum, entry[2] + confusion
+
+    def attach_evaluation(self, number: int) -> None:
+        """Put the clients' evaluation of round `number`'s model into its row (written with the next
+        checkpoint), and say it."""
+        entry = self.evaluations.pop(number, None)
+        row = next((r for r in self.metrics if r["round"] == number), None)
+        if entry is None or row is None:
+            return
+        clients, loss_sum, confusion = entry
+        scores = nnh.scores(confusion, loss_sum, self.task.positive_index if self.task else None)
+        if not scores:
+            return
+        row.update({f"fed_{k}": v for k, v in scores.items()}, fed_clients=clients, fed_examples=int(confusion.sum()))
+        if "confusion" not in row or row.get("test_accuracy") is None:
+            row["confusion"] = confusion.tolist()
+        self.events.emit(FederatedEvaluation(number, clients, int(confusion.sum()), scores))
+
+    async def evaluate_final_model(self) -> None:
+        """The clients' evaluation of the last model: no round follows to carry it, so ask for it."""
+        await self.settle_report()
+        proxies = [self.pool.members[i] for i in self.pool.idle()]
+        if not proxies or not self.metrics:
+            return
+        answers = await asyncio.gather(*(asyncio.wait_for(p.evaluate(self.rounds_done, self.model),
+                                                          self.config.round_timeout_s) for p in proxies),
+                                       return_exceptions=True)
+        for answer in answers:
+            if isinstance(answer, EvalRes):
+                self.note_evaluation(self.rounds_done, answer.loss_sum, answer.confusion)
+        self.attach_evaluation(self.rounds_done)
+        last = self.metrics[-1]
+        extra = {"privacy": self.privacy.to_json()} if self.privacy is not None else {}
+        self.events.emit(MetricsUpdated(Checkpoint(asdict(self.config), last["round"], [dict(r) for r in self.metrics],
+                                                   self.model.tensors, dict(self.strategy.state), extra)))
+        await self.events.flush()
 
     def start_fit(self, proxy: ClientProxy, instructions: FitIns) -> None:
         self.pool.busy[proxy.client_id] = instructions.round
@@ -370,6 +439,9 @@ class RoundEngine:
             result.tensors = {}  # views of a buffer that is reused now
         round_.expected.add(proxy.client_id)
         round_.reported[proxy.client_id] = {"num_examples": result.num_examples, **result.metrics}
+        if "eval_confusion" in result.metrics:
+            self.note_evaluation(result.metrics["eval_round"], result.metrics["eval_loss_sum"],
+                                 result.metrics["eval_confusion"])
         proxy.acknowledge(result, True, "update accepted")
         self.events.emit(UpdateAccepted(number, proxy.client_id, result.num_examples, result.metrics))
         round_.settle()
@@ -397,6 +469,7 @@ class RoundEngine:
             "bytes_sent": self.traffic.sent - round_.traffic_at_start[0],
             "bytes_received": self.traffic.received - round_.traffic_at_start[1],
             "max_fit_seconds": max([u["fit_seconds"] for u in updates], default=0.0),
+            "sum_fit_seconds": sum(u["fit_seconds"] for u in updates),
         }
 
     async def report(self, row: dict[str, Any], model: GlobalModel, strategy_state: dict) -> None:
@@ -404,10 +477,11 @@ class RoundEngine:
         written by the time the next round's model is out (settle_report)."""
         loop = asyncio.get_running_loop()
         row.update(await loop.run_in_executor(self.worker, self.evaluate, model.tensors))
+        row["positive"] = bool(self.task and self.task.positive is not None)
         self.metrics.append(row)
         extra = {"privacy": self.privacy.to_json()} if self.privacy is not None else {}
-        checkpoint = Checkpoint(asdict(self.config), row["round"], list(self.metrics), model.tensors, strategy_state,
-                                extra)
+        checkpoint = Checkpoint(asdict(self.config), row["round"], [dict(r) for r in self.metrics], model.tensors,
+                                strategy_state, extra)
         self.events.emit(RoundFinished(row, self.config.num_rounds, checkpoint))
         await self.events.flush()
         self.events.emit(RoundSaved(row, self.config.num_rounds))
@@ -427,8 +501,10 @@ class RoundEngine:
             await self.settle_report()
         except OutputFailed as exc:
             failure = exc
-        if self.metrics:
+        if self.metrics and self.metrics[-1].get("test_accuracy") is not None:
             message += f"; final test accuracy {100 * self.metrics[-1]['test_accuracy']:.2f}%"
+        elif self.metrics and self.metrics[-1].get("fed_accuracy") is not None:
+            message += f"; final accuracy on the clients' test splits {100 * self.metrics[-1]['fed_accuracy']:.2f}%"
         self.events.emit(RunFinished(completed, self.rounds_done, message, self.output_dir, list(self.drops)))
         try:
             await self.events.flush()
@@ -459,7 +535,7 @@ class RoundEngine:
 class Setup:
     """Everything that can fail on bad flags or files, made before the server listens."""
 
-    info: client_helper.DatasetInfo
+    info: client_helper.DatasetInfo | None  # None when the clients bring their own data
     tls: Any
     auth: security.Authenticator
     model: GlobalModel
@@ -469,18 +545,24 @@ class Setup:
     train_size: int
     checkpoint: Checkpoint | None
     train: client_helper.Split | None = None
+    task: Task | None = None
 
 
 class Evaluator:
-    """The server's test set and a model to evaluate the global weights on (in the worker thread)."""
+    """The server's test set and a model to evaluate the global weights on (in the worker thread):
+    accuracy, loss, precision, recall and F1 of the task's positive class, and the confusion matrix.
+    Without a test set (clients with their own data, no --test-data) it measures nothing."""
 
-    def __init__(self, model: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor]):
-        self.model, (self.x, self.y) = model, test
+    def __init__(self, model: torch.nn.Module, test: tuple[torch.Tensor, torch.Tensor] | None, task: Task):
+        self.model, self.test, self.task = model, test, task
 
-    def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, float]:
+    def __call__(self, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if self.test is None:
+            return {}
         nnh.set_weights(self.model, tensors)
-        accuracy, loss = nnh.evaluate(self.model, self.x, self.y)
-        return {"test_accuracy": accuracy, "test_loss": loss}
+        loss_sum, confusion = nnh.evaluate_counts(self.model, *self.test, self.task.num_classes)
+        return {f"test_{k}": v for k, v in nnh.scores(confusion, loss_sum, self.task.positive_index).items()} | {
+            "confusion": confusion.tolist()}
 
 
 class Welcome:
@@ -494,17 +576,26 @@ class Welcome:
         return self.engine.rounds_done + 1
 
     def max_examples(self, client_id: int) -> int:
+        if not self.setup.partitions:  # own data: the server knows nothing of it but this bound
+            return self.config.max_client_examples
         return len(self.setup.partitions[client_id - 1])
 
     def fields(self, client_id: int) -> dict[str, Any]:
-        c = self.config
+        c, own = self.config, not self.setup.partitions
         return dict(
-            client_id=client_id, num_clients=c.num_clients, dataset=c.dataset, partition=c.partition, alpha=c.alpha,
-            seed=c.seed, model=c.model, num_rounds=c.num_rounds, round_timeout_s=c.round_timeout_s,
-            heartbeat_s=c.heartbeat_s, next_round=self.next_round(), train_size=self.setup.train_size,
-            partition_bitmap=encode_bitmap(self.setup.partitions[client_id - 1], self.setup.train_size),
+            client_id=client_id, num_clients=c.num_clients, dataset="" if own else c.dataset,
+            partition="own" if own else c.partition, alpha=c.alpha, seed=c.seed, model=c.model,
+            num_rounds=c.num_rounds, round_timeout_s=c.round_timeout_s, heartbeat_s=c.heartbeat_s,
+            next_round=self.next_round(), train_size=self.setup.train_size,
+            partition_bitmap=None if own else encode_bitmap(self.setup.partitions[client_id - 1], self.setup.train_size),
+            task=self.setup.task.to_json(), federated_evaluation=federated_evaluation(c),
             required_features=required_features(c),
         )
+
+
+def federated_evaluation(config: ServerConfig) -> bool:
+    """Whether clients evaluate the models they receive: asked for, or the only evaluation there is."""
+    return config.federated_evaluation or (config.task != "dataset" and config.test_data is None)
 
 
 def required_features(config: ServerConfig) -> list[str]:
@@ -545,14 +636,32 @@ def prepare_training(config: ServerConfig, checkpoint: Checkpoint | None, keep_t
                      who: str = WHO) -> Setup:
     """The data split among the clients, the test set, the starting model and the strategy: what a
     server and a simulation both need. `keep_train` keeps the training split (a simulation trains on it)."""
-    info = client_helper.DATASETS[config.dataset]
     device = nnh.choose_device(config.device)
     if config.threads:
         torch.set_num_threads(config.threads)
-    train = client_helper.load_split(config.dataset, "train", config.data_root)
-    parts = client_helper.partition_indices(train.labels, config.num_clients, config.partition, config.alpha, config.seed)
-    test = client_helper.load_split(config.dataset, "test", config.data_root)
-    model = nnh.build_model(config.model, info, config.seed).to(device)
+    info = train = test = None
+    parts: list[np.ndarray] = []
+    if config.task == "dataset":
+        info = client_helper.DATASETS[config.dataset]
+        task = task_of_dataset(info)
+        train = client_helper.load_split(config.dataset, "train", config.data_root)
+        parts = client_helper.partition_indices(train.labels, config.num_clients, config.partition, config.alpha,
+                                                config.seed)
+        test = client_helper.load_split(config.dataset, "test", config.data_root)
+        test_tensors = nnh.to_tensors(test.images, test.labels, info, device)
+    else:
+        try:
+            task = make_task(config.task, config.classes or "", config.image_size, config.channels, config.image_mean,
+                             config.image_std, config.max_tokens, config.buckets, config.positive_class)
+        except (ValueError, ProtocolError) as exc:
+            raise UsageError(f"--task {config.task}: {exc}") from exc
+        test_tensors = None
+        if config.test_data:  # the server's own held-out set, in a client's formats; no training file is read
+            held = load_own_data(config.test_data, task)
+            xs = np.concatenate([held.x, held.test_x]) if held.test_x is not None else held.x
+            ys = np.concatenate([held.y, held.test_y]) if held.test_y is not None else held.y
+            test_tensors = nnh.to_tensors(xs, ys, task, device)
+    model = nnh.build_model(config.model, task, config.seed).to(device)
     template = {k: v.cpu() for k, v in nnh.get_weights(model).items()}
     if checkpoint is not None:
         try:
@@ -571,14 +680,22 @@ def prepare_training(config: ServerConfig, checkpoint: Checkpoint | None, keep_t
     strategy = Strategy(strategy_settings(config), make_privacy(config, checkpoint, who))
     if checkpoint is not None:
         strategy.load_state(checkpoint.strategy_state)
-    skew = client_helper.label_skew(train.labels, parts)
-    sizes = sorted(len(p) for p in parts)
-    say(who, f"{config.dataset}: {len(train.labels)} training examples in {config.num_clients} {config.partition} "
-             f"partitions of {sizes[0]}..{sizes[-1]} (label skew {skew:.2f}); {len(test.labels)} test examples on {device}")
+    if train is not None:
+        skew = client_helper.label_skew(train.labels, parts)
+        sizes = sorted(len(p) for p in parts)
+        say(who, f"{config.dataset}: {len(train.labels)} training examples in {config.num_clients} {config.partition} "
+                 f"partitions of {sizes[0]}..{sizes[-1]} (label skew {skew:.2f}); {len(test.labels)} test examples "
+                 f"on {device}")
+    else:
+        where = (f"a test set of {len(test_tensors[1])} examples from {config.test_data}" if test_tensors is not None
+                 else "no test set of its own")
+        say(who, f"task: {task.describe()}; the clients bring their own data; the server has {where}"
+                 f"{'; federated evaluation' if federated_evaluation(config) else ''} on {device}")
     return Setup(
-        info=info, tls=None, auth=security.Authenticator(), model=GlobalModel.of(weights),
-        strategy=strategy, evaluate=Evaluator(model, nnh.to_tensors(test.images, test.labels, info, device)),
-        partitions=parts, train_size=len(train.labels), checkpoint=checkpoint, train=train if keep_train else None,
+        info=info, tls=None, auth=security.Authenticator(), model=GlobalModel.of(weights), strategy=strategy,
+        evaluate=Evaluator(model, test_tensors, task), partitions=parts,
+        train_size=len(train.labels) if train is not None else 0, checkpoint=checkpoint,
+        train=train if keep_train else None, task=task,
     )
 
 
@@ -682,6 +799,7 @@ async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
     pool, traffic = ClientPool(config.num_clients), Traffic()
     engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, traffic, setup.checkpoint,
                          str(output_dir))
+    engine.task, engine.federated_evaluation = setup.task, federated_evaluation(config)
     lobby = Lobby(
         listener=listener, pool=pool, events=events, traffic=traffic, tls=setup.tls, auth=setup.auth,
         welcome=Welcome(config, setup, engine),

@@ -15,7 +15,8 @@ from torch.nn import functional as F
 from client_helper import DatasetInfo
 from fedsock.console import UsageError
 
-MODELS = ("logreg", "mlp", "cnn")
+MODELS = ("logreg", "mlp", "cnn", "textcnn", "textgru")
+IMAGE_MODELS, TEXT_MODELS = ("logreg", "mlp", "cnn"), ("textcnn", "textgru")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -65,10 +66,47 @@ class CNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-def build_model(name: str, info: DatasetInfo, seed: int = 0) -> nn.Module:
-    """A model by name, initialised from `seed` so every process builds the same one."""
+class TextCNN(nn.Module):
+    """Hashed tokens -> a 32-wide embedding -> 1-D convolutions over 2 and 3 tokens (64 filters each,
+    so it sees word pairs and triples) -> max over the text -> the classes (Kim 2014, smaller)."""
+
+    def __init__(self, max_tokens: int, buckets: int, num_classes: int, width: int = 32, filters: int = 64):
+        super().__init__()
+        self.embedding = nn.Embedding(buckets, width, padding_idx=0)
+        self.pairs = nn.Conv1d(width, filters, kernel_size=2, padding=1)
+        self.triples = nn.Conv1d(width, filters, kernel_size=3, padding=1)
+        self.out = nn.Linear(2 * filters, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(tokens).transpose(1, 2)  # (N, width, T)
+        features = [F.relu(conv(x)).amax(dim=2) for conv in (self.pairs, self.triples)]
+        return self.out(torch.cat(features, dim=1))
+
+
+class TextGRU(nn.Module):
+    """Hashed tokens -> a 32-wide embedding -> a GRU of 64 -> its last state -> the classes."""
+
+    def __init__(self, max_tokens: int, buckets: int, num_classes: int, width: int = 32, hidden: int = 64):
+        super().__init__()
+        self.embedding = nn.Embedding(buckets, width, padding_idx=0)
+        self.gru = nn.GRU(width, hidden, batch_first=True)
+        self.out = nn.Linear(hidden, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        _, last = self.gru(self.embedding(tokens))  # left-padded: the last step is the text's end
+        return self.out(last[0])
+
+
+def build_model(name: str, spec, seed: int = 0) -> nn.Module:
+    """A model by name for a task (or a DatasetInfo), initialised from `seed` so every process builds the same one."""
     torch.manual_seed(seed)
-    return {"logreg": LogReg, "mlp": MLP, "cnn": CNN}[name](info.input_shape, info.num_classes)
+    if name in TEXT_MODELS:
+        return {"textcnn": TextCNN, "textgru": TextGRU}[name](spec.max_tokens, spec.buckets, spec.num_classes)
+    return {"logreg": LogReg, "mlp": MLP, "cnn": CNN}[name](spec.input_shape, spec.num_classes)
+
+
+def model_fits(name: str, kind: str) -> bool:
+    return (name in TEXT_MODELS) == (kind == "text")
 
 
 def choose_device(preference: str) -> torch.device:
@@ -80,7 +118,11 @@ def choose_device(preference: str) -> torch.device:
 
 
 def to_tensors(images: np.ndarray, labels: np.ndarray, info: DatasetInfo, device: torch.device):
-    """Normalised float32 images and int64 labels, on the device, once for the whole run."""
+    """Normalised float32 images (or int64 token ids, for a text task) and int64 labels, on the device,
+    once for the whole run."""
+    if getattr(info, "kind", "image") == "text":
+        return (torch.from_numpy(np.ascontiguousarray(images, dtype=np.int64)).to(device),
+                torch.from_numpy(np.ascontiguousarray(labels)).to(device))
     images = np.require(images, requirements=["C", "W"])  # torch wants writable memory (copies only if not)
     x = torch.from_numpy(images).to(device=device, dtype=torch.float32).div_(255)
     mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1)
@@ -198,6 +240,39 @@ def local_round(model: nn.Module, data: LocalData, weights: dict[str, torch.Tens
         private, _ = privatize_update(weights, get_weights(model), dp_clip, dp_noise_std)
         set_weights(model, private)
     return {"train_loss": loss, "local_test_accuracy": accuracy, "fit_seconds": time.perf_counter() - started}
+
+
+@torch.no_grad()
+def evaluate_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                    batch_size: int = 1000) -> tuple[float, np.ndarray]:
+    """The summed cross-entropy and the confusion matrix (rows: true class, columns: predicted) of
+    `model` on (x, y): counts, so that evaluations on several clients add up exactly."""
+    model.eval()
+    loss = torch.zeros((), device=x.device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=x.device)
+    for start in range(0, len(x), batch_size):
+        logits = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
+        loss += F.cross_entropy(logits, target, reduction="sum").double()
+        confusion += torch.bincount(target * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    return float(loss), confusion.view(num_classes, num_classes).cpu().numpy()
+
+
+def scores(confusion: np.ndarray, loss_sum: float, positive: int | None = None) -> dict[str, float]:
+    """Accuracy, mean loss, and precision, recall and F1 of the positive class (macro-averaged over
+    the classes when there is none) from a confusion matrix and a summed loss."""
+    total = int(confusion.sum())
+    if not total:
+        return {}
+    true_positive = np.diag(confusion).astype(np.float64)
+    predicted, actual = confusion.sum(axis=0).astype(np.float64), confusion.sum(axis=1).astype(np.float64)
+    precision = np.divide(true_positive, predicted, out=np.zeros_like(true_positive), where=predicted > 0)
+    recall = np.divide(true_positive, actual, out=np.zeros_like(true_positive), where=actual > 0)
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(true_positive),
+                   where=(precision + recall) > 0)
+    pick = (lambda v: float(v[positive])) if positive is not None else (lambda v: float(v.mean()))
+    return {"accuracy": float(true_positive.sum()) / total, "loss": loss_sum / total, "precision": pick(precision),
+            "recall": pick(recall), "f1": pick(f1)}
 
 
 @torch.no_grad()

@@ -110,8 +110,8 @@ MESSAGES: dict[str, dict[str, Field]] = {
     "<METADATA>": {
         "client_id": ID,
         "num_clients": Field(int, 1, 10**6, meaning="N"),
-        "dataset": Field(str, max_len=64, meaning="the dataset's name"),
-        "partition": Field(str, max_len=64, meaning="iid, dirichlet or shards: how the server split the data"),
+        "dataset": Field(str, max_len=64, meaning="the dataset's name; empty when the clients bring their own data"),
+        "partition": Field(str, max_len=64, meaning="iid, dirichlet or shards: how the server split the data; own"),
         "alpha": Field(float, 0, 10**6, low_open=True, meaning="Dirichlet concentration (informative)"),
         "seed": Field(int, 0, 2**32 - 1, meaning="seeds the client's shuffling and local test split"),
         "model": Field(str, max_len=64, meaning="the model's name"),
@@ -119,12 +119,17 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "round_timeout_s": Field(float, 0, 86400, low_open=True, meaning="how long a round waits for updates"),
         "heartbeat_s": Field(float, 0, 600, low_open=True, meaning="the server speaks at least this often"),
         "next_round": Field(int, 1, 10**6 + 1, meaning="the first round this client can take part in"),
-        "train_size": Field(int, 1, 10**9, meaning="examples in the dataset's training split"),
-        "partition_bitmap": Field(str, meaning="this client's training examples, base64 bitmap"),
+        "train_size": Field(int, 0, 10**9, meaning="examples in the dataset's training split (0: own data)"),
+        "partition_bitmap": Field(str, nullable=True, meaning="this client's training examples, base64 bitmap; "
+                                                                 "null: own data"),
+        "task": Field(dict, meaning="what an example is, and the class names (see Tasks)"),
+        "federated_evaluation": Field(bool, meaning="evaluate each received model on the local test split and "
+                                                    "report it in the <UPDATE>"),
         "required_features": Field(list, max_len=64, items=str, meaning="features a client must support"),
     },
     "<READY>": {
         "num_examples": Field(int, 1, 10**9, meaning="training examples this client holds"),
+        "test_examples": Field(int, 0, 10**9, meaning="examples in its local test split"),
     },
     "<MODEL>": {
         "round": ROUND,
@@ -147,7 +152,21 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "fit_seconds": SECONDS,
         "dp_sgd_epsilon": Field(float, 0, optional=True,
                                 meaning="the client's own example-level epsilon so far, if it trains with DP-SGD"),
+        "eval_round": Field(int, 0, 10**6, optional=True,
+                            meaning="federated evaluation: the round whose model was evaluated (this one - 1)"),
+        "eval_loss_sum": Field(float, 0, optional=True, meaning="its summed cross-entropy on the local test split"),
+        "eval_confusion": Field(list, max_len=1000, items=list, optional=True,
+                                meaning="its confusion matrix there: row = true class, column = predicted"),
         "weights": Field(dict, meaning="the layout: exactly the <MODEL>'s"),
+    },
+    "<EVALUATE>": {
+        "round": Field(int, 0, 10**6, meaning="the round whose model this is"),
+        "weights": Field(dict, meaning="the layout of the weights frame that follows"),
+    },
+    "<EVALUATION>": {
+        "round": Field(int, 0, 10**6, meaning="the round of the model evaluated"),
+        "eval_loss_sum": Field(float, 0, meaning="summed cross-entropy on the local test split"),
+        "eval_confusion": Field(list, max_len=1000, items=list, meaning="confusion matrix: row = true, column = predicted"),
     },
     "<SUCCESS>": {"round": ROUND, "accepted": Field(bool, meaning="false: the round had closed"), "message": TEXT},
     "<WAITING>": {"message": TEXT},
@@ -423,6 +442,17 @@ def encode_bitmap(indices: Any, total: int) -> str:
     bits = np.zeros(total, dtype=bool)
     bits[np.asarray(indices, dtype=np.int64)] = True
     return base64.b64encode(np.packbits(bits, bitorder="little").tobytes()).decode("ascii")
+
+
+def check_confusion(value: Any, num_classes: int) -> Any:
+    """An evaluation's confusion matrix as numpy int64 (num_classes x num_classes); BadMessage otherwise."""
+    import numpy as np
+
+    if (not isinstance(value, list) or len(value) != num_classes
+            or not all(isinstance(row, list) and len(row) == num_classes for row in value)
+            or not all(type(v) is int and 0 <= v <= 10**12 for row in value for v in row)):
+        raise BadMessage(f"eval_confusion must be {num_classes} lists of {num_classes} counts (0..10^12)")
+    return np.asarray(value, dtype=np.int64)
 
 
 def decode_bitmap(text: str, total: int) -> Any:

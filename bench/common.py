@@ -187,10 +187,19 @@ class RssSampler:
         return self.peak_kb
 
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    """metrics.csv's rows as numbers (a blank cell, such as epsilon without DP, is None)."""
+def _cell(text: str):
+    if text == "":
+        return None  # a blank cell: epsilon without DP, a test score without a test set
+    try:
+        return float(text)
+    except ValueError:
+        return text  # the confusion matrix, as its JSON text
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.csv's rows, numbers as floats (a blank cell is None; the confusion matrix stays text)."""
     with open(path) as f:
-        return [{k: float(v) if v != "" else None for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def say(message: str) -> None:

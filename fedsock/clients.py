@@ -46,6 +46,7 @@ class FitIns:
     round: int
     model: GlobalModel
     settings: dict[str, Any]
+    evaluate: bool = False  # federated evaluation: first test the received model on the local test split
     cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -62,6 +63,16 @@ class FitRes:
     release: Callable[[], None] = lambda: None
 
 
+@dataclass
+class EvalRes:
+    """A client's evaluation of a model on its own test split: counts, so that they add up exactly."""
+
+    client_id: int
+    round: int
+    loss_sum: float
+    confusion: Any  # numpy int64, classes x classes (row: true class)
+
+
 class ClientProxy(Protocol):
     client_id: int
     num_examples: int  # training examples it holds (said when it became ready)
@@ -71,6 +82,9 @@ class ClientProxy(Protocol):
 
     def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
         """Tell the client whether its update was used (a late one is not)."""
+
+    async def evaluate(self, round_number: int, model: GlobalModel) -> EvalRes:
+        """Evaluate `model` on the client's own test split; raise Dropped if the client is gone first."""
 
     async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
         """The run is over: say so and let the client go."""

@@ -84,9 +84,10 @@ fraction = number(float, 0, 1, positive=True)
 port = number(int, 0, 65535)
 seed = number(int, 0, 2**32 - 1)
 
-NETWORK, FEDERATION, TRAINING, STRATEGY, PRIVACY, DATA, OUTPUT, FAULTS, CONNECTIONS, SECURITY = (
+NETWORK, FEDERATION, TRAINING, STRATEGY, PRIVACY, DATA, TASK, OUTPUT, FAULTS, CONNECTIONS, SECURITY = (
     "network", "federation", "training (sent to the clients every round)", "strategy",
-    "differential privacy (client level, DP-FedAvg)", "data", "output", "fault tolerance", "connections", "security",
+    "differential privacy (client level, DP-FedAvg)", "data", "task (clients bring their own data: --task image or text)",
+    "output", "fault tolerance", "connections", "security",
 )
 
 
@@ -112,8 +113,8 @@ class ServerConfig:
     sampling: str = setting("fixed", "how --clients-per-round/--fraction-fit pick: fixed (exactly K of the ready "
                                      "clients) or poisson (each ready client with probability C, or K/N)",
                             group=FEDERATION, choices=("fixed", "poisson"))
-    model: str = setting("cnn", "logreg, mlp (2NN) or cnn (McMahan et al. 2017)", group=TRAINING,
-                         choices=("logreg", "mlp", "cnn"))
+    model: str = setting("cnn", "logreg, mlp (2NN) or cnn (McMahan et al. 2017) for images; textcnn or textgru "
+                                "for text", group=TRAINING, choices=("logreg", "mlp", "cnn", "textcnn", "textgru"))
     local_epochs: int = setting(1, "epochs each client trains per round", group=TRAINING, type=positive_int, metavar="E")
     batch_size: int = setting(32, "client minibatch size", group=TRAINING, type=positive_int, metavar="B")
     lr: float = setting(0.05, "client SGD learning rate", group=TRAINING, type=positive_float)
@@ -162,6 +163,32 @@ class ServerConfig:
                         group=DATA, type=seed, metavar="SEED")
     initial_model: str | None = setting(None, "start from this saved model.pt instead of random weights",
                                         group=DATA, metavar="MODEL_PT")
+    task: str = setting("dataset", "dataset: the server splits --dataset among the clients; image or text: each "
+                                   "client trains on its own files (fl_client.py --data)", group=TASK,
+                        choices=("dataset", "image", "text"))
+    classes: str | None = setting(None, "the class names, comma-separated (image and text tasks), e.g. ham,spam",
+                                  group=TASK, metavar="NAMES")
+    positive_class: str | None = setting(None, "the class whose precision, recall and F1 are reported (default: the "
+                                               "second of two)", group=TASK, metavar="NAME")
+    image_size: int = setting(28, "image task: height and width every image is resized to", group=TASK,
+                              type=number(int, 4, 512), metavar="PIXELS")
+    channels: int = setting(1, "image task: 1 (grey) or 3 (RGB)", group=TASK, type=number(int, 1, 3), metavar="C")
+    image_mean: str | None = setting(None, "image task: per-channel mean for normalising, in [0, 1] (default 0.5)",
+                                     group=TASK, metavar="MEANS")
+    image_std: str | None = setting(None, "image task: per-channel std for normalising (default 0.5)", group=TASK,
+                                    metavar="STDS")
+    max_tokens: int = setting(30, "text task: tokens per text, left-padded, cut at the right", group=TASK,
+                              type=number(int, 1, 4096), metavar="T")
+    buckets: int = setting(1 << 15, "text task: hashed token ids (no shared vocabulary)", group=TASK,
+                           type=number(int, 2, 1 << 22), metavar="N")
+    test_data: str | None = setting(None, "the server's held-out test set for an image or text task, in a client's "
+                                          "formats (without it, evaluation is federated only)", group=TASK,
+                                    metavar="PATH")
+    federated_evaluation: bool = setting(False, "each round, the picked clients evaluate the model they receive on "
+                                                "their own test split (always on without a server test set)",
+                                         group=TASK)
+    max_client_examples: int = setting(10**6, "own data: the most training examples a client may say it holds",
+                                       group=TASK, type=positive_int, metavar="N")
     device: str = setting("auto", "where the server evaluates the global model", group=DATA,
                           choices=("auto", "cpu", "cuda"))
     threads: int = setting(1, "PyTorch CPU threads for evaluation; 0 keeps PyTorch's default. 1 leaves the cores "
@@ -196,4 +223,5 @@ class ServerConfig:
     @property
     def fixed_on_resume(self) -> tuple[str, ...]:
         """Settings that decide each client's data and the model: a resumed run must keep them."""
-        return ("model", "dataset", "num_clients", "partition", "alpha", "seed", "strategy")
+        return ("model", "dataset", "num_clients", "partition", "alpha", "seed", "strategy", "task", "classes",
+                "image_size", "channels", "max_tokens", "buckets")

@@ -3,6 +3,8 @@
     python demo.py                          # 5 clients, 3 rounds of the default CNN on MNIST
     python demo.py --rounds 5 --model logreg
     python demo.py -- --partition dirichlet --alpha 0.3    # anything after -- goes to fl_server.py
+    python demo.py --task spam              # each client its own SMS messages: a spam detector
+    python demo.py --task chest-xray        # each client its own chest_xray/ folders of PNG X-rays
 
 In a terminal with tmux installed, every process gets a pane of its own (made for
 recording); otherwise their lines are interleaved here, each labelled with its
@@ -12,8 +14,8 @@ process. Either way the run ends by itself and the final accuracy is printed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import csv
+import importlib.util
 import os
 import shlex
 import shutil
@@ -23,6 +25,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from fedsock.console import FedsockError
 
 
 def program(module: str) -> str:
@@ -39,20 +43,54 @@ RESET = "\033[0m"
 HOLD_S = 20  # how long tmux panes stay on screen after the run, to read the last lines
 
 
+# What each demo task trains, by default (the flags after `--` go to the server and win).
+TASKS = {
+    "mnist": dict(rounds=3, model="cnn", flags=[]),
+    "spam": dict(rounds=10, model="textcnn", flags=["--local-epochs", "2", "--lr", "0.1"]),
+    "chest-xray": dict(rounds=10, model="cnn", flags=["--local-epochs", "2", "--lr", "0.05"]),
+}
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--task", choices=tuple(TASKS), default="mnist",
+                        help="mnist: the server splits MNIST; spam: each client its own SMS messages (a .tsv); "
+                             "chest-xray: each client its own chest_xray/ image folders")
     parser.add_argument("--clients", type=int, default=5, help="number of clients to start")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of federated averaging")
-    parser.add_argument("--model", choices=("logreg", "mlp", "cnn"), default="cnn", help="model to train")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default: 3 for mnist, 10 for the others)")
+    parser.add_argument("--model", choices=("logreg", "mlp", "cnn", "textcnn", "textgru"), default=None,
+                        help="model to train (default: cnn, or textcnn for spam)")
+    parser.add_argument("--split", choices=("iid", "dirichlet"), default="iid",
+                        help="spam: how the messages are dealt to the clients (dirichlet: very different spam rates)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="spam --split dirichlet: its concentration")
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/demo-<timestamp>)")
     parser.add_argument("--no-tmux", action="store_true", help="labelled lines here even when tmux is available")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.rounds = args.rounds or TASKS[args.task]["rounds"]
+    args.model = args.model or TASKS[args.task]["model"]
     if not 1 <= args.clients <= 64 or args.rounds < 1:
         parser.error("--clients must be 1..64 and --rounds at least 1")
     return args, extra
+
+
+def prepare(args: argparse.Namespace, output_dir: Path, extra: list[str]) -> tuple[list[str], dict[int, list[str]]]:
+    """The server's extra flags and each client's: for spam and chest-xray, the data is first written
+    into the run's folder, one share per client, as that client's own files."""
+    from fedsock.demo_data import prepare_chest_xray, prepare_spam
+
+    flags = [*TASKS[args.task]["flags"], *extra]
+    if args.task == "mnist":
+        return flags, {k: [] for k in range(1, args.clients + 1)}
+    data = output_dir / "data"
+    prepared = (prepare_spam(data, args.clients, split=args.split, alpha=args.alpha) if args.task == "spam"
+                else prepare_chest_xray(data, args.clients))
+    print(f"demo: {prepared.summary}; files in {data}/", flush=True)
+    at = prepared.server_flags.index("--model")  # the demo's --model decides, not the data's default
+    server = [*prepared.server_flags[:at], *prepared.server_flags[at + 2:], *flags]
+    return server, {k: ["--data", str(path)] for k, path in enumerate(prepared.client_data, start=1)}
 
 
 def server_command(args: argparse.Namespace, port: int, output_dir: Path, extra: list[str]) -> list[str]:
@@ -60,10 +98,10 @@ def server_command(args: argparse.Namespace, port: int, output_dir: Path, extra:
             "--num-rounds", str(args.rounds), "--model", args.model, "--output-dir", str(output_dir), *extra]
 
 
-def client_command(client_id: int, port: int, quiet: bool) -> list[str]:
+def client_command(client_id: int, port: int, quiet: bool, flags: list[str]) -> list[str]:
     return [sys.executable, "-u", program("fl_client"), "--client-id", str(client_id), "--server-port", str(port),
             # Interleaved lines cannot hold a progress bar: a line per client each quarter of its training instead.
-            *(["--quiet", "--progress-every", "25"] if quiet else [])]
+            *(["--quiet", "--progress-every", "25"] if quiet else []), *flags]
 
 
 def pump(proc: subprocess.Popen, label: str, colour: str, tty: bool, ready: threading.Event | None = None,
@@ -79,7 +117,7 @@ def pump(proc: subprocess.Popen, label: str, colour: str, tty: bool, ready: thre
         ready.set()  # the server ended before listening: the caller sees no port
 
 
-def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str]) -> int:
+def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str], client_flags: dict[int, list[str]]) -> int:
     tty = sys.stdout.isatty()
     server = subprocess.Popen(server_command(args, 0, output_dir, extra), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -91,7 +129,7 @@ def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str]) -
             print("demo: the server did not start; see its lines above", file=sys.stderr)
             return 1
         for k in range(1, args.clients + 1):
-            client = subprocess.Popen(client_command(k, port[0], quiet=True), stdout=subprocess.PIPE,
+            client = subprocess.Popen(client_command(k, port[0], True, client_flags[k]), stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, cwd=ROOT)
             procs.append(client)
             threads.append(threading.Thread(target=pump, args=(client, f"client {k}", COLOURS[k % len(COLOURS)], tty)))
@@ -115,12 +153,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_in_tmux(args: argparse.Namespace, output_dir: Path, extra: list[str]) -> int | None:
+def run_in_tmux(args: argparse.Namespace, output_dir: Path, extra: list[str],
+                client_flags: dict[int, list[str]]) -> int | None:
     """One tmux pane per process, tiled; attach, and return when every pane has ended."""
     session, port = f"fedsock-demo-{os.getpid()}", free_port()
     hold = f"; echo; echo '[demo] done; this pane closes in {HOLD_S} s'; sleep {HOLD_S}"
     commands = [shlex.join(server_command(args, port, output_dir, extra)) + hold]
-    commands += [shlex.join(client_command(k, port, quiet=False)) + hold for k in range(1, args.clients + 1)]
+    commands += [shlex.join(client_command(k, port, False, client_flags[k])) + hold for k in range(1, args.clients + 1)]
     size = shutil.get_terminal_size((200, 50))
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", str(size.columns), "-y", str(size.lines),
                     "-c", str(ROOT), commands[0]], check=True)
@@ -146,8 +185,13 @@ def report(output_dir: Path) -> int:
         print(f"demo: no round finished; see {output_dir}", file=sys.stderr)
         return 1
     last = rows[-1]
-    print(f"\nfinal test accuracy {100 * float(last['test_accuracy']):.2f}% after {last['round']} rounds "
-          f"with {last['clients']} clients; metrics, model and plot in {output_dir}/")
+    scores = f"final test accuracy {100 * float(last['test_accuracy']):.2f}%" if last.get("test_accuracy") else \
+        f"final accuracy on the clients' test splits {100 * float(last['fed_accuracy']):.2f}%"
+    if last.get("test_f1"):
+        scores += (f", precision {float(last['test_precision']):.3f}, recall {float(last['test_recall']):.3f}, "
+                   f"F1 {float(last['test_f1']):.3f}")
+    print(f"\n{scores} after {last['round']} rounds with {last['clients']} clients; metrics, model and plot in "
+          f"{output_dir}/")
     return 0
 
 
@@ -156,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(args.output_dir or ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
     use_tmux = (not args.no_tmux and shutil.which("tmux") and sys.stdin.isatty() and sys.stdout.isatty()
                 and "TMUX" not in os.environ)
-    status = run_in_tmux(args, output_dir, extra) if use_tmux else run_labelled(args, output_dir, extra)
+    try:
+        server_flags, client_flags = prepare(args, output_dir, extra)
+    except FedsockError as exc:
+        print(f"demo: error: {exc}", file=sys.stderr)
+        return 2
+    status = (run_in_tmux(args, output_dir, server_flags, client_flags) if use_tmux
+              else run_labelled(args, output_dir, server_flags, client_flags))
     if status is None:  # detached from tmux: the run is still going
         return 0
     return report(output_dir) or status

@@ -125,6 +125,23 @@ class RoundFinished(Event):
 
 
 @dataclass
+class FederatedEvaluation(Event):
+    """The clients' own evaluation of a round's model, on their test splits, added up."""
+
+    number: int
+    clients: int
+    examples: int
+    scores: dict[str, float]
+
+
+@dataclass
+class MetricsUpdated(Event):
+    """A saved round's metrics changed (its federated evaluation came in): the files are written again."""
+
+    checkpoint: Any = field(default=None, repr=False)
+
+
+@dataclass
 class RoundSaved(Event):
     """The round's files are written (its checkpoint is whole): the round line is printed now, so
     that a server killed after printing it resumes from that round."""
@@ -257,6 +274,12 @@ class Console(Observer):
     def on_RoundSaved(self, e: RoundSaved) -> None:
         say(self.who, round_line(e.row, e.num_rounds))
 
+    def on_FederatedEvaluation(self, e: FederatedEvaluation) -> None:
+        f1 = f", precision {e.scores['precision']:.3f} recall {e.scores['recall']:.3f} F1 {e.scores['f1']:.3f}" \
+            if "f1" in e.scores else ""
+        say(self.who, f"round {e.number}: federated evaluation by {e.clients} client(s) on {e.examples} examples: "
+                      f"acc {100 * e.scores['accuracy']:.2f}%  loss {e.scores['loss']:.4f}{f1}")
+
     def on_RunFinished(self, e: RunFinished) -> None:
         for line in e.drops:
             say(self.who, f"dropped: {line}")
@@ -270,7 +293,14 @@ def drop_line(e: ClientDropped) -> str:
 
 
 def round_line(row: dict[str, Any], num_rounds: int) -> str:
-    """`round 3/10  clients 5/5  test acc 98.71%  loss 0.0410  2.3 s` (and `  ε 1.23` with DP)"""
+    """`round 3/10  clients 5/5  test acc 98.71%  loss 0.0410  2.3 s` (`  F1 0.912` for a task with a positive
+    class, `  ε 1.23` with DP); without a server test set the clients' evaluation comes in its own line."""
+    if row.get("test_accuracy") is not None:
+        quality = f"test acc {100 * row['test_accuracy']:.2f}%  loss {row['test_loss']:.4f}"
+        if row.get("test_f1") is not None and row.get("positive"):
+            quality += f"  F1 {row['test_f1']:.3f}"
+    else:
+        quality = "no server test set"
     privacy = f"  ε {row['epsilon']:.3g}" if row.get("epsilon") is not None else ""
-    return (f"round {row['round']}/{num_rounds}  clients {row['clients']}/{row['expected']}  "
-            f"test acc {100 * row['test_accuracy']:.2f}%  loss {row['test_loss']:.4f}  {row['seconds']:.1f} s{privacy}")
+    return (f"round {row['round']}/{num_rounds}  clients {row['clients']}/{row['expected']}  {quality}  "
+            f"{row['seconds']:.1f} s{privacy}")

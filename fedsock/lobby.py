@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedsock import security
-from fedsock.clients import ClientPool, Dropped, FitIns, FitRes
+from fedsock.clients import ClientPool, Dropped, EvalRes, FitIns, FitRes, GlobalModel
 from fedsock.events import ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events
 from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_plain_error
 from socket_methods import (
@@ -44,6 +44,7 @@ from socket_methods import (
     ConnectionClosed,
     ProtocolError,
     WeightsBuffer,
+    check_confusion,
     check_finite,
     check_layout,
     decode_weights,
@@ -249,6 +250,7 @@ class RemoteClient:
         self.num_examples = 0  # said in its <READY>
         self.expecting: int | None = None  # the round whose model it was sent and has not answered
         self.result: asyncio.Future[FitRes] | None = None
+        self.evaluation: tuple[int, asyncio.Future[EvalRes]] | None = None  # an <EVALUATE> sent, not answered
         self.gone: str | None = None
         self.finished = False  # told <FINISHED>: its leaving is no news
 
@@ -274,6 +276,20 @@ class RemoteClient:
     def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
         self.lobby.send_soon(self, [encode_message("<SUCCESS>", round=result.round, accepted=accepted, message=note)])
 
+    async def evaluate(self, round_number: int, model: GlobalModel) -> EvalRes:
+        if self.gone:
+            raise Dropped(self.gone)
+        waiter = asyncio.get_running_loop().create_future()
+        self.evaluation = (round_number, waiter)
+        try:
+            await self.conn.send(frame_weights("<EVALUATE>", model.blob, round=round_number, weights=model.layout))
+        except ProtocolError:
+            pass  # the reader sees it, and fails the waiter
+        try:
+            return await waiter
+        finally:
+            self.evaluation = None
+
     async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
         self.finished = True
         finished = encode_message("<FINISHED>", completed=completed, rounds_completed=rounds_completed, message=message)
@@ -295,6 +311,8 @@ class RemoteClient:
                     await self.receive_update(message)
                 elif header == "<READY>":
                     self.become_ready(message)
+                elif header == "<EVALUATION>":
+                    self.receive_evaluation(message)
                 elif header == "<ERROR>":
                     reason = f"it reported an error: {message['message'][:200]}"
                     break
@@ -310,6 +328,18 @@ class RemoteClient:
             await self.conn.send_error(str(exc))
         self.leave(reason)
         await self.conn.close()
+
+    def num_classes(self) -> int:
+        return self.lobby.welcome.setup.task.num_classes
+
+    def receive_evaluation(self, message: dict[str, Any]) -> None:
+        if self.evaluation is None or message["round"] != self.evaluation[0]:
+            raise BadMessage(f"an <EVALUATION> of round {message['round']}, but this client was asked for "
+                             f"{'none' if self.evaluation is None else 'round ' + str(self.evaluation[0])}")
+        confusion = check_confusion(message["eval_confusion"], self.num_classes())
+        waiter = self.evaluation[1]
+        if not waiter.done():
+            waiter.set_result(EvalRes(self.client_id, message["round"], message["eval_loss_sum"], confusion))
 
     def become_ready(self, message: dict[str, Any]) -> None:
         if self.num_examples:
@@ -354,6 +384,12 @@ class RemoteClient:
         self.expecting = None
         metrics = {k: update[k] for k in ("train_loss", "local_test_accuracy", "fit_seconds", "dp_sgd_epsilon")
                    if k in update}
+        if "eval_confusion" in update:  # its federated evaluation of the model it was sent
+            if update.get("eval_round", number - 1) != number - 1 or "eval_loss_sum" not in update:
+                raise BadMessage(f"an <UPDATE> for round {number} evaluates round {update.get('eval_round')}'s model "
+                                 f"(it must be {number - 1}'s, with eval_loss_sum)")
+            metrics.update(eval_round=number - 1, eval_loss_sum=update.get("eval_loss_sum", 0.0),
+                           eval_confusion=check_confusion(update["eval_confusion"], self.num_classes()))
         result = FitRes(self.client_id, number, update["num_examples"], tensors, metrics,
                         release=lambda: buffers.give_back(buffer))
         if self.result is not None and not self.result.done():
@@ -374,6 +410,8 @@ class RemoteClient:
             return
         self.gone = reason
         self.lobby.pool.remove(self.client_id)
+        if self.evaluation is not None and not self.evaluation[1].done():
+            self.evaluation[1].set_exception(Dropped(reason))
         if self.result is not None and not self.result.done():
             self.result.set_exception(Dropped(reason))  # the engine reports it as a drop
         elif not self.finished and not self.lobby.closing:

@@ -25,12 +25,14 @@ from pathlib import Path
 from typing import Any
 
 from fedsock.console import FedsockError, UsageError
-from fedsock.events import Observer, RoundFinished, RunFinished
+from fedsock.events import MetricsUpdated, Observer, RoundFinished, RunFinished
 from socket_methods import FrameReader, ProtocolError, decode_weights, encode_message, encode_weights, frame_header
 
 METRIC_COLUMNS = (
     "round", "clients", "test_accuracy", "test_loss", "train_loss", "seconds",
-    "bytes_sent", "bytes_received", "max_fit_seconds", "epsilon",
+    "bytes_sent", "bytes_received", "max_fit_seconds", "sum_fit_seconds", "epsilon",
+    "test_precision", "test_recall", "test_f1", "fed_accuracy", "fed_loss", "fed_precision", "fed_recall", "fed_f1",
+    "fed_clients", "fed_examples", "confusion",
 )
 CHECKPOINT_NAME = "checkpoint.fsck"
 CHECKPOINT_FORMAT = 2  # 1: no checksum, no strategy state (fedsock before the round engine)
@@ -128,14 +130,28 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # the object API: no pyplot state, safe off the main thread
 
-    rounds = [r["round"] for r in rows]
     figure = Figure(figsize=(9, 3.6), dpi=110)
     FigureCanvasAgg(figure)
     accuracy, loss = figure.subplots(1, 2)
-    accuracy.plot(rounds, [100 * r["test_accuracy"] for r in rows], marker="o", color="tab:blue")
-    accuracy.set(xlabel="round", ylabel="test accuracy (%)", title="global model, held-out test set")
-    loss.plot(rounds, [r["test_loss"] for r in rows], marker="o", label="test loss (global model)")
-    loss.plot(rounds, [r["train_loss"] for r in rows], marker="s", label="training loss (clients, weighted)")
+
+    def series(key: str, scale: float = 1.0) -> tuple[list, list]:
+        points = [(r["round"], scale * r[key]) for r in rows if r.get(key) is not None]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    for key, label, marker in (("test_accuracy", "accuracy, server's test set", "o"),
+                               ("fed_accuracy", "accuracy, clients' test splits", "^"),
+                               ("test_f1", "F1 (positive class), server's test set", "x"),
+                               ("fed_f1", "F1 (positive class), clients' test splits", "+")):
+        xs, ys = series(key, 100)
+        if xs:
+            accuracy.plot(xs, ys, marker=marker, label=label)
+    accuracy.set(xlabel="round", ylabel="%", title="global model")
+    accuracy.legend(fontsize=7)
+    for key, label, marker in (("test_loss", "test loss (global model)", "o"), ("fed_loss", "clients' test loss", "^"),
+                               ("train_loss", "training loss (clients, weighted)", "s")):
+        xs, ys = series(key)
+        if xs:
+            loss.plot(xs, ys, marker=marker, label=label)
     loss.set(xlabel="round", ylabel="cross-entropy", title="loss")
     loss.legend()
     for axes in (accuracy, loss):
@@ -253,6 +269,9 @@ class RunFiles(Observer):
 
     def notify(self, event) -> None:
         if isinstance(event, RoundFinished):
+            self.last = event.checkpoint
+            self.pending.append(self.executor.submit(self._save_round, event.checkpoint))
+        elif isinstance(event, MetricsUpdated):
             self.last = event.checkpoint
             self.pending.append(self.executor.submit(self._save_round, event.checkpoint))
         elif isinstance(event, RunFinished) and self.last is not None:
