@@ -657,7 +657,7 @@ def prepare_training(config: ServerConfig, checkpoint: Checkpoint | None, keep_t
             raise UsageError(f"--task {config.task}: {exc}") from exc
         test_tensors = None
         if config.test_data:  # the server's own held-out set, in a client's formats; no training file is read
-            held = load_own_data(config.test_data, task)
+            held = load_own_data(config.test_data, task, flag="--test-data")
             xs = np.concatenate([held.x, held.test_x]) if held.test_x is not None else held.x
             ys = np.concatenate([held.y, held.test_y]) if held.test_y is not None else held.y
             test_tensors = nnh.to_tensors(xs, ys, task, device)

@@ -177,7 +177,7 @@ class Swarm:
                 # Ready at once (a real client loads its data first): its examples are the bits set.
                 bitmap = np.frombuffer(base64.b64decode(message["partition_bitmap"]), dtype=np.uint8)
                 message["num_examples"] = int(np.unpackbits(bitmap).sum())
-                await peer.send(frame("<READY>", num_examples=message["num_examples"]))
+                await peer.send(frame("<READY>", num_examples=message["num_examples"], test_examples=0))
                 return peer, message
             sock.close()
             raise ConnectionError(f"client {client_id} refused: {message}")

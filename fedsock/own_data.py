@@ -52,30 +52,31 @@ class OwnData:
     source: str
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: Path, flag: str = "--data") -> str:
     if path.is_dir():
         return "imagefolder"
     if path.suffix.lower() == ".npz":
         return "npz"
     if path.suffix.lower() in TABLE_SUFFIXES:
         return "table"
-    raise UsageError(f"--data {path}: not a folder, an .npz, or a .tsv/.txt/.csv file (or pass --data-format)")
+    raise UsageError(f"{flag} {path}: not a folder, an .npz, or a .tsv/.txt/.csv file (or pass --data-format)")
 
 
 def load_own_data(path: str, task: Task, data_format: str | None = None, label_column: str | None = None,
-                  text_column: str | None = None) -> OwnData:
+                  text_column: str | None = None, flag: str = "--data") -> OwnData:
+    """A client's files (or, with flag="--test-data", the server's held-out set) for this task."""
     where = Path(path)
     if not where.exists():
-        raise UsageError(f"--data {path}: no such file or folder")
-    kind = data_format or detect_format(where)
+        raise UsageError(f"{flag} {path}: no such file or folder")
+    kind = data_format or detect_format(where, flag)
     if kind == "imagefolder":
         if task.kind != "image":
-            raise UsageError(f"--data {path} is an image folder, but this run's task is {task.kind}")
+            raise UsageError(f"{flag} {path} is an image folder, but this run's task is {task.kind}")
         return load_image_folder(where, task)
     if kind == "npz":
         return load_npz(where, task)
     if task.kind != "text":
-        raise UsageError(f"--data {path} is a text table, but this run's task is {task.kind}")
+        raise UsageError(f"{flag} {path} is a text table, but this run's task is {task.kind}")
     return load_table(where, task, label_column, text_column)
 
 

@@ -72,7 +72,8 @@ class SocketClient:
             meta = await self.next(conn, {"<METADATA>"})
             indices = decode_bitmap(meta["partition_bitmap"], meta["train_size"])
             self.data.set_share(self.client_id, indices, meta["seed"])
-            await conn.send([encode_message("<READY>", num_examples=self.data.num_examples(self.client_id))])
+            await conn.send([encode_message("<READY>", num_examples=self.data.num_examples(self.client_id),
+                                            test_examples=len(self.data.shares[self.client_id][1]))])
             received, layout = None, None
             while True:
                 message = await self.next(conn, {"<MODEL>", "<SUCCESS>", "<WAITING>", "<FINISHED>"})

@@ -39,12 +39,15 @@ def frame(payload: bytes) -> bytes:
 
 
 HALF_OF_MNIST = encode_bitmap(range(0, 60000, 2), 60000)
+MNIST_TASK = {"kind": "image", "classes": [str(i) for i in range(10)], "channels": 1, "size": 28, "mean": [0.1307],
+              "std": [0.3081], "max_tokens": 30, "buckets": 32768, "positive": None}
 
 
 def metadata(**changes) -> dict:
     fields = dict(client_id=CLIENT_ID, num_clients=2, dataset="mnist", partition="iid", alpha=0.5, seed=0,
                   model="logreg", num_rounds=1, round_timeout_s=30.0, heartbeat_s=10.0, next_round=1,
-                  train_size=60000, partition_bitmap=HALF_OF_MNIST, required_features=[])
+                  train_size=60000, partition_bitmap=HALF_OF_MNIST, required_features=[], task=MNIST_TASK,
+                  federated_evaluation=False)
     assert set(MESSAGE_FIELDS["<METADATA>"]) <= set(fields)
     fields.update(changes)
     return fields
@@ -309,14 +312,17 @@ EMPTY_PARTITION = encode_bitmap([], 60000)
 
 
 @pytest.mark.parametrize("changes, error", [
-    (dict(model="resnet"), r"the server asks for dataset 'mnist' and model 'resnet', unknown here"),
+    (dict(model="resnet"), r"the server asks for model 'resnet', unknown here"),
     (dict(dataset="imagenet"), r"the server asks for dataset 'imagenet'"),
+    (dict(task={**MNIST_TASK, "kind": "video"}), r"the task's kind 'video' is not one of image, text"),
+    (dict(model="textcnn"), r"the server asks for model 'textcnn' for a image task"),
     (dict(partition_bitmap=EMPTY_PARTITION), r"the server gave this client no training examples \(an empty partition\)"),
     (dict(train_size=59999, partition_bitmap=encode_bitmap([1], 59999)),
      r"the server's mnist has 59999 training examples, this client's copy has 60000"),
     (dict(partition_bitmap=HALF_OF_MNIST[:-8]), r"partition_bitmap has 7494 bytes; 60000 examples need 7500"),
     (dict(partition_bitmap="not base64!"), r"partition_bitmap is not base64"),
-], ids=["unknown model", "unknown dataset", "empty partition", "another dataset", "short bitmap", "not base64"])
+], ids=["unknown model", "unknown dataset", "a task of another kind", "a model for another task", "empty partition",
+        "another dataset", "short bitmap", "not base64"])
 def test_metadata_the_client_cannot_use(cluster, changes, error):
     server, client = run_against(cluster, send(metadata_frame(**changes)))
     assert_one_line_error(client, 1, error)

@@ -36,7 +36,8 @@ def test_every_message_field_is_documented_with_its_type_and_range():
                                         f"not in the code: {sorted(set(documented) - in_code)}")
     for (header, name), (_, _, kind, accepted, meaning) in documented.items():
         spec = MESSAGES[header][name]
-        expected_kind = TYPE_NAMES[spec.kind] + (f" of {TYPE_NAMES[spec.items]}s" if spec.items else "")
+        expected_kind = (TYPE_NAMES[spec.kind] + (f" of {TYPE_NAMES[spec.items]}s" if spec.items else "")
+                         + (" or null" if spec.nullable else "") + (", optional" if spec.optional else ""))
         assert kind == expected_kind, f"{header} {name}: the README says {kind!r}, the code {expected_kind!r}"
         assert accepted == spec.range_text(), f"{header} {name}: the README says {accepted!r}, the code {spec.range_text()!r}"
         assert meaning, f"{header} {name} has no meaning in the README"

@@ -62,7 +62,7 @@ def hello(client_id: int = HOSTILE_ID, version: int = PROTOCOL_VERSION) -> bytes
     return encode_message("<HELLO>", protocol_version=version, client_id=client_id, features=[])
 
 
-READY = encode_message("<READY>", num_examples=1000)  # the hostile claims 1000 of its 20000 examples
+READY = encode_message("<READY>", num_examples=1000, test_examples=0)  # the hostile claims 1000 of its 20000 examples
 
 
 class Peer:
@@ -405,7 +405,8 @@ AFTER_JOINING = [
     ("<METADATA> from a client", encode_message("<METADATA>", client_id=3, num_clients=3, dataset="mnist", partition="iid",
                                                 alpha=0.5, seed=0, model="logreg", num_rounds=1, round_timeout_s=1.0,
                                                 heartbeat_s=1.0, next_round=1, train_size=60000, partition_bitmap="",
-                                                required_features=[]), r"unexpected <METADATA> from a joined client"),
+                                                required_features=[], task={}, federated_evaluation=False),
+     r"unexpected <METADATA> from a joined client"),
     ("<SUCCESS> from a client", encode_message("<SUCCESS>", round=1, accepted=True, message="x"), r"unexpected <SUCCESS> from a joined client"),
     ("<UPDATE> for a round never sent", encode_message("<UPDATE>", **{**UPDATE_FIELDS, "round": 10**6}),
      r"update for round 1000000, but this client was sent (no model|round \d+)"),

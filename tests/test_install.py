@@ -9,6 +9,7 @@ The fresh environment borrows this one's third-party packages (torch, numpy, ...
 from __future__ import annotations
 
 import json
+import shutil
 import site
 import subprocess
 import sys
@@ -29,14 +30,18 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_a_wheel_installs_five_modules_and_one_package_and_runs_from_anywhere(tmp_path):
     dist, venv, elsewhere = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
+    source = tmp_path / "source"  # a copy, so that the build's own folders stay out of the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
+                                                               "__pycache__", ".hypothesis", "results"))
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", "-w", str(dist),
-        str(ROOT), cwd=tmp_path)
+        str(source), cwd=tmp_path)
     (wheel,) = dist.glob("fedsock-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))})
     assert top == ["client_helper.py", "fedsock", "fl_client.py", "fl_server.py", "neural_net_helper.py",
                    "socket_methods.py"], top
     assert "fedsock/data/mnist/train-images-idx3-ubyte.gz" in names
+    assert {"fedsock/data/sms-spam/README.md", "fedsock/data/pneumonia-mnist/pneumoniamnist.npz"} <= set(names)
 
     run(sys.executable, "-m", "venv", str(venv), cwd=tmp_path)
     python = venv / "bin" / "python"

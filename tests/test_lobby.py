@@ -57,7 +57,7 @@ class LightPeer:
         return meta
 
     def ready(self, num_examples: int = 100) -> None:
-        self.sock.sendall(encode_message("<READY>", num_examples=num_examples))
+        self.sock.sendall(encode_message("<READY>", num_examples=num_examples, test_examples=0))
 
     def model(self) -> tuple[dict, bytes]:
         model = self.until("<MODEL>")

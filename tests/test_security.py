@@ -378,7 +378,7 @@ def authenticated_peer(port: int, client_id: int, token: str = TOKEN) -> RawPeer
     peer.send("<AUTH>", mac=security.auth_mac(token.encode(), bytes.fromhex(challenge["nonce"]), client_id))
     meta = peer.recv()
     assert meta["header"] == "<METADATA>" and meta["client_id"] == client_id, meta
-    peer.send("<READY>", num_examples=100)
+    peer.send("<READY>", num_examples=100, test_examples=0)
     return peer
 
 
