@@ -38,7 +38,7 @@ from socket_methods import (
 
 # The optional protocol features this client supports (sent in <HELLO>; a run that needs
 # others refuses it with a sentence, rather than letting it train without them).
-FEATURES: list[str] = ["dp-local"]
+FEATURES: list[str] = ["dp-local", "compression"]
 # Reconnect backoff: first pause and the longest one.
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0
 
@@ -302,10 +302,11 @@ class LocalTrainer:
 
         import numpy as np
 
+        from fedsock import compression
         from fedsock.own_data import load_own_data
         from fedsock.tasks import Task
 
-        self.nnh, self.config = nnh, config
+        self.nnh, self.config, self.compress = nnh, config, compression
         if config.threads:
             torch.set_num_threads(config.threads)
         if meta["model"] not in nnh.MODELS:
@@ -352,7 +353,12 @@ class LocalTrainer:
         if self.layout["nbytes"] > config.max_message_mb * 2**20:
             raise BadMessage(f"the {meta['model']} model has {self.layout['nbytes'] / 2**20:.1f} MB of weights, over "
                              f"this client's --max-message-mb {config.max_message_mb:g}")
-        self.received = WeightsBuffer(self.layout)
+        self.compression = compression.Compression.from_json(meta["compression"])
+        # what the model arrives as: its own layout, or the compressed broadcast's
+        self.model_wire_layout = compression.update_layout(self.layout, self.compression.broadcast)
+        self.received = WeightsBuffer(self.model_wire_layout)
+        self.residual: dict = {}  # topk's error feedback: what was not sent yet
+        self.torch = torch
         self.sender = WeightsSender()
         # CPU weights are sent from the model's own memory; others are copied out once, into this.
         self.send_buffer = bytearray(self.layout["nbytes"]) if self.device.type != "cpu" else None
@@ -379,10 +385,7 @@ class LocalTrainer:
                       + ("FedProx proximal term" if message["proximal_mu"] > 0 else "client-side update noise"))
             conn.send([encode_message("<ERROR>", message=reason)])
             raise FedsockError(reason)
-        check_layout(message["weights"], self.layout)
-        conn.recv_blob(self.received.buffer)
-        tensors = self.received.tensors  # views of the bytes just received
-        check_finite(tensors)
+        tensors = self.receive_model(conn, message)
         evaluation = {}
         if self.federated_evaluation:  # what the received model (last round's) scores on this client's test split
             self.nnh.set_weights(self.model, tensors)
@@ -408,17 +411,34 @@ class LocalTrainer:
         say(self.config.who, f"round {number}: trained on {self.num_examples} examples, loss {metrics['train_loss']:.4f}, "
                              f"local test acc {100 * metrics['local_test_accuracy']:.2f}%, {metrics['fit_seconds']:.1f} s"
                              f"{privacy}")
+        weights, extra = self.nnh.get_weights(self.model), {}
+        if self.compression.kind != "none":  # the delta from the model received, made small
+            # int8's stochastic rounding: seeded by (seed, client, round), as a simulation's is
+            rounding = self.torch.Generator().manual_seed(hash((self.seed, self.config.client_id, number, 8)) & 0x7FFFFFFF)
+            weights, params = self.compress.compress_update(tensors, weights, self.compression, self.residual, rounding)
+            extra = {"compression_params": params} if params else {}
         return self.sender.frames(
-            "<UPDATE>", self.nnh.get_weights(self.model), out=self.send_buffer, round=number,
-            client_id=self.config.client_id, num_examples=self.num_examples, **metrics, **evaluation,
+            "<UPDATE>", weights, out=self.send_buffer, round=number, client_id=self.config.client_id,
+            num_examples=self.num_examples, **metrics, **evaluation, **extra,
         )
+
+    def receive_model(self, conn: BlockingConnection, message: dict[str, Any]) -> dict:
+        """The weights frame behind a <MODEL> or <EVALUATE>, checked; decoded if the broadcast is compressed."""
+        check_layout(message["weights"], self.model_wire_layout)
+        conn.recv_blob(self.received.buffer)
+        tensors = self.received.tensors  # views of the bytes just received
+        check_finite(tensors)
+        kind = self.compression.broadcast
+        if kind == "none":
+            if "broadcast_params" in message:
+                raise BadMessage("broadcast_params with a model that is not compressed")
+            return tensors
+        params = self.compress.check_params(kind, message.get("broadcast_params"), self.layout)
+        return self.compress.decode_broadcast(kind, tensors, params, self.nnh.get_weights(self.model))
 
     def evaluate(self, conn: BlockingConnection, message: dict[str, Any]) -> list:
         """<EVALUATE>: the model of the run's last round, on this client's test split; the <EVALUATION>."""
-        check_layout(message["weights"], self.layout)
-        conn.recv_blob(self.received.buffer)
-        check_finite(self.received.tensors)
-        self.nnh.set_weights(self.model, self.received.tensors)
+        self.nnh.set_weights(self.model, self.receive_model(conn, message))
         loss_sum, confusion = self.nnh.evaluate_counts(self.model, self.data.test_x, self.data.test_y,
                                                        self.task.num_classes)
         accuracy = float(confusion.trace()) / max(int(confusion.sum()), 1)

@@ -42,6 +42,7 @@ import torch
 
 import client_helper
 import neural_net_helper as nnh
+from fedsock import compression
 from fedsock import config as settings
 from fedsock import security
 from fedsock.clients import ClientPool, ClientProxy, Dropped, EvalRes, FitIns, FitRes, GlobalModel, Stopped, wait_any
@@ -243,6 +244,7 @@ class RoundEngine:
         self.reporting: asyncio.Future | None = None  # the last round's evaluation and files
         self.stopping = asyncio.Event()
         self.stop_reason = ""
+        self.crash: Exception | None = None  # a bug in a callback (fit_done): raised from the round
         self.budget_spent = False
         self.task: Task | None = None  # set by the caller: the classes, for the clients' evaluations
         self.federated_evaluation = False
@@ -317,7 +319,8 @@ class RoundEngine:
                                     f"{self.rounds_done}")
                 continue
             failures = 0
-            self.model = GlobalModel.of(self.strategy.step(self.model.tensors, round_.aggregator.result()))
+            self.model = GlobalModel.of(self.strategy.step(self.model.tensors, round_.aggregator.result()),
+                                        self.config.compress_broadcast)
             self.rounds_done = number
             self.attach_evaluation(number - 1)  # what this round's clients measured of the last round's model
             row = self.round_row(round_)
@@ -362,6 +365,8 @@ class RoundEngine:
         round_.settle()  # a round that picked nobody (Poisson sampling) is complete at once
         await self.settle_report()  # the last round's evaluation ran while this model went out
         await wait_any(round_.complete, self.stopping, self.config.round_timeout_s)
+        if self.crash is not None:
+            raise self.crash
         if self.stopping.is_set():
             raise Stopped
         self.close_round(round_)
@@ -412,7 +417,15 @@ class RoundEngine:
         task.add_done_callback(functools.partial(self.fit_done, proxy, instructions.round))
 
     def fit_done(self, proxy: ClientProxy, number: int, task: asyncio.Future) -> None:
-        """A client's fit ended: fold its update into the round, or note the drop, or the lateness."""
+        """A client's fit ended: fold its update into the round, or note the drop, or the lateness.
+        (A callback: a bug in it must end the run, not leave the round waiting for ever.)"""
+        try:
+            self._fit_done(proxy, number, task)
+        except Exception as exc:
+            self.crash = exc
+            self.stopping.set()
+
+    def _fit_done(self, proxy: ClientProxy, number: int, task: asyncio.Future) -> None:
         self.pool.busy.pop(proxy.client_id, None)
         self.pool.changed.set()
         if task.cancelled():
@@ -589,7 +602,7 @@ class Welcome:
             next_round=self.next_round(), train_size=self.setup.train_size,
             partition_bitmap=None if own else encode_bitmap(self.setup.partitions[client_id - 1], self.setup.train_size),
             task=self.setup.task.to_json(), federated_evaluation=federated_evaluation(c),
-            required_features=required_features(c),
+            required_features=required_features(c), compression=compression_of(c).to_json(),
         )
 
 
@@ -600,7 +613,12 @@ def federated_evaluation(config: ServerConfig) -> bool:
 
 def required_features(config: ServerConfig) -> list[str]:
     """The optional protocol features a client must support to take part in this run."""
-    return ["dp-local"] if config.dp_clip is not None and config.dp_mode == "local" else []
+    local_dp = config.dp_clip is not None and config.dp_mode == "local"
+    return ["dp-local"] * local_dp + [compression.FEATURE] * compression_of(config).active
+
+
+def compression_of(config: ServerConfig) -> compression.Compression:
+    return compression.Compression(config.compression, config.topk_fraction, config.compress_broadcast)
 
 
 def load_initial_model(path: str, template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -692,7 +710,8 @@ def prepare_training(config: ServerConfig, checkpoint: Checkpoint | None, keep_t
         say(who, f"task: {task.describe()}; the clients bring their own data; the server has {where}"
                  f"{'; federated evaluation' if federated_evaluation(config) else ''} on {device}")
     return Setup(
-        info=info, tls=None, auth=security.Authenticator(), model=GlobalModel.of(weights), strategy=strategy,
+        info=info, tls=None, auth=security.Authenticator(), model=GlobalModel.of(weights, config.compress_broadcast),
+        strategy=strategy,
         evaluate=Evaluator(model, test_tensors, task), partitions=parts,
         train_size=len(train.labels) if train is not None else 0, checkpoint=checkpoint,
         train=train if keep_train else None, task=task,
@@ -803,10 +822,12 @@ async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
     lobby = Lobby(
         listener=listener, pool=pool, events=events, traffic=traffic, tls=setup.tls, auth=setup.auth,
         welcome=Welcome(config, setup, engine),
-        buffers=ReceiveBuffers(setup.model.layout, min(RECEIVE_BUFFERS, config.num_clients), output_dir),
+        buffers=ReceiveBuffers(compression.update_layout(setup.model.layout, config.compression, config.topk_fraction),
+                               min(RECEIVE_BUFFERS, config.num_clients), output_dir),
         status=engine.status, handshake_timeout_s=config.handshake_timeout_s, round_timeout_s=config.round_timeout_s,
         heartbeat_s=config.heartbeat_s, max_pending=config.max_pending,
         require_client_cert=bool(config.tls_client_ca), required_features=required_features(config),
+        compression=compression_of(config), stall_timeout_s=config.stall_timeout_s,
     )
     loop = asyncio.get_running_loop()
     stop_on_signals(engine)

@@ -126,6 +126,8 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "federated_evaluation": Field(bool, meaning="evaluate each received model on the local test split and "
                                                     "report it in the <UPDATE>"),
         "required_features": Field(list, max_len=64, items=str, meaning="features a client must support"),
+        "compression": Field(dict, meaning="{kind, topk_fraction, broadcast}: how updates and the model are "
+                                           "encoded (see Compressed updates)"),
     },
     "<READY>": {
         "num_examples": Field(int, 1, 10**9, meaning="training examples this client holds"),
@@ -141,7 +143,9 @@ MESSAGES: dict[str, dict[str, Field]] = {
                          meaning="feature dp-local: clip the update's delta to this L2 norm"),
         "dp_noise_std": Field(float, 0, 10**6, optional=True,
                               meaning="feature dp-local: then add Gaussian noise of this std to every coordinate"),
-        "weights": Field(dict, meaning="the layout of the weights frame that follows"),
+        "weights": Field(dict, meaning="the layout of the weights frame that follows (compressed with the "
+                                       "broadcast's encoding)"),
+        "broadcast_params": Field(dict, optional=True, meaning="broadcast int8: [scale, lo] per float tensor"),
     },
     "<UPDATE>": {
         "round": ROUND,
@@ -157,11 +161,14 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "eval_loss_sum": Field(float, 0, optional=True, meaning="its summed cross-entropy on the local test split"),
         "eval_confusion": Field(list, max_len=1000, items=list, optional=True,
                                 meaning="its confusion matrix there: row = true class, column = predicted"),
-        "weights": Field(dict, meaning="the layout: exactly the <MODEL>'s"),
+        "compression_params": Field(dict, optional=True, meaning="compression int8: [scale, lo] per float tensor"),
+        "weights": Field(dict, meaning="the layout: exactly the model's, or its compressed one (see Compressed "
+                                       "updates)"),
     },
     "<EVALUATE>": {
         "round": Field(int, 0, 10**6, meaning="the round whose model this is"),
-        "weights": Field(dict, meaning="the layout of the weights frame that follows"),
+        "weights": Field(dict, meaning="the layout of the weights frame that follows (as in <MODEL>)"),
+        "broadcast_params": Field(dict, optional=True, meaning="broadcast int8: [scale, lo] per float tensor"),
     },
     "<EVALUATION>": {
         "round": Field(int, 0, 10**6, meaning="the round of the model evaluated"),

@@ -23,18 +23,45 @@ class Dropped(Exception):
 
 
 @dataclass
+class Broadcast:
+    """The global model as it goes over the wire when --compress-broadcast shrinks it."""
+
+    layout: dict[str, Any]
+    blob: bytearray
+    params: dict[str, list[float]]  # int8: [scale, lo] per float tensor
+
+
+@dataclass
 class GlobalModel:
-    """The global weights of one round, with their wire encoding made once for every client."""
+    """The global weights of one round, with their encoding made once for every client.
+
+    With a compressed broadcast, `tensors` are the weights exactly as every client decodes them
+    (so that the deltas they send are added to what they really started from), and `wire` is
+    what is sent."""
 
     tensors: dict[str, torch.Tensor]
     layout: dict[str, Any]
     blob: bytearray
+    wire: Broadcast | None = None
 
     @classmethod
-    def of(cls, tensors: Mapping[str, torch.Tensor]) -> "GlobalModel":
+    def of(cls, tensors: Mapping[str, torch.Tensor], broadcast: str = "none") -> "GlobalModel":
         tensors = {name: t.detach().cpu() for name, t in tensors.items()}
+        wire = None
+        if broadcast != "none":
+            from fedsock.compression import encode_weights_for_broadcast
+
+            sent, params, tensors = encode_weights_for_broadcast(tensors, broadcast)
+            wire = Broadcast(*encode_weights(sent), params)
         layout, blob = encode_weights(tensors)
-        return cls(tensors, layout, blob)
+        return cls(tensors, layout, blob, wire)
+
+    def wire_fields(self) -> tuple[bytearray, dict[str, Any]]:
+        """The blob to send and the fields that describe it (its layout, int8's params)."""
+        if self.wire is None:
+            return self.blob, {"weights": self.layout}
+        extra = {"broadcast_params": self.wire.params} if self.wire.params else {}
+        return self.wire.blob, {"weights": self.wire.layout, **extra}
 
 
 @dataclass

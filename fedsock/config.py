@@ -84,8 +84,9 @@ fraction = number(float, 0, 1, positive=True)
 port = number(int, 0, 65535)
 seed = number(int, 0, 2**32 - 1)
 
-NETWORK, FEDERATION, TRAINING, STRATEGY, PRIVACY, DATA, TASK, OUTPUT, FAULTS, CONNECTIONS, SECURITY = (
+NETWORK, FEDERATION, TRAINING, STRATEGY, PRIVACY, COMPRESSION, DATA, TASK, OUTPUT, FAULTS, CONNECTIONS, SECURITY = (
     "network", "federation", "training (sent to the clients every round)", "strategy",
+    "compression (of what crosses the network)",
     "differential privacy (client level, DP-FedAvg)", "data", "task (clients bring their own data: --task image or text)",
     "output", "fault tolerance", "connections", "security",
 )
@@ -150,6 +151,14 @@ class ServerConfig:
     dp_mode: str = setting("central", "where the noise is added: central (the server clips and adds it) or local "
                                       "(each client clips and noises its own update)", group=PRIVACY,
                            choices=("central", "local"))
+    compression: str = setting("none", "how clients send their updates: none, or the delta from the global model as "
+                                       "fp16, int8 (stochastic rounding) or topk (--topk-fraction, error feedback)",
+                               group=COMPRESSION, choices=("none", "fp16", "int8", "topk"))
+    topk_fraction: float = setting(0.01, "topk: the share of each tensor's entries sent, by magnitude",
+                                   group=COMPRESSION, type=fraction, metavar="F")
+    compress_broadcast: str = setting("none", "how the server sends the global model: none, fp16 or int8 (the "
+                                              "clients and the server then use the rounded weights)",
+                                      group=COMPRESSION, choices=("none", "fp16", "int8"))
     dataset: str = setting("mnist", "dataset (MNIST ships with fedsock)", group=DATA,
                            choices=("mnist", "fashion-mnist", "cifar10"))
     data_root: str | None = setting(None, "folder with the dataset files (default: the one shipped in fedsock/data/)",
@@ -207,6 +216,9 @@ class ServerConfig:
     heartbeat_s: float = setting(10.0, "seconds between <WAITING> messages; a client gives up on a server silent for "
                                        "three intervals", group=CONNECTIONS, flag="--heartbeat-interval",
                                  type=number(float, 0, 600, positive=True))
+    stall_timeout_s: float = setting(30.0, "seconds a frame may go without one byte arriving, or leaving, before its "
+                                           "peer counts as stalled and is cut off (a slow, steady transfer never is)",
+                                     group=CONNECTIONS, flag="--stall-timeout", type=positive_float)
     max_message_mb: float = setting(64.0, "largest frame accepted; also caps the model size", group=CONNECTIONS,
                                     type=positive_float, metavar="MB")
     max_pending: int = setting(64, "most connections in their handshake at once; a new one evicts the oldest silent "

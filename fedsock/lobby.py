@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from fedsock import security
 from fedsock.clients import ClientPool, Dropped, EvalRes, FitIns, FitRes, GlobalModel
+from fedsock.compression import Compression, decoded_update, scratch_for
 from fedsock.events import ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events
 from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_plain_error
 from socket_methods import (
@@ -249,6 +250,7 @@ class RemoteClient:
         self.max_examples = max_examples
         self.num_examples = 0  # said in its <READY>
         self.expecting: int | None = None  # the round whose model it was sent and has not answered
+        self.sent: GlobalModel | None = None  # that model: a compressed update is a delta from it
         self.result: asyncio.Future[FitRes] | None = None
         self.evaluation: tuple[int, asyncio.Future[EvalRes]] | None = None  # an <EVALUATE> sent, not answered
         self.gone: str | None = None
@@ -260,9 +262,9 @@ class RemoteClient:
             raise Dropped(self.gone)
         frames = ins.cache.get("<MODEL>")
         if frames is None:  # framed once per round, for every client
-            frames = ins.cache["<MODEL>"] = frame_weights(
-                "<MODEL>", ins.model.blob, round=ins.round, weights=ins.model.layout, **ins.settings)
-        self.expecting = ins.round
+            blob, described = ins.model.wire_fields()
+            frames = ins.cache["<MODEL>"] = frame_weights("<MODEL>", blob, round=ins.round, **described, **ins.settings)
+        self.expecting, self.sent = ins.round, ins.model
         self.result = asyncio.get_running_loop().create_future()
         try:
             await self.conn.send(frames)
@@ -282,7 +284,8 @@ class RemoteClient:
         waiter = asyncio.get_running_loop().create_future()
         self.evaluation = (round_number, waiter)
         try:
-            await self.conn.send(frame_weights("<EVALUATE>", model.blob, round=round_number, weights=model.layout))
+            blob, described = model.wire_fields()
+            await self.conn.send(frame_weights("<EVALUATE>", blob, round=round_number, **described))
         except ProtocolError:
             pass  # the reader sees it, and fails the waiter
         try:
@@ -318,8 +321,8 @@ class RemoteClient:
                     break
                 else:
                     raise BadMessage(f"unexpected {header} from a joined client")
-        except ConnectionClosed:
-            pass
+        except ConnectionClosed as exc:
+            reason = str(exc)  # "connection closed", or why it was aborted ("stalled: ...")
         except ProtocolError as exc:
             reason = str(exc)
             if not self.finished:
@@ -374,6 +377,12 @@ class RemoteClient:
                 tensors = buffer.tensors  # views of the bytes just received
             buffers.received(buffer)
             check_finite(tensors)
+            compression = self.lobby.compression
+            if compression.kind != "none":
+                tensors = decoded_update(compression, tensors, update.get("compression_params"), self.sent.tensors,
+                                         self.lobby.scratch, self.sent.layout)
+            elif "compression_params" in update:
+                raise BadMessage("compression_params in an update of a run without --compression")
         except OSError as exc:  # the file for this update could not be written: the update is lost, not the client
             buffers.give_back(buffer)
             self.lost_update(number, f"the server could not store this update ({exc.strerror or exc})")
@@ -424,12 +433,16 @@ class Lobby:
     def __init__(self, *, listener: socket.socket, pool: ClientPool, events: Events, traffic: Traffic,
                  tls: ssl.SSLContext | None, auth: security.Authenticator, welcome, buffers: ReceiveBuffers,
                  status: Callable[[], str], handshake_timeout_s: float, round_timeout_s: float, heartbeat_s: float,
-                 max_pending: int, require_client_cert: bool, required_features: list[str]):
+                 max_pending: int, require_client_cert: bool, required_features: list[str],
+                 compression: Compression = Compression(), stall_timeout_s: float = 30.0):
         self.listener, self.pool, self.events, self.traffic = listener, pool, events, traffic
         self.tls, self.auth, self.welcome, self.buffers, self.status = tls, auth, welcome, buffers, status
         self.handshake_timeout_s, self.round_timeout_s, self.heartbeat_s = handshake_timeout_s, round_timeout_s, heartbeat_s
         self.max_pending, self.require_client_cert = max_pending, require_client_cert
         self.required_features = required_features
+        self.compression, self.stall_timeout_s = compression, stall_timeout_s
+        # compressed updates are decoded, tensor by tensor, into this as they are folded in (one at a time)
+        self.scratch = scratch_for(welcome.setup.model.tensors) if compression.kind != "none" else {}
         self.pending: dict[asyncio.Task, Pending] = {}  # in arrival order
         self.evicted = 0
         self.tasks: set[asyncio.Task] = set()
@@ -525,6 +538,7 @@ class Lobby:
                     sock, self.traffic, self.tls, self.handshake_timeout_s, self.round_timeout_s,
                     require_client_cert=self.require_client_cert, socket_buffer_bytes=self.socket_buffer_bytes,
                     first_byte_timeout_s=FIRST_BYTE_TIMEOUT_S, on_first_byte=lambda: setattr(state, "talking", True),
+                    stall_timeout_s=self.stall_timeout_s,
                 )
                 return await self.handshake(state.conn)
         except (TimeoutError, asyncio.TimeoutError):

@@ -32,7 +32,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -41,6 +41,7 @@ import client_helper
 import neural_net_helper as nnh
 from fedsock import config as settings
 from fedsock.clients import ClientPool, Dropped, FitIns, FitRes
+from fedsock.compression import compress_update, decoded_update, scratch_for
 from fedsock.config import ServerConfig, setting
 from fedsock.console import ArgumentParser, HelpFormatter, UsageError, run_main, say
 from fedsock.events import Console, Events
@@ -80,6 +81,7 @@ class SimulationConfig(ServerConfig):
 
 # Server settings a simulation has no use for (no listening socket of its own, no TLS, no lobby).
 NOT_SIMULATED = {"host", "server_port", "time_to_wait_s", "handshake_timeout_s", "heartbeat_s", "max_message_mb",
+                 "stall_timeout_s",
                  "max_pending", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "auth_tokens_file"}
 
 
@@ -314,8 +316,10 @@ class Faults:
 class VirtualClient:
     """A ClientProxy that trains on the backend: an id and a count; its data stays in SharedData."""
 
-    def __init__(self, client_id: int, num_examples: int, backend, faults: Faults):
+    def __init__(self, client_id: int, num_examples: int, backend, faults: Faults, codec: "UpdateCodec | None" = None):
         self.client_id, self.num_examples, self.backend, self.faults = client_id, num_examples, backend, faults
+        self.codec = codec
+        self.residual: dict[str, torch.Tensor] = {}  # topk's error feedback, as a real client keeps it
 
     async def fit(self, ins: FitIns) -> FitRes:
         drops, delay_s = self.faults.fate(self.client_id, ins.round)
@@ -324,6 +328,8 @@ class VirtualClient:
         if delay_s:
             await asyncio.sleep(delay_s)  # a simulated straggler: its update really comes this much later
         tensors, metrics = await self.backend.fit(self.client_id, ins)
+        if self.codec is not None:
+            tensors = self.codec.round_trip(ins.model, tensors, self.client_id, ins.round, self.residual)
         return FitRes(self.client_id, ins.round, self.num_examples, tensors, metrics)
 
     def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
@@ -331,6 +337,20 @@ class VirtualClient:
 
     async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
         pass
+
+
+class UpdateCodec:
+    """--compression in a simulation: each update is compressed as fl_client.py would send it and
+    decoded as the server would, so that accuracy pays exactly what the wire would cost."""
+
+    def __init__(self, compression, template: Mapping[str, torch.Tensor], seed: int):
+        self.compression, self.seed = compression, seed
+        self.scratch = scratch_for(template)
+
+    def round_trip(self, model, tensors, client_id: int, number: int, residual: dict) -> Mapping[str, torch.Tensor]:
+        rounding = torch.Generator().manual_seed(hash((self.seed, client_id, number, 8)) & 0x7FFFFFFF)
+        sent, params = compress_update(model.tensors, tensors, self.compression, residual, rounding)
+        return decoded_update(self.compression, sent, params or None, model.tensors, self.scratch, model.layout)
 
 
 def make_backend(config: SimulationConfig, data: SharedData):
@@ -350,8 +370,11 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
     events = Events([Console(config.quiet, WHO), files])
     pool = ClientPool(config.num_clients)
     faults = Faults(config.seed, config.drop_rate, config.straggler_rate, config.straggler_delay_s)
+    codec = None
+    if config.compression != "none":
+        codec = UpdateCodec(fl_server.compression_of(config), setup.model.tensors, config.seed)
     for client_id in range(1, config.num_clients + 1):
-        client = VirtualClient(client_id, data.num_examples(client_id), backend, faults)
+        client = VirtualClient(client_id, data.num_examples(client_id), backend, faults, codec)
         pool.joined(client)
         pool.add(client)
     engine = fl_server.RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),

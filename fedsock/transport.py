@@ -61,20 +61,26 @@ def tune_socket(sock: socket.socket) -> None:
 class AsyncConnection(asyncio.BufferedProtocol):
     """One peer of the server. Reads one frame at a time, only when asked to.
 
-    A frame, once begun, must be complete within `frame_timeout_s` (a weights frame
-    within that time of being asked for): a peer that sends half a frame and goes
-    silent is cut off instead of holding its buffer forever.
+    Slow is not dead. A frame, once begun (a weights frame: once asked for), is cut off
+    when no byte of it has come for `stall_timeout_s`: a peer that sends half a frame and
+    goes silent cannot hold its buffer for long, while a frame arriving steadily over a
+    slow link, however long it takes, is never cut off for its length. (What it may not
+    outlast is `frame_timeout_s`, the run's round timeout: by then its round has closed.)
+    The same holds for sending: a peer that takes no byte for `stall_timeout_s` while
+    a frame waits for it has stalled, and the connection is aborted.
     """
 
     def __init__(
         self, traffic: Traffic, frame_timeout_s: float | None = None, send_chunk_bytes: int = SEND_CHUNK_BYTES,
-        plain_socket: socket.socket | None = None,
+        plain_socket: socket.socket | None = None, stall_timeout_s: float | None = None,
     ):
         self.traffic = traffic
         self._sock = plain_socket  # plain TCP only: read at once what is already there (_read_available)
         self.send_chunk_bytes = send_chunk_bytes
         self.frame_timeout_s = frame_timeout_s
+        self.stall_timeout_s = stall_timeout_s if stall_timeout_s is not None else frame_timeout_s
         self._deadline: asyncio.TimerHandle | None = None
+        self._frame_began = self._last_byte = 0.0  # loop times: when the frame began, when a byte last came
         self.reader = FrameReader()
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
@@ -107,6 +113,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes: int) -> None:
         self.traffic.received += nbytes
+        self._last_byte = self._now()
         if self._discard is not None:
             return
         try:
@@ -130,7 +137,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         reason = f": {exc}" if exc else ""
-        self._lost = ConnectionClosed(f"connection closed{reason}")
+        self._lost = self._lost or ConnectionClosed(f"connection closed{reason}")
         self._writable.set()
         self._end_frame(self._lost)
         if not self._closed.done():
@@ -142,13 +149,30 @@ class AsyncConnection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         self._writable.set()
 
-    def _arm_deadline(self) -> None:
-        if self.frame_timeout_s is not None:
-            self._deadline = asyncio.get_running_loop().call_later(self.frame_timeout_s, self._frame_expired)
+    @staticmethod
+    def _now() -> float:
+        return asyncio.get_running_loop().time()
 
-    def _frame_expired(self) -> None:
+    def _arm_deadline(self) -> None:
+        """A frame begins (or is asked for): watch it for stalls, with one timer per frame."""
+        if self.frame_timeout_s is not None:
+            self._frame_began = self._last_byte = self._now()
+            first_look = min(self.stall_timeout_s, self.frame_timeout_s)
+            self._deadline = asyncio.get_running_loop().call_later(first_look, self._check_frame)
+
+    def _check_frame(self) -> None:
+        """The timer: cut the frame off if it stalled or ran out of time, else look again when it could."""
+        now = self._now()
+        stalled_at, ends_at = self._last_byte + self.stall_timeout_s, self._frame_began + self.frame_timeout_s
+        if now < min(stalled_at, ends_at):
+            self._deadline = asyncio.get_running_loop().call_at(min(stalled_at, ends_at), self._check_frame)
+            return
         self._deadline = None
-        self._end_frame(TruncatedFrame(f"a frame was not complete within {self.frame_timeout_s:g} s"))
+        if now >= ends_at:
+            self._end_frame(TruncatedFrame(f"a frame was not complete within {self.frame_timeout_s:g} s"))
+        else:
+            self._end_frame(TruncatedFrame(f"stalled: no byte of a frame for {self.stall_timeout_s:g} s "
+                                           f"({self.reader.progress} bytes in)"))
 
     def _end_frame(self, exc: Exception | None) -> None:
         if self._deadline is not None:
@@ -219,7 +243,8 @@ class AsyncConnection(asyncio.BufferedProtocol):
         async with self._send_lock:
             for view in self._send_available(byte_views(buffers)):
                 for start in range(0, len(view), self.send_chunk_bytes):
-                    await self._writable.wait()
+                    if not self._writable.is_set():
+                        await self._wait_writable()
                     if self._lost is not None:
                         raise self._lost
                     if self._closing:  # a send that waited while close() began: the transport takes no more
@@ -227,6 +252,19 @@ class AsyncConnection(asyncio.BufferedProtocol):
                     chunk = view[start : start + self.send_chunk_bytes]
                     self.transport.write(chunk)
                     self.traffic.sent += len(chunk)
+
+    async def _wait_writable(self) -> None:
+        """Wait for the peer to take what is queued; abort if it takes nothing for stall_timeout_s."""
+        while True:
+            queued = self.transport.get_write_buffer_size()
+            try:
+                await asyncio.wait_for(self._writable.wait(), self.stall_timeout_s)
+                return
+            except asyncio.TimeoutError:
+                if self._lost is not None or self.transport.get_write_buffer_size() < queued:
+                    continue  # it is taking the bytes, slowly: not a stall
+                self._lost = ConnectionClosed(f"stalled: the peer took no byte for {self.stall_timeout_s:g} s")
+                self.transport.abort()
 
     def _send_available(self, views: list[memoryview]) -> list[memoryview]:
         """Plain TCP with nothing queued: hand the kernel all the buffers in one sendmsg
@@ -301,7 +339,7 @@ class SilentPeer(ProtocolError):
 async def open_accepted(
     sock: socket.socket, traffic: Traffic, tls: ssl.SSLContext | None, handshake_timeout_s: float,
     frame_timeout_s: float, require_client_cert: bool = False, socket_buffer_bytes: int | None = None,
-    first_byte_timeout_s: float | None = None, on_first_byte=None,
+    first_byte_timeout_s: float | None = None, on_first_byte=None, stall_timeout_s: float | None = None,
 ) -> AsyncConnection:
     """Wrap an accepted socket, after checking that the peer speaks TLS exactly when we do.
 
@@ -338,7 +376,8 @@ async def open_accepted(
     loop = asyncio.get_running_loop()
     try:
         transport, conn = await loop.connect_accepted_socket(
-            lambda: AsyncConnection(traffic, frame_timeout_s, socket_buffer_bytes or SEND_CHUNK_BYTES, None if tls else sock),
+            lambda: AsyncConnection(traffic, frame_timeout_s, socket_buffer_bytes or SEND_CHUNK_BYTES, None if tls else sock,
+                                    stall_timeout_s),
             sock, ssl=tls, ssl_handshake_timeout=handshake_timeout_s if tls else None,
         )
     except ssl.SSLCertVerificationError as exc:

@@ -221,3 +221,13 @@ def test_a_robust_strategy_holds_off_a_poisoned_update():
         engine, _ = engine_for(fresh, strategy=strategy, num_rounds=1, min_clients=5, byzantine_clients=1)
         assert run(engine) == ExitStatus.OK
         assert engine.model.tensors["w"].tolist() == [1.0, 1.0], strategy
+
+
+def test_a_bug_while_folding_an_update_ends_the_run_instead_of_hanging_it():
+    class Broken(FakeClient):
+        def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
+            raise KeyError("a bug")
+
+    engine, _ = engine_for([Broken(1), FakeClient(2)], round_timeout_s=600)
+    with pytest.raises(KeyError, match="a bug"):
+        run(engine)
