@@ -482,9 +482,10 @@ CONTROL = {"<SUCCESS>", "<WAITING>", "<FINISHED>"}
 def run_client(config: ClientConfig) -> int:
     tls = security.client_tls_context(config.tls, config.tls_ca, config.tls_cert, config.tls_key, config.tls_insecure, config.who)
     token = security.load_token(config.auth_token_file, config.who)
-    conn, told_server = None, False
+    conn, told_server, joined = None, False, False
     try:
         conn, meta = join(config, tls, token)
+        joined = True
         where = (f"{meta['dataset']}, {meta['partition']} partition {config.client_id} of {meta['num_clients']}"
                  if meta["dataset"] else "its own data")
         say(config.who, f"joined the server at {config.address}: {meta['model']} on {where}")
@@ -526,6 +527,9 @@ def run_client(config: ClientConfig) -> int:
                 pass
         raise FedsockError(f"bad data from the server at {config.address}: {exc}") from exc
     except ssl.SSLError as exc:
+        if joined:  # the handshake was long done: the connection broke (a reset, a server gone)
+            raise FedsockError(f"the server at {config.address} dropped the connection (TLS: "
+                               f"{getattr(exc, 'reason', None) or exc})") from exc
         raise FedsockError(tls_failure(exc, config)) from exc
     except (ConnectionResetError, BrokenPipeError) as exc:
         raise FedsockError(f"the server at {config.address} dropped the connection ({exc.strerror})") from exc
