@@ -479,6 +479,14 @@ class Status:
 CONTROL = {"<SUCCESS>", "<WAITING>", "<FINISHED>"}
 
 
+def send_or_give_up(conn: BlockingConnection, frames: list, config: ClientConfig) -> None:
+    try:
+        conn.send(frames)
+    except socket.timeout as exc:
+        raise FedsockError(f"the server at {config.address} took no byte of this client's answer for "
+                           f"{conn.sock.gettimeout():g} s; giving up") from exc
+
+
 def run_client(config: ClientConfig) -> int:
     tls = security.client_tls_context(config.tls, config.tls_ca, config.tls_cert, config.tls_key, config.tls_insecure, config.who)
     token = security.load_token(config.auth_token_file, config.who)
@@ -498,12 +506,14 @@ def run_client(config: ClientConfig) -> int:
             raise
         conn.send([encode_message("<READY>", num_examples=trainer.num_examples, test_examples=len(trainer.data.test_y))])
         # The server sends <WAITING> every heartbeat while we wait: three missed ones and it is gone.
+        # The same bound holds for each send: a server that takes no byte for that long is gone
+        # (a slow link moves bytes all the time; only a dead one stops).
         conn.sock.settimeout(3 * meta["heartbeat_s"] + 2)
         status = Status(config)
         while True:
             message = expect(conn, CONTROL | {"<MODEL>", "<EVALUATE>"})
             if message["header"] == "<EVALUATE>":
-                conn.send(trainer.evaluate(conn, message), timeout_s=meta["round_timeout_s"])
+                send_or_give_up(conn, trainer.evaluate(conn, message), config)
                 continue
             if message["header"] != "<MODEL>":
                 if status.finished(message):
@@ -513,7 +523,7 @@ def run_client(config: ClientConfig) -> int:
             while server_spoke(conn):  # a stopped server's <FINISHED> is read, not answered
                 if status.finished(expect(conn, CONTROL)):
                     return 0
-            conn.send(update, timeout_s=meta["round_timeout_s"])
+            send_or_give_up(conn, update, config)
     except socket.timeout as exc:
         waited = f" for {conn.sock.gettimeout():g} s" if conn is not None else ""
         raise FedsockError(f"the server at {config.address} sent nothing{waited}; giving up") from exc

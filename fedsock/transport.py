@@ -48,14 +48,22 @@ class Traffic:
     received: int = 0
 
 
-def tune_socket(sock: socket.socket) -> None:
+def tune_socket(sock: socket.socket, unacknowledged_s: float | None = None) -> None:
     """No Nagle delay (a small frame after a large one must not wait for an ACK), and
-    TCP keepalive so that a peer whose machine vanished is noticed in about a minute."""
+    TCP keepalive so that a peer whose machine vanished is noticed in about a minute.
+
+    `unacknowledged_s` (the server's --stall-timeout) is Linux's TCP_USER_TIMEOUT: the kernel
+    closes the connection when bytes it sent stay unacknowledged that long. A peer on a live
+    link acknowledges within a round trip even while it trains (the kernel does it), so this
+    catches what no read can: a link that died while the server's bytes to it (a model that
+    fit in the socket buffers, a heartbeat) were in flight."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
         if hasattr(socket, option):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+    if unacknowledged_s and hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(unacknowledged_s * 1000))
 
 
 class AsyncConnection(asyncio.BufferedProtocol):
@@ -353,7 +361,7 @@ async def open_accepted(
     its TLS ClientHello), so a peer silent for `first_byte_timeout_s` is cut off early;
     `on_first_byte` is told when the peer has spoken.
     """
-    tune_socket(sock)
+    tune_socket(sock, stall_timeout_s)
     if socket_buffer_bytes:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer_bytes)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer_bytes)

@@ -152,3 +152,23 @@ def test_a_link_that_goes_dead_mid_upload_is_cut_off_at_the_stall_timeout(hosts,
     assert client.finish(timeout=120) != 0  # told by a reset when the link comes back, or by its own timeout
     no_traceback(server, client)
     assert "fl_client.py: error: the server at 10.99.0.1" in client.output, client.output
+
+
+def test_a_client_whose_link_dies_while_it_trains_is_dropped_within_the_stall_timeout(hosts, deployment, tmp_path):
+    """Nothing is read from a training client, so no read can notice; its kernel's missing ACKs of the
+    server's heartbeats do (TCP_USER_TIMEOUT = --stall-timeout). The round goes on with client 2."""
+    h = hosts()
+    server, port = h.server(deployment, "--model", "mlp", "--num-clients", "2", "--min-clients", "1",
+                            "--num-rounds", "1", "--time-to-wait", "120", "--stall-timeout", "2",
+                            "--heartbeat-interval", "1", "--round-timeout", "120", output_dir=tmp_path / "run")
+    clients = [h.client(deployment, 1, port, "--progress-every", "25"), h.client(deployment, 2, port, "--quiet")]
+    clients[0].wait_for(r"round 1/1: 25% trained", timeout=120)
+    h.lab.impair("c1", hold=True)
+    held = time.monotonic()
+    server.wait_for(r"client 1 in round 1 \(connection closed: .*timed out.*\); the round goes on without it", timeout=60)
+    assert time.monotonic() - held < 15  # a heartbeat (1 s) left unacknowledged for 2 s, not the round timeout
+    assert server.finish(timeout=120) == 0, server.output
+    row = read_metrics(tmp_path / "run" / "metrics.csv")[0]
+    assert row["clients"] == 1
+    assert clients[1].finish(timeout=60) == 0
+    no_traceback(server, *clients)
