@@ -38,7 +38,7 @@ from socket_methods import (
 
 # The optional protocol features this client supports (sent in <HELLO>; a run that needs
 # others refuses it with a sentence, rather than letting it train without them).
-FEATURES: list[str] = ["dp-local", "compression"]
+FEATURES: list[str] = ["dp-local", "compression", "secagg"]
 # Reconnect backoff: first pause and the longest one.
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0
 
@@ -354,6 +354,11 @@ class LocalTrainer:
             raise BadMessage(f"the {meta['model']} model has {self.layout['nbytes'] / 2**20:.1f} MB of weights, over "
                              f"this client's --max-message-mb {config.max_message_mb:g}")
         self.compression = compression.Compression.from_json(meta["compression"])
+        self.secagg = None  # secure aggregation: this client's side of each round's protocol
+        if meta["secure_aggregation"]:
+            from fedsock.secagg import ClientSession
+
+            self.secagg = ClientSession(config.client_id, sum(t.numel() for t in nnh.get_weights(self.model).values()))
         # what the model arrives as: its own layout, or the compressed broadcast's
         self.model_wire_layout = compression.update_layout(self.layout, self.compression.broadcast)
         self.received = WeightsBuffer(self.model_wire_layout)
@@ -412,7 +417,12 @@ class LocalTrainer:
                              f"local test acc {100 * metrics['local_test_accuracy']:.2f}%, {metrics['fit_seconds']:.1f} s"
                              f"{privacy}")
         weights, extra = self.nnh.get_weights(self.model), {}
-        if self.compression.kind != "none":  # the delta from the model received, made small
+        if self.secagg is not None:  # the delta, weighted, quantised and masked: all the server sees of it
+            from fedsock.secagg import MASKED
+
+            masked = self.secagg.masked_update(number, tensors, weights, self.num_examples)
+            weights = {MASKED: self.torch.from_numpy(masked)}
+        elif self.compression.kind != "none":  # the delta from the model received, made small
             # int8's stochastic rounding: seeded by (seed, client, round), as a simulation's is
             rounding = self.torch.Generator().manual_seed(hash((self.seed, self.config.client_id, number, 8)) & 0x7FFFFFFF)
             weights, params = self.compress.compress_update(tensors, weights, self.compression, self.residual, rounding)
@@ -435,6 +445,16 @@ class LocalTrainer:
             return tensors
         params = self.compress.check_params(kind, message.get("broadcast_params"), self.layout)
         return self.compress.decode_broadcast(kind, tensors, params, self.nnh.get_weights(self.model))
+
+    def secure_aggregation(self, message: dict[str, Any]) -> tuple[str, dict] | None:
+        """A secure-aggregation message from the server; the answer to send, if any."""
+        if self.secagg is None:
+            raise BadMessage(f"{message['header']} in a run without secure aggregation")
+        answer = self.secagg.answer(message)
+        if message["header"] == "<SECAGG_UNMASK>" and not self.config.quiet:
+            say(self.config.who, f"round {message['round']}: revealed the shares to unmask {len(message['survivors'])} "
+                                 f"updates ({len(message['dropped'])} dropped)")
+        return answer
 
     def evaluate(self, conn: BlockingConnection, message: dict[str, Any]) -> list:
         """<EVALUATE>: the model of the run's last round, on this client's test split; the <EVALUATION>."""
@@ -477,6 +497,7 @@ class Status:
 
 
 CONTROL = {"<SUCCESS>", "<WAITING>", "<FINISHED>"}
+SECAGG = {"<SECAGG_SETUP>", "<SECAGG_PEERS>", "<SECAGG_ROUTED>", "<SECAGG_UNMASK>"}
 
 
 def send_or_give_up(conn: BlockingConnection, frames: list, config: ClientConfig) -> None:
@@ -511,7 +532,12 @@ def run_client(config: ClientConfig) -> int:
         conn.sock.settimeout(3 * meta["heartbeat_s"] + 2)
         status = Status(config)
         while True:
-            message = expect(conn, CONTROL | {"<MODEL>", "<EVALUATE>"})
+            message = expect(conn, CONTROL | {"<MODEL>", "<EVALUATE>"} | SECAGG)
+            if message["header"] in SECAGG:
+                answer = trainer.secure_aggregation(message)
+                if answer is not None:
+                    send_or_give_up(conn, [encode_message(answer[0], **answer[1])], config)
+                continue
             if message["header"] == "<EVALUATE>":
                 send_or_give_up(conn, trainer.evaluate(conn, message), config)
                 continue

@@ -26,6 +26,7 @@ import asyncio
 import functools
 import ipaddress
 import json
+import math
 import os
 import resource
 import signal
@@ -42,7 +43,7 @@ import torch
 
 import client_helper
 import neural_net_helper as nnh
-from fedsock import compression
+from fedsock import compression, secagg
 from fedsock import config as settings
 from fedsock import security
 from fedsock.clients import ClientPool, ClientProxy, Dropped, EvalRes, FitIns, FitRes, GlobalModel, Stopped, wait_any
@@ -67,6 +68,7 @@ from fedsock.events import (
 from fedsock.lobby import RECEIVE_BUFFERS, Lobby, ReceiveBuffers
 from fedsock.own_data import load_own_data
 from fedsock.privacy import Accountant, Privacy, PrivacySettings, default_delta, plan_noise_multiplier
+from fedsock.secagg import SecAggError, SecureAggregation
 from fedsock.tasks import Task, make_task, task_of_dataset
 from fedsock.run_files import Checkpoint, OutputFailed, RunFiles, read_checkpoint
 from fedsock.strategies import ROBUST, STRATEGIES, Strategy, StrategySettings
@@ -180,6 +182,22 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
         if config.dp_delta is not None and config.dp_delta >= 1 / config.num_clients:
             parser.error(f"--dp-delta {config.dp_delta:g} is not below 1/N = {1 / config.num_clients:g}: a guarantee "
                          f"that may fail for one client in N protects no one")
+    secagg_flags = [name for name in ("secagg_threshold", "secagg_clip") if name in given]
+    if secagg_flags and not config.secure_aggregation:
+        parser.error(f"--{secagg_flags[0].replace('_', '-')} needs --secure-aggregation")
+    if config.dp_mode == "distributed" and not config.secure_aggregation:
+        parser.error("--dp-mode distributed needs --secure-aggregation: the clients' shares of the noise protect "
+                     "only a sum the server cannot see into")
+    if config.secure_aggregation:
+        if config.strategy in ROBUST:
+            parser.error(f"--strategy {config.strategy} does not go with --secure-aggregation: it needs each "
+                         f"client's update, and secure aggregation shows the server only their sum")
+        if config.compression != "none":
+            parser.error("--compression does not go with --secure-aggregation: a masked update is uniform 32-bit "
+                         "words, which no encoding shrinks")
+        if config.sampling == "poisson":
+            parser.error("--sampling poisson does not go with --secure-aggregation: a Poisson round may pick fewer "
+                         "clients than the threshold t; use --sampling fixed")
     if config.sampling == "poisson" and config.clients_per_round is None and config.fraction_fit is None:
         parser.error("--sampling poisson needs --fraction-fit C (or --clients-per-round K: a rate of K/N)")
     if config.strategy in ("krum", "multi-krum"):
@@ -209,6 +227,7 @@ class Round:
     traffic_at_start: tuple[int, int]
     population: int = 0  # ready, free clients when the round sampled
     picked: int = 0
+    planned: float = 0.0  # the clients it planned for (DP's fixed denominator)
     reported: dict[int, dict[str, Any]] = field(default_factory=dict)  # id -> num_examples and metrics
     dropped: dict[int, str] = field(default_factory=dict)  # id -> why
     complete: asyncio.Event = field(default_factory=asyncio.Event)
@@ -229,12 +248,16 @@ class RoundEngine:
 
     def __init__(self, config: ServerConfig, strategy: Strategy, pool: ClientPool, model: GlobalModel,
                  evaluate: Callable[[dict], dict[str, float]], events: Events, traffic: Traffic,
-                 resumed: Checkpoint | None = None, output_dir: str = ""):
+                 resumed: Checkpoint | None = None, output_dir: str = "", secure: SecureAggregation | None = None):
         self.config, self.strategy, self.pool, self.model = config, strategy, pool, model
         self.evaluate, self.events, self.traffic, self.output_dir = evaluate, events, traffic, output_dir
         self.rounds_done = resumed.round if resumed else 0
         self.metrics: list[dict[str, Any]] = list(resumed.metrics) if resumed else []
         self.needed = max(config.min_clients, strategy.min_updates())  # ready clients a round waits for
+        self.secure = secure  # --secure-aggregation
+        if secure is not None:  # with two clients, each could subtract its own update from the new model
+            self.needed = max(self.needed, 3)
+
         self.privacy = strategy.privacy
         # Updates a round needs to be released. With DP and Poisson sampling, every sampled round is
         # released, whatever arrived (even noise alone): the accountant's analysis is of exactly that.
@@ -309,7 +332,9 @@ class RoundEngine:
             round_ = await self.fit_round(number, failures)
             if round_ is None:
                 break  # the privacy budget is spent
-            if round_.aggregator is None or len(round_.reported) < self.release_at:
+            enough = round_.aggregator is not None and len(round_.reported) >= self.release_at
+            aggregate = await self.aggregate(round_) if enough else None
+            if aggregate is None:  # too few updates (or the unmasking failed): the same model again
                 failures += 1
                 give_up = failures > self.config.round_retries
                 self.events.emit(RoundFailed(number, len(round_.reported), self.needed, 0 if give_up else failures,
@@ -319,8 +344,7 @@ class RoundEngine:
                                     f"{self.rounds_done}")
                 continue
             failures = 0
-            self.model = GlobalModel.of(self.strategy.step(self.model.tensors, round_.aggregator.result()),
-                                        self.config.compress_broadcast)
+            self.model = GlobalModel.of(self.strategy.step(self.model.tensors, aggregate), self.config.compress_broadcast)
             self.rounds_done = number
             self.attach_evaluation(number - 1)  # what this round's clients measured of the last round's model
             row = self.round_row(round_)
@@ -332,6 +356,24 @@ class RoundEngine:
         if self.federated_evaluation and not self.stopping.is_set():
             await self.evaluate_final_model()
 
+    async def aggregate(self, round_: Round) -> dict[str, torch.Tensor] | None:
+        """The round's aggregate; with secure aggregation, after the unmasking (None: it failed)."""
+        if self.secure is None:
+            return round_.aggregator.result()
+        result = await self.secure.finish(self.model.tensors, max(round_.planned, 1e-12))
+        self.note_secure_drops(round_)
+        if isinstance(result, str):
+            self.events.notice(f"round {round_.number}: secure aggregation failed: {result}", warning=True)
+            return None
+        return result
+
+    def note_secure_drops(self, round_: Round) -> None:
+        for client_id, reason in self.secure.notes:
+            if client_id not in round_.dropped:
+                round_.dropped[client_id] = reason
+                self.note_drop(ClientDropped(round_.number, client_id, reason))
+        self.secure.notes = []
+
     async def fit_round(self, number: int, attempt: int) -> Round | None:
         """One round's story: sample, send, collect. The caller aggregates. None: the privacy budget
         would not allow this round."""
@@ -340,7 +382,8 @@ class RoundEngine:
         # A retried round keeps the same model, so a client still training it from an earlier
         # attempt is as good as one picked now: it is expected too. (Not with DP: there, a round's
         # participants are exactly its fresh sample, as the accountant assumes.)
-        carried = lambda: [] if self.privacy else [i for i, r in pool.busy.items() if r == number]  # noqa: E731
+        carried = lambda: ([] if self.privacy or self.secure  # noqa: E731
+                           else [i for i, r in pool.busy.items() if r == number])
         if not await pool.wait_until(lambda: len(pool.idle()) + len(carried()) >= self.needed,
                                      self.config.round_timeout_s, self.stopping):
             return round_
@@ -351,14 +394,26 @@ class RoundEngine:
             return None
         picked = self.strategy.sample(idle, number, attempt)
         round_.population, round_.picked = len(idle), len(picked)
-        round_.aggregator = self.strategy.aggregator(self.model.tensors, self.strategy.planned(len(picked), len(idle)))
+        round_.planned = self.strategy.planned(len(picked), len(idle))
+        settings = {"local_epochs": self.config.local_epochs, "batch_size": self.config.batch_size,
+                    "lr": self.config.lr, **self.strategy.fit_settings()}
+        if self.secure is not None:  # keys and shares first, among the picked; then the model to those still here
+            threshold = self.secure.threshold(len(picked))
+            picked = await self.secure.setup(number, {i: pool.members[i] for i in picked})
+            self.note_secure_drops(round_)
+            if self.stopping.is_set():
+                raise Stopped
+            if not picked:
+                return round_
+            round_.aggregator = self.secure
+            settings.update(self.secure_dp_settings(threshold))
+        else:
+            round_.aggregator = self.strategy.aggregator(self.model.tensors, round_.planned)
         round_.expected = set(picked) | set(carried())
         round_.started = time.perf_counter()
         round_.traffic_at_start = (self.traffic.sent, self.traffic.received)
         self.current = round_
-        instructions = FitIns(number, self.model, {"local_epochs": self.config.local_epochs,
-                                                   "batch_size": self.config.batch_size, "lr": self.config.lr,
-                                                   **self.strategy.fit_settings()}, evaluate=self.federated_evaluation)
+        instructions = FitIns(number, self.model, settings, evaluate=self.federated_evaluation)
         for client_id in picked:
             self.start_fit(pool.members[client_id], instructions)
         self.events.emit(RoundStarted(number, attempt, picked, sorted(round_.expected), len(idle) - len(picked)))
@@ -371,6 +426,16 @@ class RoundEngine:
             raise Stopped
         self.close_round(round_)
         return round_
+
+    def secure_dp_settings(self, threshold: int) -> dict[str, float]:
+        """With DP and secure aggregation the clients clip (the server sees no update to clip), and add
+        noise: none in central mode (the server adds it to the unmasked sum), their share of it in
+        distributed mode (std z·S/√t each: any t survivors' noise adds up to z·S), all of it in local mode."""
+        if self.privacy is None:
+            return {}
+        mode, full = self.privacy.settings.mode, self.privacy.noise_std
+        share = {"central": 0.0, "distributed": full / math.sqrt(threshold), "local": full}[mode]
+        return {"dp_clip": self.privacy.settings.clip, "dp_noise_std": share}
 
     def note_evaluation(self, number: int, loss_sum: float, confusion) -> None:
         entry = self.evaluations.setdefault(number, [0, 0.0, 0])
@@ -446,7 +511,16 @@ class RoundEngine:
                 proxy.acknowledge(result, False, f"round {number} had closed before this update arrived; it was not used")
                 self.events.notice(f"client {proxy.client_id}: late update for round {number} discarded")
                 return
-            round_.aggregator.add(result.tensors, result.num_examples)
+            if self.secure is not None:
+                try:
+                    self.secure.add(proxy.client_id, result.tensors)
+                except (SecAggError, KeyError) as exc:
+                    round_.dropped[proxy.client_id] = f"secure aggregation: {exc}"
+                    self.note_drop(ClientDropped(number, proxy.client_id, round_.dropped[proxy.client_id]))
+                    round_.settle()
+                    return
+            else:
+                round_.aggregator.add(result.tensors, result.num_examples)
         finally:
             result.release()
             result.tensors = {}  # views of a buffer that is reused now
@@ -559,6 +633,7 @@ class Setup:
     checkpoint: Checkpoint | None
     train: client_helper.Split | None = None
     task: Task | None = None
+    secure: SecureAggregation | None = None
 
 
 class Evaluator:
@@ -603,6 +678,7 @@ class Welcome:
             partition_bitmap=None if own else encode_bitmap(self.setup.partitions[client_id - 1], self.setup.train_size),
             task=self.setup.task.to_json(), federated_evaluation=federated_evaluation(c),
             required_features=required_features(c), compression=compression_of(c).to_json(),
+            secure_aggregation=c.secure_aggregation,
         )
 
 
@@ -614,7 +690,8 @@ def federated_evaluation(config: ServerConfig) -> bool:
 def required_features(config: ServerConfig) -> list[str]:
     """The optional protocol features a client must support to take part in this run."""
     local_dp = config.dp_clip is not None and config.dp_mode == "local"
-    return ["dp-local"] * local_dp + [compression.FEATURE] * compression_of(config).active
+    return (["dp-local"] * (local_dp or config.secure_aggregation and config.dp_clip is not None)
+            + [compression.FEATURE] * compression_of(config).active + [secagg.FEATURE] * config.secure_aggregation)
 
 
 def compression_of(config: ServerConfig) -> compression.Compression:
@@ -709,13 +786,41 @@ def prepare_training(config: ServerConfig, checkpoint: Checkpoint | None, keep_t
                  else "no test set of its own")
         say(who, f"task: {task.describe()}; the clients bring their own data; the server has {where}"
                  f"{'; federated evaluation' if federated_evaluation(config) else ''} on {device}")
+    secure = make_secure_aggregation(config, strategy, weights, parts, who) if config.secure_aggregation else None
     return Setup(
         info=info, tls=None, auth=security.Authenticator(), model=GlobalModel.of(weights, config.compress_broadcast),
         strategy=strategy,
         evaluate=Evaluator(model, test_tensors, task), partitions=parts,
         train_size=len(train.labels) if train is not None else 0, checkpoint=checkpoint,
-        train=train if keep_train else None, task=task,
+        train=train if keep_train else None, task=task, secure=secure,
     )
+
+
+def make_secure_aggregation(config: ServerConfig, strategy: Strategy, weights: dict[str, torch.Tensor],
+                            parts: list[np.ndarray], who: str = WHO) -> SecureAggregation:
+    """The run's secure aggregation, after refusing settings whose sums could overflow 32 bits."""
+    if not all(t.is_floating_point() for t in weights.values()):
+        raise UsageError(f"--secure-aggregation needs a model whose weights are all floating point; {config.model} "
+                         f"has others")
+    per_round = config.clients_per_round or config.num_clients
+    if config.fraction_fit is not None:
+        per_round = max(config.min_clients, math.ceil(config.fraction_fit * config.num_clients))
+    privacy = strategy.privacy
+    weight_bound = 1 if privacy else (max(len(p) for p in parts) if parts else config.max_client_examples)
+    try:
+        secagg.check_sizes(min(per_round, config.num_clients), weight_bound)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    settings = secagg.Settings(threshold_fraction=config.secagg_threshold, clip=config.secagg_clip,
+                               weight_bound=weight_bound, weighted=privacy is None,
+                               stage_timeout_s=min(60.0, config.round_timeout_s))
+    if privacy is not None:
+        s = privacy.settings
+        settings.clip = s.clip * (1 + 8 * s.noise_multiplier)  # a clipped delta plus noise: |x| beyond this ~ never
+        settings.noise_std = privacy.noise_std if s.mode == "central" else 0.0
+    say(who, f"secure aggregation: threshold {config.secagg_threshold:.2f} of each round's clients (and more than "
+             f"half), coordinates clipped to ±{settings.clip:g}, weights up to {weight_bound} examples")
+    return SecureAggregation(settings, weights)
 
 
 def make_privacy(config: ServerConfig, checkpoint: Checkpoint | None, who: str = WHO) -> Privacy | None:
@@ -809,6 +914,13 @@ def stop_on_signals(engine: RoundEngine) -> None:
         asyncio.get_running_loop().add_signal_handler(signum, on_signal, signum)
 
 
+def update_layout(config: ServerConfig, setup: Setup) -> dict[str, Any]:
+    """The layout every update must have: the model's, compressed, or one masked vector."""
+    if setup.secure is not None:
+        return secagg.masked_layout(setup.secure.length)
+    return compression.update_layout(setup.model.layout, config.compression, config.topk_fraction)
+
+
 async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
     listener = open_listener(config.host, config.server_port)
     host, port = listener.getsockname()[:2]
@@ -817,13 +929,12 @@ async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
     events = Events([Console(config.quiet), files])
     pool, traffic = ClientPool(config.num_clients), Traffic()
     engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, traffic, setup.checkpoint,
-                         str(output_dir))
+                         str(output_dir), setup.secure)
     engine.task, engine.federated_evaluation = setup.task, federated_evaluation(config)
     lobby = Lobby(
         listener=listener, pool=pool, events=events, traffic=traffic, tls=setup.tls, auth=setup.auth,
         welcome=Welcome(config, setup, engine),
-        buffers=ReceiveBuffers(compression.update_layout(setup.model.layout, config.compression, config.topk_fraction),
-                               min(RECEIVE_BUFFERS, config.num_clients), output_dir),
+        buffers=ReceiveBuffers(update_layout(config, setup), min(RECEIVE_BUFFERS, config.num_clients), output_dir),
         status=engine.status, handshake_timeout_s=config.handshake_timeout_s, round_timeout_s=config.round_timeout_s,
         heartbeat_s=config.heartbeat_s, max_pending=config.max_pending,
         require_client_cert=bool(config.tls_client_ca), required_features=required_features(config),

@@ -128,6 +128,7 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "required_features": Field(list, max_len=64, items=str, meaning="features a client must support"),
         "compression": Field(dict, meaning="{kind, topk_fraction, broadcast}: how updates and the model are "
                                            "encoded (see Compressed updates)"),
+        "secure_aggregation": Field(bool, meaning="each round begins with <SECAGG_SETUP> (see Secure aggregation)"),
     },
     "<READY>": {
         "num_examples": Field(int, 1, 10**9, meaning="training examples this client holds"),
@@ -175,6 +176,35 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "eval_loss_sum": Field(float, 0, meaning="summed cross-entropy on the local test split"),
         "eval_confusion": Field(list, max_len=1000, items=list, meaning="confusion matrix: row = true, column = predicted"),
     },
+    # Secure aggregation, in this order each round (see the README's Secure aggregation section).
+    "<SECAGG_SETUP>": {
+        "round": ROUND,
+        "participants": Field(list, max_len=10**5, items=int, meaning="the ids of the round's clients, n of them"),
+        "threshold": Field(int, 2, 10**5, meaning="t: shares needed to rebuild a secret; > n/2"),
+        "bits": Field(int, 1, 31, meaning="b: fractional bits of each quantised coordinate"),
+        "clip": Field(float, 0, 10**9, low_open=True, meaning="C: each coordinate of a delta is clipped to [-C, C]"),
+        "weight_bound": Field(int, 1, 2**32 - 1, meaning="W: a client's weight is its examples / W (1: unweighted)"),
+        "weighted": Field(bool, meaning="false (with DP): every client's weight and count are 1"),
+        "length": Field(int, 1, 2**31, meaning="m: the model's coordinates; the vector has m + 1"),
+    },
+    "<SECAGG_KEYS>": {
+        "round": ROUND,
+        "c_public": Field(str, max_len=64, meaning="X25519 public key for the share encryption, base64 of 32 bytes"),
+        "s_public": Field(str, max_len=64, meaning="X25519 public key for the pairwise masks, base64 of 32 bytes"),
+    },
+    "<SECAGG_PEERS>": {"round": ROUND, "keys": Field(dict, meaning='{"ID": [c_public, s_public]} of U1')},
+    "<SECAGG_SHARES>": {"round": ROUND, "shares": Field(dict, meaning='{"ID": ciphertext} for each other client of U1')},
+    "<SECAGG_ROUTED>": {"round": ROUND, "shares": Field(dict, meaning='{"ID": ciphertext} addressed to this client')},
+    "<SECAGG_UNMASK>": {
+        "round": ROUND,
+        "survivors": Field(list, max_len=10**5, items=int, meaning="U3: the clients whose masked update arrived"),
+        "dropped": Field(list, max_len=10**5, items=int, meaning="U2 minus U3: those that shared keys, then left"),
+    },
+    "<SECAGG_REVEAL>": {
+        "round": ROUND,
+        "seed_shares": Field(dict, meaning='{"ID": share} of each survivor\'s self-mask seed, base64 of 66 bytes'),
+        "key_shares": Field(dict, meaning='{"ID": share} of each dropped client\'s mask key, base64 of 66 bytes'),
+    },
     "<SUCCESS>": {"round": ROUND, "accepted": Field(bool, meaning="false: the round had closed"), "message": TEXT},
     "<WAITING>": {"message": TEXT},
     "<FINISHED>": {
@@ -190,7 +220,7 @@ MESSAGE_FIELDS: dict[str, dict[str, type]] = {h: {n: f.kind for n, f in fs.items
 # Wire names of the tensor dtypes fedsock sends, with their sizes in bytes.
 DTYPE_SIZES = {
     "float32": 4, "float64": 8, "float16": 2, "bfloat16": 2,
-    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1,
+    "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint32": 4, "uint8": 1, "bool": 1,
 }
 
 

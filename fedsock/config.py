@@ -84,10 +84,10 @@ fraction = number(float, 0, 1, positive=True)
 port = number(int, 0, 65535)
 seed = number(int, 0, 2**32 - 1)
 
-NETWORK, FEDERATION, TRAINING, STRATEGY, PRIVACY, COMPRESSION, DATA, TASK, OUTPUT, FAULTS, CONNECTIONS, SECURITY = (
+NETWORK, FEDERATION, TRAINING, STRATEGY, PRIVACY, SECAGG, COMPRESSION, DATA, TASK, OUTPUT, FAULTS, CONNECTIONS, SECURITY = (
     "network", "federation", "training (sent to the clients every round)", "strategy",
-    "compression (of what crosses the network)",
-    "differential privacy (client level, DP-FedAvg)", "data", "task (clients bring their own data: --task image or text)",
+    "differential privacy (client level, DP-FedAvg)", "secure aggregation (Bonawitz et al. 2017)",
+    "compression (of what crosses the network)", "data", "task (clients bring their own data: --task image or text)",
     "output", "fault tolerance", "connections", "security",
 )
 
@@ -148,9 +148,19 @@ class ServerConfig:
                                        group=PRIVACY, type=positive_float, metavar="EPSILON")
     dp_delta: float | None = setting(None, "delta of the guarantee (default: 1e-5, or 1/(10 N) past 10,000 clients)",
                                      group=PRIVACY, type=number(float, 0, 1, positive=True), metavar="DELTA")
-    dp_mode: str = setting("central", "where the noise is added: central (the server clips and adds it) or local "
-                                      "(each client clips and noises its own update)", group=PRIVACY,
-                           choices=("central", "local"))
+    dp_mode: str = setting("central", "where the noise is added: central (the server clips and adds it), local "
+                                      "(each client clips and noises its own update) or distributed (with "
+                                      "--secure-aggregation: each client adds its share of the noise)", group=PRIVACY,
+                           choices=("central", "local", "distributed"))
+    secure_aggregation: bool = setting(False, "the server learns only the sum of each round's updates: masked "
+                                              "updates, X25519 keys and Shamir shares among the round's clients",
+                                       group=SECAGG)
+    secagg_threshold: float = setting(2 / 3, "t, as a share of each round's clients: the round completes if that "
+                                             "many stay to the end (t is always more than half, and at least 2)",
+                                      group=SECAGG, type=fraction, metavar="F")
+    secagg_clip: float = setting(10.0, "each coordinate of a client's delta is clipped to [-C, C] before it is "
+                                       "quantised (with DP: S·(1 + 8z), from --dp-clip)", group=SECAGG,
+                                 type=positive_float, metavar="C")
     compression: str = setting("none", "how clients send their updates: none, or the delta from the global model as "
                                        "fp16, int8 (stochastic rounding) or topk (--topk-fraction, error feedback)",
                                group=COMPRESSION, choices=("none", "fp16", "int8", "topk"))

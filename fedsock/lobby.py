@@ -253,6 +253,7 @@ class RemoteClient:
         self.sent: GlobalModel | None = None  # that model: a compressed update is a delta from it
         self.result: asyncio.Future[FitRes] | None = None
         self.evaluation: tuple[int, asyncio.Future[EvalRes]] | None = None  # an <EVALUATE> sent, not answered
+        self.secagg_reply: tuple[str, int, asyncio.Future[dict]] | None = None  # (header, round, waiter) awaited
         self.gone: str | None = None
         self.finished = False  # told <FINISHED>: its leaving is no news
 
@@ -293,6 +294,33 @@ class RemoteClient:
         finally:
             self.evaluation = None
 
+    async def secagg(self, header: str, fields: dict[str, Any], reply: str | None) -> dict[str, Any] | None:
+        """Send one secure-aggregation message; with `reply`, wait for the client's answer of that kind."""
+        if self.gone:
+            raise Dropped(self.gone)
+        waiter = None
+        if reply is not None:
+            waiter = asyncio.get_running_loop().create_future()
+            self.secagg_reply = (reply, fields["round"], waiter)
+        try:
+            await self.conn.send([encode_message(header, **fields)])
+        except ProtocolError:
+            pass  # the reader sees it, and fails the waiter
+        if waiter is None:
+            return None
+        try:
+            return await waiter
+        finally:
+            self.secagg_reply = None
+
+    def receive_secagg(self, message: dict[str, Any]) -> None:
+        expected = self.secagg_reply
+        if expected is None or message["header"] != expected[0] or message["round"] != expected[1]:
+            wanted = f"{expected[0]} of round {expected[1]}" if expected else "nothing"
+            raise BadMessage(f"{message['header']} of round {message['round']}, but this client was asked for {wanted}")
+        if not expected[2].done():
+            expected[2].set_result(message)
+
     async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
         self.finished = True
         finished = encode_message("<FINISHED>", completed=completed, rounds_completed=rounds_completed, message=message)
@@ -316,6 +344,8 @@ class RemoteClient:
                     self.become_ready(message)
                 elif header == "<EVALUATION>":
                     self.receive_evaluation(message)
+                elif header in ("<SECAGG_KEYS>", "<SECAGG_SHARES>", "<SECAGG_REVEAL>"):
+                    self.receive_secagg(message)
                 elif header == "<ERROR>":
                     reason = f"it reported an error: {message['message'][:200]}"
                     break
@@ -421,6 +451,8 @@ class RemoteClient:
         self.lobby.pool.remove(self.client_id)
         if self.evaluation is not None and not self.evaluation[1].done():
             self.evaluation[1].set_exception(Dropped(reason))
+        if self.secagg_reply is not None and not self.secagg_reply[2].done():
+            self.secagg_reply[2].set_exception(Dropped(reason))
         if self.result is not None and not self.result.done():
             self.result.set_exception(Dropped(reason))  # the engine reports it as a drop
         elif not self.finished and not self.lobby.closing:

@@ -378,7 +378,7 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
         pool.joined(client)
         pool.add(client)
     engine = fl_server.RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),
-                                   setup.checkpoint, str(output_dir))
+                                   setup.checkpoint, str(output_dir), setup.secure)
     fl_server.stop_on_signals(engine)
     try:
         return await engine.run()

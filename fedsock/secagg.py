@@ -1,0 +1,646 @@
+"""Secure aggregation (Bonawitz et al. 2017, "Practical Secure Aggregation for Privacy-Preserving
+Machine Learning"): the server learns the sum of the round's updates and nothing else.
+
+One round, for the clients U sampled (every message goes through the server, which relays
+what it cannot read):
+
+0. <SECAGG_SETUP> → each client makes two fresh X25519 key pairs, c (to encrypt to it) and
+   s (to agree pairwise masks), and answers <SECAGG_KEYS> with both public keys. U1: those
+   that answered.
+1. <SECAGG_PEERS> (U1's public keys) → each client u draws a 32-byte self-mask seed b_u,
+   splits s_u's private key and b_u into Shamir shares, threshold t, one pair per peer v,
+   and answers <SECAGG_SHARES>: each pair encrypted to v (ChaCha20-Poly1305 under a key
+   agreed from c_u and c_v). U2: those that answered; the server sends each client the
+   ciphertexts addressed to it (<SECAGG_ROUTED>), then the round's <MODEL>.
+2. Each client trains, and sends its update quantised into Z_{2^32} plus masks:
+       y_u = x_u + PRG(b_u) + Σ_{v in U2, v > u} PRG(s_uv) − Σ_{v in U2, v < u} PRG(s_uv)
+   where s_uv is agreed from s_u and s_v (so v computes the same), and PRG is ChaCha20's
+   keystream. A masked vector is uniformly random to anyone without the seeds. U3: those
+   whose masked update arrived.
+3. <SECAGG_UNMASK> (U3 and the dropped, U2 \\ U3) → each survivor reveals its share of b_u for
+   every u in U3 and its share of s_u's key for every dropped u, never both for one client,
+   and only once a round (<SECAGG_REVEAL>). With t of them the server rebuilds those
+   secrets, strips the self masks, and the pairwise masks that the dropped clients' absence
+   left uncancelled: Σ y_u over U3 becomes Σ x_u.
+
+The quantisation (the overflow rule). A client's delta is clipped per coordinate to [−C, C],
+multiplied by its weight w_u = n_u / W (its example count over W, the largest count among
+the round's clients; with DP every weight is 1), divided by C, and stochastically rounded
+to an integer multiple of 2^−b: each coordinate becomes an integer in [−2^b, 2^b]. With
+b = ⌊log2((2^31 − 1) / n)⌋ for n clients, the sum of n of them lies strictly inside
+(−2^31, 2^31): two's complement in 32 bits cannot wrap. The last coordinate carries the
+weight's numerator n_u (or 1), whose sum must stay below 2^32: n·W < 2^32, refused otherwise.
+The mean delta is W·Σ(w_u·Δ_u)/Σn_u, with an error per coordinate of at most
+n·C·2^−b·W/Σn_u (each rounding is below one step, and unbiased).
+
+Masks live in the ring Z_{2^32}, as in the paper (any Z_R works: a uniform mask makes the
+masked value uniform); the secrets are shared in the prime field GF(2^521 − 1), written here
+(about 30 lines) because the well-kept library for it, PyCryptodome, shares 16-byte secrets
+only and would add a second crypto library; everything else (X25519, HKDF, ChaCha20,
+ChaCha20-Poly1305, the CSPRNG) comes from `cryptography` and the standard library.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from socket_methods import BadMessage
+
+FEATURE = "secagg"
+PRIME = 2**521 - 1  # a Mersenne prime: every 32-byte secret is below it
+SHARE_BYTES = 66  # ceil(521 / 8)
+KEY_BYTES = 32
+MIN_BITS = 12  # fewer fractional bits than this would make the rounding error too coarse: refused
+TAG = b"fedsock secagg v1"
+
+
+class SecAggError(BadMessage):
+    """A secure-aggregation message that is malformed, inconsistent, or asks for what must not be given."""
+
+
+# --------------------------------------------------------------------------- Shamir over GF(2^521 - 1)
+
+
+def split(secret: int, holders: Iterable[int], threshold: int) -> dict[int, int]:
+    """Shares of `secret` for each holder (a distinct id >= 1): f(holder) for a random f of degree t - 1."""
+    holders = list(holders)
+    if not 0 <= secret < PRIME or threshold < 1 or len(set(holders)) != len(holders) or min(holders) < 1:
+        raise ValueError("bad Shamir parameters")
+    coefficients = [secret] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    shares = {}
+    for x in holders:
+        y = 0
+        for c in reversed(coefficients):  # Horner
+            y = (y * x + c) % PRIME
+        shares[x] = y
+    return shares
+
+
+def lagrange_at_zero(xs: Iterable[int]) -> dict[int, int]:
+    """The coefficients λ_i with f(0) = Σ λ_i f(x_i), for any f of degree < len(xs): computed once for
+    a set of holders, used for every secret they share."""
+    xs = list(xs)
+    out = {}
+    for i in xs:
+        numerator, denominator = 1, 1
+        for j in xs:
+            if j != i:
+                numerator = numerator * j % PRIME
+                denominator = denominator * (j - i) % PRIME
+        out[i] = numerator * pow(denominator, -1, PRIME) % PRIME
+    return out
+
+
+def combine(shares: Mapping[int, int], coefficients: Mapping[int, int] | None = None) -> int:
+    coefficients = coefficients or lagrange_at_zero(shares)
+    return sum(coefficients[x] * y for x, y in shares.items()) % PRIME
+
+
+# --------------------------------------------------------------------------- the primitives
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(text: Any, nbytes: int | None = None, what: str = "value") -> bytes:
+    if not isinstance(text, str):
+        raise SecAggError(f"{what} must be a base64 string")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise SecAggError(f"{what} is not valid base64") from exc
+    if nbytes is not None and len(data) != nbytes:
+        raise SecAggError(f"{what} must be {nbytes} bytes, not {len(data)}")
+    return data
+
+
+def _hkdf(secret: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def _exchange(private: bytes, public: bytes) -> bytes:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+
+    try:
+        return X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as exc:  # an all-zero shared secret: a small-order public key
+        raise SecAggError(f"a public key is not usable for X25519 ({exc})") from exc
+
+
+def _ids(*numbers: int) -> bytes:
+    return b"".join(n.to_bytes(8, "big") for n in numbers)
+
+
+def share_key(c_private: bytes, c_public_peer: bytes, round_number: int) -> bytes:
+    return _hkdf(_exchange(c_private, c_public_peer), TAG + b" shares" + _ids(round_number))
+
+
+def mask_seed(s_private: bytes, s_public_peer: bytes, round_number: int, u: int, v: int) -> bytes:
+    return _hkdf(_exchange(s_private, s_public_peer), TAG + b" mask" + _ids(round_number, min(u, v), max(u, v)))
+
+
+def prg(seed: bytes, length: int) -> np.ndarray:
+    """`length` uniform 32-bit words: ChaCha20's keystream under `seed` (nonce 0), little-endian words."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor().update(bytes(4 * length))
+    return np.frombuffer(stream, dtype="<u4").astype(np.uint32, copy=False)
+
+
+def new_keypair() -> tuple[bytes, bytes]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    key = X25519PrivateKey.generate()
+    raw = (serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    return key.private_bytes(*raw), key.public_key().public_bytes(serialization.Encoding.Raw,
+                                                                  serialization.PublicFormat.Raw)
+
+
+def _aead(key: bytes):
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    return ChaCha20Poly1305(key)
+
+
+def _aad(round_number: int, sender: int, receiver: int) -> bytes:
+    return TAG + _ids(round_number, sender, receiver)
+
+
+# --------------------------------------------------------------------------- quantisation
+
+
+def bits_for(clients: int) -> int:
+    """Fractional bits such that the sum of `clients` values in [-2^b, 2^b] fits in int32."""
+    return int(math.floor(math.log2((2**31 - 1) / max(clients, 1))))
+
+
+def check_sizes(clients: int, weight_bound: int) -> None:
+    """Refuse settings whose sums could overflow 32 bits (ValueError, one sentence)."""
+    if bits_for(clients) < MIN_BITS:
+        raise ValueError(f"secure aggregation of {clients} clients a round would leave {bits_for(clients)} bits per "
+                         f"coordinate (at least {MIN_BITS} needed): sample fewer clients per round")
+    if clients * weight_bound >= 2**32:
+        raise ValueError(f"{clients} clients of up to {weight_bound} examples each could sum past 2^32 in the "
+                         f"masked example count: lower --max-client-examples or the clients per round")
+
+
+def quantize(values: np.ndarray, bits: int, rng: np.random.Generator) -> np.ndarray:
+    """Values in [-1, 1] as integers in [-2^b, 2^b], rounded stochastically (unbiased), as uint32 words."""
+    scaled = np.clip(values, -1.0, 1.0) * float(2**bits)
+    low = np.floor(scaled)
+    rounded = low + (rng.random(scaled.shape) < (scaled - low))
+    return rounded.astype(np.int64).astype(np.uint32)  # two's complement, mod 2^32
+
+
+def dequantize_sum(total: np.ndarray, bits: int) -> np.ndarray:
+    return total.view(np.int32).astype(np.float64) / float(2**bits)
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class Params:
+    """What <SECAGG_SETUP> announces for one round."""
+
+    round: int
+    participants: tuple[int, ...]
+    threshold: int
+    bits: int
+    clip: float  # C: each coordinate of a delta is clipped to [-C, C]
+    weight_bound: int  # W: weights are n_u / W; 1 with DP (every client weighted 1)
+    length: int  # coordinates of the model (the vector has one more: the count)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"round": self.round, "participants": list(self.participants), "threshold": self.threshold,
+                "bits": self.bits, "clip": self.clip, "weight_bound": self.weight_bound, "length": self.length}
+
+    @classmethod
+    def from_json(cls, m: Mapping[str, Any], client_id: int, length: int) -> "Params":
+        """Checked by a client: it refuses a setup that could not be safe or could not add up."""
+        people = m["participants"]
+        if not all(type(i) is int and i >= 1 for i in people) or len(set(people)) != len(people):
+            raise SecAggError("<SECAGG_SETUP> participants must be distinct client ids")
+        if client_id not in people:
+            raise SecAggError("<SECAGG_SETUP> does not list this client among the participants")
+        n, t = len(people), m["threshold"]
+        if not (n // 2 < t <= n) or t < 2:
+            raise SecAggError(f"<SECAGG_SETUP> threshold {t} of {n} clients: it must be more than half of them "
+                              f"(and at least 2), or the server could learn both kinds of share for one client")
+        if m["bits"] > bits_for(n) or m["bits"] < MIN_BITS:
+            raise SecAggError(f"<SECAGG_SETUP> bits {m['bits']} could overflow for {n} clients (at most {bits_for(n)})")
+        if m["length"] != length:
+            raise SecAggError(f"<SECAGG_SETUP> length {m['length']}, the model has {length} coordinates")
+        if not (m["clip"] > 0 and math.isfinite(m["clip"])) or m["weight_bound"] < 1:
+            raise SecAggError("<SECAGG_SETUP> clip must be positive and weight_bound at least 1")
+        return cls(m["round"], tuple(people), t, m["bits"], float(m["clip"]), m["weight_bound"], length)
+
+
+def default_threshold(clients: int, fraction: float) -> int:
+    """t: more than half of the round's clients (so that two disjoint groups of t cannot exist), at least
+    `fraction` of them (the share that must stay to the end), and at least 2."""
+    return max(2, clients // 2 + 1, math.ceil(fraction * clients))
+
+
+# --------------------------------------------------------------------------- a client's side
+
+
+@dataclass
+class ClientRound:
+    """One client's secure aggregation of one round: its keys, its peers' shares, its one reveal."""
+
+    client_id: int
+    params: Params
+    c_private: bytes = b""
+    s_private: bytes = b""
+    self_seed: bytes = b""
+    peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # U1: id -> (c public, s public)
+    held: dict[int, tuple[int, int]] = field(default_factory=dict)  # u -> (share of s_u's key, share of b_u)
+    senders: frozenset = frozenset()  # U2 as this client knows it
+    revealed: bool = False
+
+    def advertise(self) -> dict[str, str]:
+        self.c_private, c_public = new_keypair()
+        self.s_private, s_public = new_keypair()
+        return {"c_public": b64(c_public), "s_public": b64(s_public)}
+
+    def share(self, keys: Mapping[str, Any]) -> dict[str, str]:
+        """<SECAGG_PEERS> in; the <SECAGG_SHARES> ciphertexts out, one per peer."""
+        p = self.params
+        peers = {}
+        for key, pair in keys.items():
+            if not key.isdigit() or int(key) not in p.participants or not isinstance(pair, list) or len(pair) != 2:
+                raise SecAggError(f"<SECAGG_PEERS> entry {key[:20]!r} is not a participant's [c_public, s_public]")
+            peers[int(key)] = (unb64(pair[0], KEY_BYTES, "c_public"), unb64(pair[1], KEY_BYTES, "s_public"))
+        if self.client_id not in peers or len(peers) < p.threshold:
+            raise SecAggError(f"<SECAGG_PEERS> lists {len(peers)} clients{'' if self.client_id in peers else ', not this one'}; "
+                              f"the threshold is {p.threshold}")
+        self.peers = peers
+        self.self_seed = secrets.token_bytes(KEY_BYTES)
+        key_shares = split(int.from_bytes(self.s_private, "big"), peers, p.threshold)
+        seed_shares = split(int.from_bytes(self.self_seed, "big"), peers, p.threshold)
+        out = {}
+        for v in peers:
+            if v == self.client_id:
+                self.held[v] = (key_shares[v], seed_shares[v])
+                continue
+            plain = key_shares[v].to_bytes(SHARE_BYTES, "big") + seed_shares[v].to_bytes(SHARE_BYTES, "big")
+            nonce = self.client_id.to_bytes(12, "big")
+            sealed = _aead(share_key(self.c_private, peers[v][0], p.round)).encrypt(
+                nonce, plain, _aad(p.round, self.client_id, v))
+            out[str(v)] = b64(sealed)
+        return out
+
+    def receive(self, routed: Mapping[str, Any]) -> None:
+        """<SECAGG_ROUTED>: the shares addressed to this client, from each u in U2."""
+        p = self.params
+        for key, text in routed.items():
+            u = int(key) if key.isdigit() else -1
+            if u not in self.peers or u == self.client_id:
+                raise SecAggError(f"<SECAGG_ROUTED> has shares from {key[:20]!r}, not a peer")
+            try:
+                plain = _aead(share_key(self.c_private, self.peers[u][0], p.round)).decrypt(
+                    u.to_bytes(12, "big"), unb64(text, what="a share ciphertext"), _aad(p.round, u, self.client_id))
+            except SecAggError:
+                raise
+            except Exception as exc:  # cryptography's InvalidTag: forged, or not for us
+                raise SecAggError(f"the shares from client {u} do not decrypt (forged or misrouted)") from exc
+            if len(plain) != 2 * SHARE_BYTES:
+                raise SecAggError(f"the shares from client {u} have {len(plain)} bytes")
+            shares = (int.from_bytes(plain[:SHARE_BYTES], "big"), int.from_bytes(plain[SHARE_BYTES:], "big"))
+            if not all(s < PRIME for s in shares):
+                raise SecAggError(f"the shares from client {u} are outside the field")
+            self.held[u] = shares
+        self.senders = frozenset(self.held)
+        if len(self.senders) < p.threshold:
+            raise SecAggError(f"only {len(self.senders)} clients shared keys with this one; the threshold is "
+                              f"{p.threshold}")
+
+    def vector(self, delta: np.ndarray, weight: float, count: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """The quantised update (weight·clip(delta)/C, then the count) plus every mask: what is sent."""
+        p = self.params
+        if delta.shape != (p.length,):
+            raise ValueError(f"the delta has {delta.shape} coordinates, the round {p.length}")
+        rng = rng or np.random.default_rng(secrets.randbits(64))
+        scaled = np.clip(delta.astype(np.float64), -p.clip, p.clip) * (weight / p.clip)
+        masked = np.empty(p.length + 1, dtype=np.uint32)
+        masked[:-1] = quantize(scaled, p.bits, rng)
+        masked[-1] = count
+        masked += prg(self.self_seed, p.length + 1)
+        for v in sorted(self.senders - {self.client_id}):
+            mask = prg(mask_seed(self.s_private, self.peers[v][1], p.round, self.client_id, v), p.length + 1)
+            if self.client_id < v:
+                masked += mask
+            else:
+                masked -= mask
+        return masked
+
+    def reveal(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[str, dict[str, str]]:
+        """<SECAGG_UNMASK> in; the shares it asks for out, after every check an honest client makes."""
+        survivors, dropped = set(survivors), set(dropped)
+        if self.revealed:
+            raise SecAggError("the server asked this client to unmask round "
+                              f"{self.params.round} a second time; refused (one reveal a round)")
+        both = survivors & dropped
+        if both:
+            raise SecAggError(f"the server asked for both kinds of share of client {min(both)} (listed as survivor "
+                              f"and as dropped); refused")
+        if survivors | dropped != self.senders:
+            raise SecAggError("the server's survivors and dropped clients are not exactly the clients that shared "
+                              "keys with this one; refused")
+        if self.client_id not in survivors:
+            raise SecAggError("the server lists this client as dropped, yet asks it to unmask; refused")
+        if len(survivors) < self.params.threshold:
+            raise SecAggError(f"only {len(survivors)} survivors, below the threshold {self.params.threshold}: "
+                              f"revealing self-mask shares then could expose an update; refused")
+        self.revealed = True
+        enc = lambda value: b64(value.to_bytes(SHARE_BYTES, "big"))  # noqa: E731
+        return {"seed_shares": {str(u): enc(self.held[u][1]) for u in sorted(survivors)},
+                "key_shares": {str(u): enc(self.held[u][0]) for u in sorted(dropped)}}
+
+
+# --------------------------------------------------------------------------- the server's side
+
+
+class ServerRound:
+    """The server's view of one round: public keys, ciphertexts it relays, masked vectors it sums.
+    It never holds a client's unmasked update: only masked vectors, their sum, and finally Σ x_u."""
+
+    def __init__(self, params: Params):
+        self.params = params
+        self.keys: dict[int, tuple[str, str]] = {}  # U1
+        self.outbox: dict[int, dict[int, str]] = {}  # U2: u -> {v: ciphertext}
+        self.total = np.zeros(params.length + 1, dtype=np.uint32)
+        self.survivors: set[int] = set()  # U3
+
+    def take_keys(self, client_id: int, message: Mapping[str, Any]) -> None:
+        unb64(message["c_public"], KEY_BYTES, "c_public")
+        unb64(message["s_public"], KEY_BYTES, "s_public")
+        if client_id not in self.params.participants:
+            raise SecAggError(f"client {client_id} is not a participant of round {self.params.round}")
+        self.keys[client_id] = (message["c_public"], message["s_public"])
+
+    def peers(self) -> dict[str, list[str]]:
+        return {str(u): list(pair) for u, pair in sorted(self.keys.items())}
+
+    def take_shares(self, client_id: int, shares: Mapping[str, Any]) -> None:
+        wanted = {str(v) for v in self.keys if v != client_id}
+        if set(shares) != wanted:
+            raise SecAggError(f"<SECAGG_SHARES> from client {client_id} must hold one ciphertext for each other "
+                              f"client of <SECAGG_PEERS> ({len(wanted)}), not {len(shares)}")
+        for text in shares.values():
+            unb64(text, 2 * SHARE_BYTES + 16, "a share ciphertext")
+        self.outbox[client_id] = {int(v): text for v, text in shares.items()}
+
+    def routed(self, v: int) -> dict[str, str]:
+        """What client v is sent: the ciphertext every other member of U2 addressed to it."""
+        return {str(u): box[v] for u, box in sorted(self.outbox.items()) if u != v}
+
+    @property
+    def sharers(self) -> list[int]:
+        return sorted(self.outbox)
+
+    def add(self, client_id: int, masked: np.ndarray) -> None:
+        if client_id not in self.outbox or client_id in self.survivors:
+            raise SecAggError(f"a masked update from client {client_id}, which is not expected in this round")
+        if masked.dtype != np.uint32 or masked.shape != (self.params.length + 1,):
+            raise SecAggError(f"the masked update has {masked.shape} {masked.dtype} words, not "
+                              f"({self.params.length + 1},) uint32")
+        self.total += masked
+        self.survivors.add(client_id)
+
+    def unmask(self, reveals: Mapping[int, Mapping[str, Any]]) -> tuple[np.ndarray, int]:
+        """The sum of the survivors' quantised updates (dequantised, weighted) and of their counts, from
+        the reveals of at least t survivors."""
+        p = self.params
+        dropped = set(self.outbox) - self.survivors
+        if len(reveals) < p.threshold:
+            raise SecAggError(f"{len(reveals)} survivors revealed their shares; {p.threshold} are needed")
+        holders = sorted(reveals)[:p.threshold]
+        coefficients = lagrange_at_zero(holders)
+
+        def rebuild(kind: str, u: int) -> bytes:
+            shares = {}
+            for v in holders:
+                shares[v] = int.from_bytes(unb64(reveals[v][kind].get(str(u)), SHARE_BYTES, "a share"), "big")
+            value = combine(shares, coefficients)
+            if value >= 2 ** (8 * KEY_BYTES):
+                raise SecAggError(f"the shares of client {u}'s {kind} do not combine to a 32-byte secret")
+            return value.to_bytes(KEY_BYTES, "big")
+
+        for v in holders:
+            if set(reveals[v]["seed_shares"]) != {str(u) for u in self.survivors} or \
+                    set(reveals[v]["key_shares"]) != {str(u) for u in dropped}:
+                raise SecAggError(f"client {v}'s reveal does not hold exactly the shares asked for")
+        total = self.total.copy()
+        for u in self.survivors:
+            total -= prg(rebuild("seed_shares", u), p.length + 1)
+        for u in dropped:  # its pairwise masks with the survivors did not cancel: take them out
+            s_private = rebuild("key_shares", u)
+            for v in self.survivors:
+                mask = prg(mask_seed(s_private, unb64(self.keys[v][1], KEY_BYTES), p.round, u, v), p.length + 1)
+                if v < u:  # v added +PRG(s_vu)
+                    total -= mask
+                else:
+                    total += mask
+        weighted = dequantize_sum(total[:-1], p.bits) * p.clip
+        return weighted, int(total[-1])
+
+
+# --------------------------------------------------------------------------- a client across rounds
+
+MASKED = "secagg/masked"  # the one tensor of a masked <UPDATE>: uint32, the model's coordinates + 1
+
+
+def flat_delta(start: Mapping[str, Any], trained: Mapping[str, Any]) -> np.ndarray:
+    """trained − start over every tensor, in layout order, as one float64 vector."""
+    return np.concatenate([(trained[n].detach().cpu().double() - start[n].detach().cpu().double()).reshape(-1).numpy()
+                           for n in start])
+
+
+def model_length(tensors: Mapping[str, Any]) -> int:
+    return sum(t.numel() for t in tensors.values())
+
+
+def masked_layout(length: int) -> dict[str, Any]:
+    """The weights layout of a masked update (see the protocol section)."""
+    return {"byte_order": "little", "nbytes": -(-4 * (length + 1) // 64) * 64,
+            "tensors": [{"name": MASKED, "dtype": "uint32", "shape": [length + 1], "offset": 0, "nbytes": 4 * (length + 1)}]}
+
+
+class ClientSession:
+    """What a client does for secure aggregation, message by message (fl_client.py, a simulation's
+    virtual client and the tests' fakes all use it): each answer is (header, fields) or None."""
+
+    def __init__(self, client_id: int, length: int):
+        self.client_id, self.length = client_id, length
+        self.current: ClientRound | None = None
+        self.weighted = True
+
+    def _round(self, number: Any) -> ClientRound:
+        if self.current is None or self.current.params.round != number:
+            raise SecAggError(f"a secure-aggregation message for round {number}, but no setup of that round came")
+        return self.current
+
+    def answer(self, message: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+        header, number = message["header"], message["round"]
+        if header == "<SECAGG_SETUP>":
+            self.current = ClientRound(self.client_id, Params.from_json(message, self.client_id, self.length))
+            self.weighted = message["weighted"]
+            return "<SECAGG_KEYS>", {"round": number, **self.current.advertise()}
+        if header == "<SECAGG_PEERS>":
+            return "<SECAGG_SHARES>", {"round": number, "shares": self._round(number).share(message["keys"])}
+        if header == "<SECAGG_ROUTED>":
+            self._round(number).receive(message["shares"])
+            return None
+        if header == "<SECAGG_UNMASK>":
+            return "<SECAGG_REVEAL>", {"round": number, **self._round(number).reveal(message["survivors"],
+                                                                                     message["dropped"])}
+        raise SecAggError(f"{header} is not a secure-aggregation message")
+
+    def masked_update(self, number: int, start: Mapping[str, Any], trained: Mapping[str, Any],
+                      num_examples: int) -> np.ndarray:
+        """This round's update as it is sent: the delta, weighted, quantised and masked."""
+        current = self._round(number)
+        if not current.senders:
+            raise SecAggError(f"round {number}'s model came before the shares of its secure aggregation")
+        if self.weighted and num_examples > current.params.weight_bound:
+            raise SecAggError(f"this client trains on {num_examples} examples, more than the round's weight bound "
+                              f"{current.params.weight_bound}")
+        weight, count = (num_examples / current.params.weight_bound, num_examples) if self.weighted else (1.0, 1)
+        return current.vector(flat_delta(start, trained), weight, count)
+
+
+# --------------------------------------------------------------------------- the server across rounds
+
+
+@dataclass
+class Settings:
+    threshold_fraction: float = 2 / 3
+    clip: float = 10.0
+    weight_bound: int = 60000  # W: the most examples a client of this run may hold
+    weighted: bool = True  # False with DP: every client weighted 1
+    noise_std: float = 0.0  # central DP: the server's noise on the unmasked sum (std per coordinate)
+    client_noise_std: float = 0.0  # DP: the noise each client adds (its share, in distributed mode)
+    stage_timeout_s: float = 60.0
+
+
+class SecureAggregation:
+    """The server's secure aggregation, driven by the round engine: `setup` before the model goes out
+    (keys and shares, through the client proxies), `add` as each masked update arrives, `finish`
+    after the round closes (the unmasking). Drops at any stage leave the round to go on while at least
+    t clients remain; `notes` says who dropped and why, for the engine to report."""
+
+    def __init__(self, settings: Settings, template: Mapping[str, Any]):
+        self.settings = settings
+        self.names = list(template)
+        self.shapes = {n: tuple(t.shape) for n, t in template.items()}
+        self.length = model_length(template)
+        self.server: ServerRound | None = None
+        self.proxies: dict[int, Any] = {}
+        self.notes: list[tuple[int, str]] = []
+
+    def threshold(self, clients: int) -> int:
+        return default_threshold(clients, self.settings.threshold_fraction)
+
+    async def _ask(self, proxies: Mapping[int, Any], header: str, fields, reply: str | None) -> dict[int, Any]:
+        """Send each proxy its message; the replies that came, by client id (drops are noted)."""
+        import asyncio
+
+        async def one(client_id: int, proxy):
+            return await asyncio.wait_for(proxy.secagg(header, fields(client_id), reply), self.settings.stage_timeout_s)
+
+        ids = list(proxies)
+        answers = await asyncio.gather(*(one(i, proxies[i]) for i in ids), return_exceptions=True)
+        out = {}
+        for client_id, answer in zip(ids, answers):
+            if isinstance(answer, BaseException):
+                reason = ("no answer within " f"{self.settings.stage_timeout_s:g} s" if isinstance(answer, asyncio.TimeoutError)
+                          else str(answer) or type(answer).__name__)
+                self.notes.append((client_id, f"secure aggregation, {header}: {reason}"))
+            else:
+                out[client_id] = answer
+        return out
+
+    async def setup(self, number: int, proxies: Mapping[int, Any]) -> list[int]:
+        """Keys and shares among the sampled clients; the ids that may send masked updates (U2), or []
+        when fewer than the threshold got that far."""
+        s = self.settings
+        self.notes = []
+        n = len(proxies)
+        t = self.threshold(n)
+        params = Params(number, tuple(sorted(proxies)), t, bits_for(n), s.clip, s.weight_bound if s.weighted else 1,
+                        self.length)
+        self.server = server = ServerRound(params)
+        self.proxies = dict(proxies)
+        setup = {**params.to_json(), "weighted": s.weighted}
+        keys = await self._ask(proxies, "<SECAGG_SETUP>", lambda _: setup, "<SECAGG_KEYS>")
+        for client_id, message in keys.items():
+            self._take(client_id, lambda: server.take_keys(client_id, message))
+        if len(server.keys) < t:
+            return []
+        peers = {"round": number, "keys": server.peers()}
+        shares = await self._ask({i: proxies[i] for i in server.keys}, "<SECAGG_PEERS>", lambda _: peers,
+                                 "<SECAGG_SHARES>")
+        for client_id, message in shares.items():
+            self._take(client_id, lambda: server.take_shares(client_id, message["shares"]))
+        if len(server.outbox) < t:
+            return []
+        await self._ask({i: proxies[i] for i in server.sharers}, "<SECAGG_ROUTED>",
+                        lambda v: {"round": number, "shares": server.routed(v)}, None)
+        return server.sharers
+
+    def _take(self, client_id: int, action) -> None:
+        try:
+            action()
+        except (SecAggError, KeyError, TypeError) as exc:
+            self.notes.append((client_id, f"secure aggregation: {exc}"))
+            self.proxies.pop(client_id, None)
+
+    def add(self, client_id: int, tensors: Mapping[str, Any]) -> None:
+        masked = tensors[MASKED]
+        self.server.add(client_id, masked.numpy() if hasattr(masked, "numpy") else np.asarray(masked))
+
+    async def finish(self, current: Mapping[str, Any], denominator: float, generator=None) -> dict[str, Any] | str:
+        """Unmask the round: the new aggregate (current weights + the mean delta), or why it failed."""
+        import torch
+
+        server = self.server
+        survivors = sorted(server.survivors)
+        dropped = sorted(set(server.outbox) - server.survivors)
+        if len(survivors) < server.params.threshold:
+            return f"{len(survivors)} masked updates, below the threshold {server.params.threshold}"
+        ask = {"round": server.params.round, "survivors": survivors, "dropped": dropped}
+        reveals = await self._ask({i: self.proxies[i] for i in survivors if i in self.proxies}, "<SECAGG_UNMASK>",
+                                  lambda _: ask, "<SECAGG_REVEAL>")
+        try:
+            weighted, total = server.unmask(reveals)
+        except (SecAggError, KeyError, TypeError, AttributeError) as exc:
+            return f"unmasking failed: {exc}"
+        if self.settings.weighted:
+            mean = weighted * (server.params.weight_bound / max(total, 1))
+        else:
+            if self.settings.noise_std > 0:  # central DP: the noise goes on the sum, here
+                noise = torch.normal(0.0, self.settings.noise_std, size=(len(weighted),), generator=generator,
+                                     dtype=torch.float64).numpy()
+                weighted = weighted + noise
+            mean = weighted / denominator
+        out, offset = {}, 0
+        for name in self.names:
+            base = current[name]
+            count = base.numel()
+            step = torch.from_numpy(mean[offset:offset + count].reshape(self.shapes[name]))
+            out[name] = (base.double() + step).to(base.dtype)
+            offset += count
+        return out
