@@ -28,7 +28,6 @@ import asyncio
 import json
 import sys
 import threading
-import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ import neural_net_helper as nnh
 from fedsock import config as settings
 from fedsock.clients import ClientPool, Dropped, FitIns, FitRes
 from fedsock.compression import compress_update, decoded_update, scratch_for
+from fedsock.secagg import MASKED, ClientSession
 from fedsock.config import ServerConfig, setting
 from fedsock.console import ArgumentParser, HelpFormatter, UsageError, run_main, say
 from fedsock.events import Console, Events
@@ -316,9 +316,12 @@ class Faults:
 class VirtualClient:
     """A ClientProxy that trains on the backend: an id and a count; its data stays in SharedData."""
 
-    def __init__(self, client_id: int, num_examples: int, backend, faults: Faults, codec: "UpdateCodec | None" = None):
+    def __init__(self, client_id: int, num_examples: int, backend, faults: Faults, codec: "UpdateCodec | None" = None,
+                 secure_length: int | None = None):
         self.client_id, self.num_examples, self.backend, self.faults = client_id, num_examples, backend, faults
         self.codec = codec
+        # secure aggregation: this client's side of it, exactly as fl_client.py runs it
+        self.session = ClientSession(client_id, secure_length) if secure_length is not None else None
         self.residual: dict[str, torch.Tensor] = {}  # topk's error feedback, as a real client keeps it
 
     async def fit(self, ins: FitIns) -> FitRes:
@@ -330,7 +333,14 @@ class VirtualClient:
         tensors, metrics = await self.backend.fit(self.client_id, ins)
         if self.codec is not None:
             tensors = self.codec.round_trip(ins.model, tensors, self.client_id, ins.round, self.residual)
+        if self.session is not None:
+            masked = self.session.masked_update(ins.round, ins.model.tensors, tensors, self.num_examples)
+            tensors = {MASKED: torch.from_numpy(masked)}
         return FitRes(self.client_id, ins.round, self.num_examples, tensors, metrics)
+
+    async def secagg(self, header: str, fields: dict, reply: str | None) -> dict | None:
+        answer = self.session.answer({"header": header, **fields})
+        return None if answer is None else {"header": answer[0], **answer[1]}
 
     def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
         pass
@@ -374,7 +384,8 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
     if config.compression != "none":
         codec = UpdateCodec(fl_server.compression_of(config), setup.model.tensors, config.seed)
     for client_id in range(1, config.num_clients + 1):
-        client = VirtualClient(client_id, data.num_examples(client_id), backend, faults, codec)
+        client = VirtualClient(client_id, data.num_examples(client_id), backend, faults, codec,
+                               setup.secure.length if setup.secure is not None else None)
         pool.joined(client)
         pool.add(client)
     engine = fl_server.RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),
