@@ -443,7 +443,7 @@ class LocalTrainer:
             if "broadcast_params" in message:
                 raise BadMessage("broadcast_params with a model that is not compressed")
             return tensors
-        params = self.compress.check_params(kind, message.get("broadcast_params"), self.layout)
+        params = self.compress.check_params(kind, message.get("broadcast_params"), self.layout, "broadcast_params")
         return self.compress.decode_broadcast(kind, tensors, params, self.nnh.get_weights(self.model))
 
     def secure_aggregation(self, message: dict[str, Any]) -> tuple[str, dict] | None:

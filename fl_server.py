@@ -361,6 +361,7 @@ class RoundEngine:
         if self.secure is None:
             return round_.aggregator.result()
         result = await self.secure.finish(self.model.tensors, max(round_.planned, 1e-12))
+        round_.seconds = time.perf_counter() - round_.started  # the unmasking is part of the round
         self.note_secure_drops(round_)
         if isinstance(result, str):
             self.events.notice(f"round {round_.number}: secure aggregation failed: {result}", warning=True)
@@ -397,6 +398,8 @@ class RoundEngine:
         round_.planned = self.strategy.planned(len(picked), len(idle))
         settings = {"local_epochs": self.config.local_epochs, "batch_size": self.config.batch_size,
                     "lr": self.config.lr, **self.strategy.fit_settings()}
+        round_.started = time.perf_counter()  # a secure round's time and bytes include its key and share stages
+        round_.traffic_at_start = (self.traffic.sent, self.traffic.received)
         if self.secure is not None:  # keys and shares first, among the picked; then the model to those still here
             threshold = self.secure.threshold(len(picked))
             picked = await self.secure.setup(number, {i: pool.members[i] for i in picked})
@@ -410,8 +413,6 @@ class RoundEngine:
         else:
             round_.aggregator = self.strategy.aggregator(self.model.tensors, round_.planned)
         round_.expected = set(picked) | set(carried())
-        round_.started = time.perf_counter()
-        round_.traffic_at_start = (self.traffic.sent, self.traffic.received)
         self.current = round_
         instructions = FitIns(number, self.model, settings, evaluate=self.federated_evaluation)
         for client_id in picked:

@@ -455,7 +455,7 @@ class FrameReader:
 
     def _eof_error(self) -> ProtocolError:
         if self._in_header and self._filled == 0:
-            return ConnectionClosed("the peer closed the connection")
+            return ConnectionClosed("connection closed")
         part = "header" if self._in_header else "payload"
         if self._sink is not None and not self._in_header:
             received = self._limit - self._remaining + self._filled

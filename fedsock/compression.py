@@ -56,7 +56,7 @@ class Compression:
     @classmethod
     def from_json(cls, value: Any) -> "Compression":
         """Checked: what a server announced (a client refuses what it does not know)."""
-        if not isinstance(value, dict) or set(value) != {"kind", "topk_fraction", "broadcast"}:
+        if not isinstance(value, dict) or not {"kind", "topk_fraction", "broadcast"} <= set(value):
             raise BadMessage("<METADATA> compression must be {kind, topk_fraction, broadcast}")
         kind, fraction, broadcast = value["kind"], value["topk_fraction"], value["broadcast"]
         if kind not in KINDS or broadcast not in BROADCAST_KINDS:
@@ -67,12 +67,21 @@ class Compression:
         return cls(kind, float(fraction), broadcast)
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def is_compressed(entry: Mapping[str, Any]) -> bool:
+    """Whether a layout entry is encoded: float32 and float64 tensors are; every other one goes as it is."""
     return entry["dtype"] in ("float32", "float64")
 
 
+def compressible(tensor: torch.Tensor) -> bool:
+    """The same rule for a tensor."""
+    return tensor.dtype in (torch.float32, torch.float64)
+
+
 def topk_count(numel: int, fraction: float) -> int:
-    return max(1, math.ceil(fraction * numel))
+    return max(1, math.ceil(fraction * numel)) if numel else 0
 
 
 def _entries(parts: list[tuple[str, str, list[int]]]) -> dict[str, Any]:
@@ -110,7 +119,7 @@ def compress_update(base: Mapping[str, torch.Tensor], trained: Mapping[str, torc
                     residual: dict[str, torch.Tensor] | None,
                     generator: torch.Generator | None) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
     """What a client sends for its trained weights: the delta from the model it got, compressed."""
-    delta = {name: (t.detach().cpu() - base[name]) if t.is_floating_point() else t.detach().cpu()
+    delta = {name: (t.detach().cpu() - base[name]) if compressible(t) else t.detach().cpu()
              for name, t in trained.items()}
     return encode(delta, compression.kind, compression.topk_fraction, residual, generator)
 
@@ -122,7 +131,7 @@ def encode(delta: Mapping[str, torch.Tensor], kind: str, fraction: float = 0.01,
     client's error feedback, changed in place) is added first and keeps what was not sent."""
     out, params = {}, {}
     for name, d in delta.items():
-        if not d.is_floating_point():
+        if not compressible(d):
             out[name] = d
             continue
         if kind == "fp16":
@@ -160,7 +169,7 @@ def encode_weights_for_broadcast(weights: Mapping[str, torch.Tensor], kind: str
     what each client decodes from it (the base its delta is from)."""
     out, params, seen = {}, {}, {}
     for name, w in weights.items():
-        if not w.is_floating_point():
+        if not compressible(w):
             out[name], seen[name] = w, w
         elif kind == "fp16":
             out[name] = w.to(torch.float16)
@@ -178,22 +187,26 @@ def encode_weights_for_broadcast(weights: Mapping[str, torch.Tensor], kind: str
 # --------------------------------------------------------------------------- decoding, checked
 
 
-def check_params(kind: str, params: Any, layout: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
-    """int8's [scale, lo] per compressed tensor, checked: finite, scale >= 0, every tensor there."""
+def check_params(kind: str, params: Any, layout: Mapping[str, Any],
+                 field: str = "compression_params") -> dict[str, tuple[float, float]]:
+    """int8's [scale, lo] per compressed tensor, checked: every tensor there, the scale >= 0, and each
+    decoded value lo + q·scale (q in 0..255) finite in float32, where it is computed. `field` names
+    where they came from: an <UPDATE>'s compression_params or a model's broadcast_params."""
+    what = "update" if field == "compression_params" else "model"
     if kind != "int8":
         if params is not None:
-            raise BadWeights(f"compression_params are for int8 updates; this run's updates are {kind}")
+            raise BadWeights(f"{field} are for int8 {what}s; this run's {what}s are {kind}")
         return {}
     names = [e["name"] for e in layout["tensors"] if is_compressed(e)]
     if not isinstance(params, dict) or set(params) != set(names):
-        raise BadWeights("an int8 update must give [scale, lo] for every float tensor, and nothing else")
+        raise BadWeights(f"an int8 {what} must give [scale, lo] for every float tensor, and nothing else")
     checked = {}
     for name, value in params.items():
         if (not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, (int, float)) and
                                                                       not isinstance(v, bool) for v in value)):
             raise BadWeights(f"tensor {name!r}: int8 params must be [scale, lo]")
         scale, lo = map(float, value)
-        if not (math.isfinite(scale) and math.isfinite(lo) and math.isfinite(lo + INT8_STEPS * scale)) or scale < 0:
+        if not (abs(lo) + INT8_STEPS * abs(scale) <= FLOAT32_MAX) or scale < 0:  # NaN fails the first
             raise BadWeights(f"tensor {name!r}: int8 scale {scale!r} and lo {lo!r} must be finite, the scale >= 0")
         checked[name] = (scale, lo)
     return checked
@@ -216,7 +229,7 @@ class Decoded(Mapping):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         base, out = self.base[name], self.scratch[name]
-        if not base.is_floating_point():
+        if not compressible(base):
             return self.received[name]
         if self.kind == "fp16":
             torch.add(base, self.received[name], out=out)
@@ -236,7 +249,7 @@ def check_received(kind: str, received: Mapping[str, torch.Tensor], base: Mappin
     if kind != "topk":
         return
     for name, tensor in base.items():
-        if not tensor.is_floating_point():
+        if not compressible(tensor):
             continue
         indices = received[f"{name}/indices"].long()
         if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= tensor.numel()):
@@ -255,7 +268,7 @@ def decode_broadcast(kind: str, received: Mapping[str, torch.Tensor], params: Ma
     out = {}
     for name, t in template.items():
         value = received[name]
-        if not t.is_floating_point():
+        if not compressible(t):
             out[name] = value
         elif kind == "fp16":
             out[name] = value.to(t.dtype)

@@ -180,16 +180,24 @@ def _aad(round_number: int, sender: int, receiver: int) -> bytes:
 # --------------------------------------------------------------------------- quantisation
 
 
+# The most clients in one secure round: <SECAGG_PEERS>, <SECAGG_SHARES> and <SECAGG_ROUTED> carry about
+# 210 bytes per client, and a control message is at most 1 MiB (socket_methods.MAX_CONTROL_BYTES).
+MAX_CLIENTS = 4000
+
+
 def bits_for(clients: int) -> int:
     """Fractional bits such that the sum of `clients` values in [-2^b, 2^b] fits in int32."""
     return int(math.floor(math.log2((2**31 - 1) / max(clients, 1))))
 
 
 def check_sizes(clients: int, weight_bound: int) -> None:
-    """Refuse settings whose sums could overflow 32 bits (ValueError, one sentence)."""
-    if bits_for(clients) < MIN_BITS:
-        raise ValueError(f"secure aggregation of {clients} clients a round would leave {bits_for(clients)} bits per "
-                         f"coordinate (at least {MIN_BITS} needed): sample fewer clients per round")
+    """Refuse settings whose share messages would not fit in a control message, or whose example
+    counts could overflow 32 bits (ValueError, one sentence)."""
+    if clients > MAX_CLIENTS:
+        raise ValueError(f"secure aggregation of {clients} clients a round: its key and share messages (about 210 "
+                         f"bytes per client) would pass the 1 MiB limit of a control message; at most {MAX_CLIENTS} "
+                         f"a round (sample fewer with --clients-per-round)")
+    assert bits_for(MAX_CLIENTS) >= MIN_BITS  # so a round of at most MAX_CLIENTS keeps enough precision
     if clients * weight_bound >= 2**32:
         raise ValueError(f"{clients} clients of up to {weight_bound} examples each could sum past 2^32 in the "
                          f"masked example count: lower --max-client-examples or the clients per round")
@@ -280,7 +288,7 @@ class ClientRound:
         p = self.params
         peers = {}
         for key, pair in keys.items():
-            if not key.isdigit() or int(key) not in p.participants or not isinstance(pair, list) or len(pair) != 2:
+            if not (key.isascii() and key.isdigit()) or int(key) not in p.participants or not isinstance(pair, list) or len(pair) != 2:
                 raise SecAggError(f"<SECAGG_PEERS> entry {key[:20]!r} is not a participant's [c_public, s_public]")
             peers[int(key)] = (unb64(pair[0], KEY_BYTES, "c_public"), unb64(pair[1], KEY_BYTES, "s_public"))
         if self.client_id not in peers or len(peers) < p.threshold:
@@ -306,7 +314,7 @@ class ClientRound:
         """<SECAGG_ROUTED>: the shares addressed to this client, from each u in U2."""
         p = self.params
         for key, text in routed.items():
-            u = int(key) if key.isdigit() else -1
+            u = int(key) if key.isascii() and key.isdigit() else -1
             if u not in self.peers or u == self.client_id:
                 raise SecAggError(f"<SECAGG_ROUTED> has shares from {key[:20]!r}, not a peer")
             try:

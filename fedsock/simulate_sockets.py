@@ -17,8 +17,11 @@ import subprocess
 import sys
 import threading
 
+import torch
+
 from fedsock.clients import FitIns, GlobalModel
 from fedsock.console import FedsockError, UsageError, say
+from fedsock.secagg import FEATURE, MASKED, ClientSession
 from fedsock.transport import AsyncConnection, Traffic, tune_socket
 from socket_methods import (
     PROTOCOL_VERSION,
@@ -32,6 +35,7 @@ from socket_methods import (
 
 WHO = "simulation"
 SERVER_START_TIMEOUT_S = 300
+SECAGG = {"<SECAGG_SETUP>", "<SECAGG_PEERS>", "<SECAGG_ROUTED>", "<SECAGG_UNMASK>"}
 # Flags of fl_simulate.py that are the simulation's own, not the server's.
 SIMULATION_FLAGS = ("--backend", "--workers", "--ray-address", "--client-cpus", "--client-gpus", "--transport",
                     "--drop-rate", "--straggler-rate", "--straggler-delay")
@@ -68,27 +72,38 @@ class SocketClient:
         _, conn = await loop.create_connection(lambda: AsyncConnection(Traffic()), sock=sock)
         try:
             await conn.send([encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=self.client_id,
-                                            features=[])])
+                                            features=[FEATURE])])
             meta = await self.next(conn, {"<METADATA>"})
+            session = None  # secure aggregation: the client's side of it, as fl_client.py runs it
             indices = decode_bitmap(meta["partition_bitmap"], meta["train_size"])
             self.data.set_share(self.client_id, indices, meta["seed"])
             await conn.send([encode_message("<READY>", num_examples=self.data.num_examples(self.client_id),
                                             test_examples=len(self.data.shares[self.client_id][1]))])
             received, layout = None, None
             while True:
-                message = await self.next(conn, {"<MODEL>", "<SUCCESS>", "<WAITING>", "<FINISHED>"})
+                message = await self.next(conn, {"<MODEL>", "<SUCCESS>", "<WAITING>", "<FINISHED>", *SECAGG})
                 if message["header"] == "<FINISHED>":
                     return
+                if message["header"] in SECAGG:
+                    answer = session.answer(message)
+                    if answer is not None:
+                        await conn.send([encode_message(answer[0], **answer[1])])
+                    continue
                 if message["header"] != "<MODEL>":
                     continue
                 if received is None:  # the first model: its layout is this run's
                     layout = message["weights"]
                     received = WeightsBuffer(layout)
+                    if meta["secure_aggregation"]:
+                        session = ClientSession(self.client_id, sum(t.numel() for t in received.tensors.values()))
                 check_layout(message["weights"], layout)
                 await conn.recv_blob(received.buffer)
                 settings = {k: message[k] for k in ("local_epochs", "batch_size", "lr", "proximal_mu")}
                 model = GlobalModel(received.tensors, message["weights"], received.buffer)
                 tensors, metrics = await self.backend.fit(self.client_id, FitIns(message["round"], model, settings))
+                if session is not None:  # weighted, quantised and masked: all the server sees of it
+                    tensors = {MASKED: torch.from_numpy(session.masked_update(
+                        message["round"], received.tensors, tensors, self.data.num_examples(self.client_id)))}
                 update_layout, blob = encode_weights(tensors)
                 await conn.send(frame_weights("<UPDATE>", blob, round=message["round"], client_id=self.client_id,
                                               num_examples=self.data.num_examples(self.client_id),

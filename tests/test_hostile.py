@@ -406,7 +406,7 @@ AFTER_JOINING = [
                                                 alpha=0.5, seed=0, model="logreg", num_rounds=1, round_timeout_s=1.0,
                                                 heartbeat_s=1.0, next_round=1, train_size=60000, partition_bitmap="",
                                                 required_features=[], task={}, federated_evaluation=False,
-                                                compression={}),
+                                                compression={}, secure_aggregation=False),
      r"unexpected <METADATA> from a joined client"),
     ("<SUCCESS> from a client", encode_message("<SUCCESS>", round=1, accepted=True, message="x"), r"unexpected <SUCCESS> from a joined client"),
     ("<UPDATE> for a round never sent", encode_message("<UPDATE>", **{**UPDATE_FIELDS, "round": 10**6}),

@@ -10,6 +10,7 @@ condition comes from bench/network.py. Without permission to make namespaces (no
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -96,14 +97,17 @@ def test_a_federation_across_impaired_links_finishes(hosts, deployment, tmp_path
     no_traceback(server, *clients)
     sent, lost = h.lab.stats()["c1"]
     if impairment.get("loss"):  # the switch really lost what it was told to, and TCP made up for it
-        assert lost / sent == pytest.approx(impairment["loss"], abs=0.6 * impairment["loss"]), (sent, lost)
+        p = impairment["loss"]  # binomial: within 4 standard deviations of p·sent (and not nothing)
+        assert 0 < lost and abs(lost - p * sent) <= 4 * math.sqrt(sent * p * (1 - p)) + 1, (sent, lost)
 
 
 def test_a_ten_second_partition_in_the_middle_of_a_round_is_ridden_out(hosts, deployment, tmp_path):
     h = hosts()
     server, port = h.server(deployment, *FED, output_dir=tmp_path / "run")
     clients = [h.client(deployment, 1, port), h.client(deployment, 2, port, "--quiet")]
-    clients[0].wait_for(r"round 2: trained", timeout=120)  # its round-2 update is about to go out
+    # Round 1's line comes just before round 2's model goes out, and client 1 needs longer than it takes us
+    # to react to train on it: the partition holds round 2's model or its update, whichever is crossing.
+    server.wait_for(r"round 1/\d+ ", timeout=120)
     h.lab.impair("c1", hold=True)
     time.sleep(10)  # the partition itself: what is under test, not a synchronisation
     h.lab.impair("c1", hold=False)

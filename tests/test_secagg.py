@@ -88,11 +88,12 @@ def test_the_bits_rule_keeps_any_sum_inside_32_bits():
 
 
 def test_settings_that_could_overflow_are_refused():
-    with pytest.raises(ValueError, match="of 600000 clients a round would leave 11 bits per coordinate"):
-        sa.check_sizes(600_000, 1)
-    sa.check_sizes(500_000, 1)  # 12 bits: allowed
+    with pytest.raises(ValueError, match="of 4001 clients a round: its key and share messages"):
+        sa.check_sizes(4001, 1)
+    sa.check_sizes(4000, 1)  # 19 bits a coordinate, share messages of about 840 KB: allowed
+    assert sa.bits_for(4000) == 19
     with pytest.raises(ValueError, match="could sum past 2\\^32 in the masked example count"):
-        sa.check_sizes(5000, 10**6)
+        sa.check_sizes(4000, 2**21)
     sa.check_sizes(1000, 60000)
 
 
@@ -388,3 +389,26 @@ def test_secure_aggregation_needs_three_clients_a_round():
     template = {"w": torch.zeros(2)}
     engine, _ = secure_engine([SecureFake(1, 1.0, 10, 2), SecureFake(2, 1.0, 10, 2)], template)
     assert engine.needed == 3
+
+
+def test_the_server_side_gets_only_masked_words_from_each_client():
+    """Everything of a client's update that reaches the server's code: one uint32 vector in which nothing
+    of the update shows. The clients' plaintext here is as structured as an update can be (every
+    coordinate of the delta the same, so its quantised words take at most two values, and the count
+    in the clear is the client's example count); what arrives has almost every word distinct, and a
+    last word that is not the count."""
+    template = {"w": torch.zeros(1000)}
+    clients = [SecureFake(i, 0.5 * i, 10 * i, 1000) for i in range(1, 5)]
+    engine, _ = secure_engine(clients, template, num_rounds=1)
+    seen = []
+    add = engine.secure.add
+    engine.secure.add = lambda client_id, tensors: (seen.append((client_id, dict(tensors))), add(client_id, tensors))
+    assert run(engine) == ExitStatus.OK
+    assert sorted(c for c, _ in seen) == [1, 2, 3, 4]
+    for client_id, tensors in seen:
+        assert list(tensors) == [sa.MASKED] and tensors[sa.MASKED].dtype == torch.uint32
+        words = tensors[sa.MASKED].numpy()
+        assert len(np.unique(words[:-1])) > 990  # 1,000 uniform 32-bit words: a repeat is a 1-in-10^4 event
+        assert int(words[-1]) != 10 * client_id
+    assert engine.model.tensors["w"][0].item() == pytest.approx(sum(0.5 * i * 10 * i for i in range(1, 5))
+                                                                 / sum(10 * i for i in range(1, 5)), abs=1e-4)

@@ -200,7 +200,7 @@ def sample_tensors():
         elif dtype.is_floating_point:
             tensors[f"t{i}.{dtype}"] = torch.randn(shape).to(dtype)
         else:
-            tensors[f"t{i}.{dtype}"] = torch.randint(-100 if dtype != torch.uint8 else 0, 100, shape, dtype=dtype)
+            tensors[f"t{i}.{dtype}"] = torch.randint(0 if dtype in (torch.uint8, torch.uint32) else -100, 100, shape, dtype=dtype)
     tensors["scalar"] = torch.tensor(2.5)
     tensors["empty"] = torch.zeros(0, 4)
     return tensors
