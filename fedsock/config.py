@@ -125,7 +125,7 @@ class ServerConfig:
     proximal_mu: float = setting(0.01, "fedprox: mu of the proximal term (mu/2)·‖w − w_global‖² in each client's loss",
                                  group=STRATEGY, type=non_negative_float, metavar="MU")
     server_lr: float | None = setting(None, "fedavgm/fedadam/fedyogi/fedadagrad: the server's learning rate "
-                                            "(default: 1 for fedavgm, 0.01 for fedadam and fedyogi, 0.1 for fedadagrad)",
+                                            "(default: 1 for fedavgm, 0.03 for fedadam and fedyogi, 0.1 for fedadagrad)",
                                       group=STRATEGY, type=positive_float, metavar="ETA")
     server_momentum: float = setting(0.7, "fedavgm: momentum of the server's update", group=STRATEGY,
                                      type=number(float, 0, 1), metavar="BETA")

@@ -267,7 +267,7 @@ STRATEGIES = {
 }
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
 # The server's learning rate when --server-lr is not given (tuned on bench/strategies.py: see the README).
-DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1}
+DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.03, "fedyogi": 0.03, "fedadagrad": 0.1}
 ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")
 
 
