@@ -125,14 +125,7 @@ def parse_config(argv: list[str] | None) -> tuple[ServerConfig, Checkpoint | Non
         if config.initial_model:
             parser.error("--initial-model and --resume do not go together: a resumed run continues its own model")
         checkpoint = read_checkpoint(config.resume)
-        saved = settings.from_dict(ServerConfig, checkpoint.config)
-        for name in config.fixed_on_resume:
-            if name in given and given[name] != getattr(saved, name):
-                raise UsageError(f"--{name.replace('_', '-')} cannot change on --resume (the run used {getattr(saved, name)!r})")
-        merged = {**asdict(saved), **{k: v for k, v in given.items() if k in args}, "resume": config.resume}
-        if "output_dir" not in given:
-            merged["output_dir"] = str(Path(config.resume).resolve().parent)
-        config = ServerConfig(**merged)
+        config = settings.resumed(config, checkpoint.config, given, args)
     check_config(config, given, parser)
     return config, checkpoint
 

@@ -83,7 +83,7 @@ LINK_FED = ["--model", "mlp", "--num-clients", "2", "--num-rounds", "3", "--time
 
 def partition(lab: NetLab, seconds: float):
     def act(server, clients):
-        clients[0].wait_for(r"round 2: trained", timeout=300)
+        server.wait_for(r"round 1/\d+ ", timeout=300)  # round 2's model goes out now: hold it or its update
         lab.impair("c1", hold=True)
         time.sleep(seconds)  # the partition itself
         lab.impair("c1", hold=False)

@@ -89,9 +89,12 @@ def key_traffic(clients: int) -> float:
     return clients * 1024 * 2
 
 
-def run(quick: bool = False) -> list[Row]:
+def run(quick: bool = False, only: list[int] | None = None) -> list[Row]:
     plan = [(5, "processes"), (10, "processes"), (50, "simulated")] if not quick else [(5, "processes")]
-    results, rows = [], []
+    plan = [(n, how) for n, how in plan if not only or n in only]
+    out = BENCH / "results" / "secagg.json"
+    kept = json.loads(out.read_text()) if only and out.exists() else []  # the other rows, from an earlier run
+    results, rows = [r for r in kept if r["clients"] not in only] if only else [], []
     with tempfile.TemporaryDirectory(prefix="fedsock-secagg-") as tmp:
         for clients, how in plan:
             for model in MODELS:
@@ -107,7 +110,8 @@ def run(quick: bool = False) -> list[Row]:
                 results.append({"model": model, "clients": clients, "how": how, **pair})
                 rows += rows_for(model, clients, pair)
     (BENCH / "results").mkdir(exist_ok=True)
-    (BENCH / "results" / "secagg.json").write_text(json.dumps(results, indent=2) + "\n")
+    results.sort(key=lambda r: (r["clients"], r["model"] != "logreg"))
+    out.write_text(json.dumps(results, indent=2) + "\n")
     return rows
 
 
@@ -135,8 +139,10 @@ def rows_for(model: str, clients: int, pair: dict) -> list[Row]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 clients only, 2 rounds")
+    parser.add_argument("--clients", type=int, nargs="+", choices=(5, 10, 50),
+                        help="only these rows (the others stay in the results file from an earlier run)")
     args = parser.parse_args()
-    rows = run(args.quick)
+    rows = run(args.quick, args.clients)
     print(f"{'metric':<48} {'secure':>10} {'plain':>10} {'ratio':>7}  target")
     for row in rows:
         ratio = "" if row.ratio is None else f"{row.ratio:.3f}"

@@ -83,7 +83,7 @@ def throughput(workdir: Path, quick: bool) -> list[Row]:
                     f"{seconds:.1f} s of {wall:.1f} s wall), peak RSS {peak_kb / 1024:.0f} MB")
                 rows.append(Row("10 simulation", f"throughput, {model}, {clients} virtual clients (10 a round), {backend}",
                                 rate, "client-rounds/s", note=f"peak RSS {peak_kb / 1024:.0f} MB; rounds "
-                                                              f"{', '.join(f'{m['seconds']:.2f}' for m in metrics)} s; "
+                                                              f"{', '.join('%.2f' % m['seconds'] for m in metrics)} s; "
                                                               f"whole run {wall:.0f} s with start-up"))
     return rows
 

@@ -8,10 +8,11 @@ between `--help`, the code and the saved config.json.
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from fedsock.console import ArgumentParser, number
+from fedsock.console import UsageError, number
 
 
 def setting(default: Any, help: str, *, group: str, flag: str | None = None, type: Callable | None = None,
@@ -70,6 +71,20 @@ def from_dict(config_class: type, values: dict[str, Any]) -> Any:
     """A config from saved values (config.json, a checkpoint), ignoring names it does not have."""
     names = {f.name for f in fields(config_class)}
     return config_class(**{k: v for k, v in values.items() if k in names})
+
+
+def resumed(config: Any, saved: dict[str, Any], given: dict[str, Any], args: dict[str, Any]) -> Any:
+    """The config of a run resumed from a checkpoint: its saved settings, under the flags given now,
+    except those that cannot change (UsageError); the output stays beside the checkpoint."""
+    config_class = type(config)
+    before = from_dict(config_class, saved)
+    for name in config.fixed_on_resume:
+        if name in given and given[name] != getattr(before, name):
+            raise UsageError(f"--{name.replace('_', '-')} cannot change on --resume (the run used {getattr(before, name)!r})")
+    merged = {**asdict(before), **{k: v for k, v in given.items() if k in args}, "resume": config.resume}
+    if "output_dir" not in given:
+        merged["output_dir"] = str(Path(config.resume).resolve().parent)
+    return config_class(**merged)
 
 
 def defaults(config_class: type) -> dict[str, Any]:

@@ -102,14 +102,7 @@ def parse_config(argv: list[str] | None):
     config, checkpoint = SimulationConfig(**args), None
     if config.resume:
         checkpoint = read_checkpoint(config.resume)
-        saved = settings.from_dict(SimulationConfig, checkpoint.config)
-        for name in config.fixed_on_resume:
-            if name in given and given[name] != getattr(saved, name):
-                raise UsageError(f"--{name.replace('_', '-')} cannot change on --resume (the run used {getattr(saved, name)!r})")
-        merged = {**asdict(saved), **{k: v for k, v in given.items() if k in args}, "resume": config.resume}
-        if "output_dir" not in given:
-            merged["output_dir"] = str(Path(config.resume).resolve().parent)
-        config = SimulationConfig(**merged)
+        config = settings.resumed(config, checkpoint.config, given, args)
     fl_server.check_config(config, given, parser)
     if config.backend != "ray" and any(name in given for name in ("ray_address", "client_cpus", "client_gpus")):
         parser.error("--ray-address, --client-cpus and --client-gpus apply to --backend ray")

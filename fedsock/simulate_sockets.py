@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import signal
 import socket
 import subprocess
 import sys
@@ -59,8 +60,9 @@ def server_argv(argv: list[str]) -> list[str]:
 class SocketClient:
     """One virtual client over TCP: the protocol here, its training on the backend."""
 
-    def __init__(self, client_id: int, port: int, data, backend):
+    def __init__(self, client_id: int, port: int, data, backend, model_length: int):
         self.client_id, self.port, self.data, self.backend = client_id, port, data, backend
+        self.model_length = model_length  # the model's coordinates: what a secure round's vector holds
         self.rounds = 0
 
     async def run(self) -> None:
@@ -74,7 +76,8 @@ class SocketClient:
             await conn.send([encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=self.client_id,
                                             features=[FEATURE])])
             meta = await self.next(conn, {"<METADATA>"})
-            session = None  # secure aggregation: the client's side of it, as fl_client.py runs it
+            # secure aggregation: the client's side of it, as fl_client.py runs it
+            session = ClientSession(self.client_id, self.model_length) if meta["secure_aggregation"] else None
             indices = decode_bitmap(meta["partition_bitmap"], meta["train_size"])
             self.data.set_share(self.client_id, indices, meta["seed"])
             await conn.send([encode_message("<READY>", num_examples=self.data.num_examples(self.client_id),
@@ -94,8 +97,6 @@ class SocketClient:
                 if received is None:  # the first model: its layout is this run's
                     layout = message["weights"]
                     received = WeightsBuffer(layout)
-                    if meta["secure_aggregation"]:
-                        session = ClientSession(self.client_id, sum(t.numel() for t in received.tensors.values()))
                 check_layout(message["weights"], layout)
                 await conn.recv_blob(received.buffer)
                 settings = {k: message[k] for k in ("local_epochs", "batch_size", "lr", "proximal_mu")}
@@ -123,6 +124,7 @@ class SocketClient:
 
 def run_over_sockets(config, argv: list[str] | None) -> int:
     import client_helper
+    import neural_net_helper as nnh
     from fedsock.simulate import SharedData, make_backend
 
     if config.drop_rate or config.straggler_rate:
@@ -147,7 +149,8 @@ def run_over_sockets(config, argv: list[str] | None) -> int:
             return server.wait(timeout=30) or 1
         say(WHO, f"{config.num_clients} virtual clients connecting to the server at 127.0.0.1:{port}, training on the "
                  f"{backend.name} backend")
-        clients = [SocketClient(k, port, data, backend) for k in range(1, config.num_clients + 1)]
+        length = sum(t.numel() for t in nnh.get_weights(nnh.build_model(config.model, data.info, config.seed)).values())
+        clients = [SocketClient(k, port, data, backend, length) for k in range(1, config.num_clients + 1)]
 
         async def everyone() -> list:
             return await asyncio.gather(*(c.run() for c in clients), return_exceptions=True)
@@ -160,7 +163,14 @@ def run_over_sockets(config, argv: list[str] | None) -> int:
         relaying.start()
         outcomes = asyncio.run(everyone())
         failures = [o for o in outcomes if isinstance(o, BaseException)]
-        code = server.wait(timeout=120)
+        if failures and server.poll() is None:  # what is left cannot finish the run: stop it, as Ctrl-C would
+            server.send_signal(signal.SIGTERM)
+        try:
+            code = server.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            code = server.wait(timeout=10)
+            say(WHO, "WARNING: the server did not exit within 120 s after its clients; it was killed")
         relaying.join(timeout=10)
         say(WHO, f"{config.num_clients - len(failures)} of {config.num_clients} virtual clients finished; "
                  f"{sum(c.rounds for c in clients)} client-rounds trained; server exit {code}")

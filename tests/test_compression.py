@@ -368,18 +368,25 @@ def topk_server(tmp_path_factory):
         cluster.close()
 
 
-@pytest.mark.parametrize("case", list(BAD_TOPK))
-def test_bad_compressed_updates_over_the_wire_earn_an_error(topk_server, case):
-    cluster, server = topk_server
-    change, error = BAD_TOPK[case]
-    for _ in range(40):  # the last case's connection may not be forgotten yet: id 2 "already connected"
+def join(cluster) -> tuple[RawPeer, dict]:
+    """The raw peer joined as client 2, and its <METADATA>. The last case's connection may not be
+    forgotten yet ("already connected"): then it tries again, a bounded number of times."""
+    for _ in range(40):
         peer = RawPeer(cluster.port)
         peer.send(encode_message("<READY>", num_examples=100, test_examples=0))
         first = peer.read_until({"<METADATA>", "<ERROR>"})[-1]
         if first["header"] == "<METADATA>":
-            break
+            return peer, first
         peer.close()
         assert "already connected" in first["message"], first
+    raise AssertionError("client 2 stayed 'already connected' for 40 tries")
+
+
+@pytest.mark.parametrize("case", list(BAD_TOPK))
+def test_bad_compressed_updates_over_the_wire_earn_an_error(topk_server, case):
+    cluster, server = topk_server
+    change, error = BAD_TOPK[case]
+    peer, first = join(cluster)
     assert first["compression"] == {"kind": "topk", "topk_fraction": 0.001, "broadcast": "none"}
     assert "compression" in first["required_features"]
     model = peer.read_until({"<MODEL>"})[-1]
@@ -398,13 +405,7 @@ def test_bad_compressed_updates_over_the_wire_earn_an_error(topk_server, case):
 def test_a_valid_topk_update_from_the_raw_peer_is_accepted(topk_server):
     """The cases above fail for their one defect: the same update without it is taken."""
     cluster, server = topk_server
-    for _ in range(40):
-        peer = RawPeer(cluster.port)
-        peer.send(encode_message("<READY>", num_examples=100, test_examples=0))
-        first = peer.read_until({"<METADATA>", "<ERROR>"})[-1]
-        if first["header"] == "<METADATA>":
-            break
-        peer.close()
+    peer, _ = join(cluster)
     model = peer.read_until({"<MODEL>"})[-1]
     fields, blob = topk_update(model, c.update_layout(model["weights"], "topk", 0.001))
     peer.send(encode_message("<UPDATE>", **fields), frame_header(len(blob)), blob)

@@ -103,3 +103,9 @@ def test_the_readme_states_the_rules_a_third_party_client_needs():
         r"while the client trains",
     ):
         assert re.search(rule, protocol), f"the protocol section does not say: {rule}"
+
+
+def test_the_readme_has_no_placeholder_left():
+    """Sections are drafted with a marker line (STRATEGY_BENCH, NET_TABLE) where measured figures go."""
+    left = re.findall(r"^[A-Z]+(?:_[A-Z]+)*_(?:BENCH|TABLE)$", README, re.M)
+    assert not left, left

@@ -94,6 +94,38 @@ def test_the_sockets_transport_runs_a_real_server(cluster, tmp_path):
     assert [r["clients"] for r in rows] == [30, 30] and rows[0]["bytes_received"] > 30 * 31_000
 
 
+def test_a_resumed_simulation_ends_where_a_straight_one_does(cluster, tmp_path):
+    """--resume continues a simulation from its checkpoint: 2 rounds, then resumed to 4, end bit for bit
+    where 4 straight rounds do (fedadam, so that the server optimiser's state must come back too)."""
+    flags = [*LOGREG, "--num-clients", "20", "--clients-per-round", "4", "--strategy", "fedadam", "--seed", "5"]
+    straight = simulate(cluster, *flags, "--num-rounds", "4", output_dir=tmp_path / "straight")
+    assert straight.finish(timeout=300) == 0, straight.output
+    first = simulate(cluster, *flags, "--num-rounds", "2", output_dir=tmp_path / "parts")
+    assert first.finish(timeout=300) == 0, first.output
+    resumed = simulate(cluster, "--resume", str(tmp_path / "parts" / "checkpoint.fsck"), "--num-rounds", "4",
+                       output_dir=tmp_path / "parts")
+    assert resumed.finish(timeout=300) == 0, resumed.output
+    a, b = read_metrics(tmp_path / "straight" / "metrics.csv"), read_metrics(tmp_path / "parts" / "metrics.csv")
+    assert [r["round"] for r in b] == [1, 2, 3, 4]
+    assert [r["test_accuracy"] for r in a] == [r["test_accuracy"] for r in b]
+    x, y = torch.load(tmp_path / "straight" / "model.pt"), torch.load(tmp_path / "parts" / "model.pt")
+    assert all(torch.equal(x[name], y[name]) for name in x)
+
+
+def test_secure_aggregation_over_the_sockets_transport_gives_the_plain_model(cluster, tmp_path):
+    """Virtual clients over TCP run the client's side of secure aggregation against the real server:
+    the same model as the plain run, within the quantisation bound."""
+    flags = [*LOGREG, "--num-clients", "6", "--num-rounds", "2", "--transport", "sockets"]
+    for name, extra in (("plain", []), ("secure", ["--secure-aggregation"])):
+        proc = simulate(cluster, *flags, *extra, output_dir=tmp_path / name)
+        assert proc.finish(timeout=300) == 0, proc.output
+        proc.wait_for(r"6 of 6 virtual clients finished; 12 client-rounds trained; server exit 0")
+    plain, secure = (torch.load(tmp_path / name / "model.pt") for name in ("plain", "secure"))
+    assert max(float((plain[k] - secure[k]).abs().max()) for k in plain) < 1e-5
+    rows = read_metrics(tmp_path / "secure" / "metrics.csv")
+    assert [r["clients"] for r in rows] == [6, 6]
+
+
 def test_a_missing_ray_is_one_line(cluster, tmp_path):
     (tmp_path / "noray").mkdir()
     (tmp_path / "noray" / "ray.py").write_text("raise ImportError('No module named ray')\n")
