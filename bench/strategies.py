@@ -72,22 +72,19 @@ def plot() -> Path | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    saved = sorted(RESULTS.glob("strategies-*.json"))
-    if not saved:
-        return None
+    runs = [entry for path in sorted(RESULTS.glob("strategies-*.json")) for entry in json.loads(path.read_text())["runs"]
+            if not entry["extra"]]  # sweeps are in the JSON, not on the figure
+    if not runs:
+        return None  # nothing to draw: no empty figure
     figure = Figure(figsize=(12, 4.6), dpi=110)
     FigureCanvasAgg(figure)
     panels = dict(zip(SPLITS, figure.subplots(1, len(SPLITS), sharey=True)))
     styles = {"mlp": ":", "cnn": "-"}
-    for path in saved:
-        results = json.loads(path.read_text())
-        for entry in results["runs"]:
-            if entry["extra"]:  # sweeps are in the JSON, not on the figure
-                continue
-            axes = panels[entry["split"]]
-            rounds = range(1, len(entry["accuracy"]) + 1)
-            axes.plot(rounds, [100 * a for a in entry["accuracy"]], styles.get(entry["model"], "-"),
-                      label=f"{entry['model']} {entry['strategy']}", marker="o", markersize=2.5)
+    for entry in runs:
+        axes = panels[entry["split"]]
+        rounds = range(1, len(entry["accuracy"]) + 1)
+        axes.plot(rounds, [100 * a for a in entry["accuracy"]], styles.get(entry["model"], "-"),
+                  label=f"{entry['model']} {entry['strategy']}", marker="o", markersize=2.5)
     for split, axes in panels.items():
         axes.set(title=f"10 clients, {split}", xlabel="round", ylim=(90, 100))
         axes.axhline(98.5, color="grey", linewidth=0.8, linestyle="--")
