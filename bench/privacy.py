@@ -40,6 +40,7 @@ def run_one(extra: list[str], rounds: int, out: Path) -> list[dict]:
 def plot(results: list[dict]) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     figure = Figure(figsize=(10, 4), dpi=110)
     FigureCanvasAgg(figure)
@@ -57,6 +58,8 @@ def plot(results: list[dict]) -> Path:
             curve.axhline(100 * r["accuracy"], color="grey", linestyle="--", label="no DP")
     curve.set(xlabel="epsilon at delta 1e-5 (client level)", ylabel="final test accuracy (%)", xscale="log",
               title="privacy against utility")
+    curve.set_xticks([1, 2, 5, 10, 20], labels=["1", "2", "5", "10", "20"])
+    curve.xaxis.set_minor_formatter(NullFormatter())
     curve.legend(fontsize=8)
     for r in results:
         label = "no DP" if r["mode"] == "none" else f"{r['mode']} z={r['z']:g}"
