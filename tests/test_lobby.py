@@ -75,10 +75,12 @@ class LightPeer:
 def test_a_flood_of_silent_connections_does_not_lock_the_lobby(cluster, tmp_path):
     """300 mute sockets, re-opened as the server sheds them, through the whole lobby: the five
     honest clients still join (evicting mute ones), and every process exits 0."""
-    server = cluster.server(*FAST, "--num-clients", "5", "--num-rounds", "2", "--time-to-wait", "120")
+    # Generous bounds: on a busy machine the flood's thousands of connections a second slow everyone
+    # down; what is tested is that the honest clients get in at all, not how fast.
+    server = cluster.server(*FAST, "--num-clients", "5", "--num-rounds", "2", "--time-to-wait", "300")
     flood = cluster.flood(300)
-    clients = [cluster.client(k, "--connect-timeout", "60") for k in range(1, 6)]
-    server.wait_for(r"training starts with 5 client\(s\) \[1-5\]", timeout=120)
+    clients = [cluster.client(k, "--connect-timeout", "240") for k in range(1, 6)]
+    server.wait_for(r"training starts with 5 client\(s\) \[1-5\]", timeout=300)
     assert [c.finish(timeout=180) for c in clients] == [0] * 5
     opened = cluster.stop_flood(flood)
     assert server.finish(timeout=60) == 0
