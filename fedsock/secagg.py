@@ -190,6 +190,9 @@ def bits_for(clients: int) -> int:
     return int(math.floor(math.log2((2**31 - 1) / max(clients, 1))))
 
 
+assert bits_for(MAX_CLIENTS) >= MIN_BITS  # a round of at most MAX_CLIENTS keeps enough precision
+
+
 def check_sizes(clients: int, weight_bound: int) -> None:
     """Refuse settings whose share messages would not fit in a control message, or whose example
     counts could overflow 32 bits (ValueError, one sentence)."""
@@ -197,7 +200,6 @@ def check_sizes(clients: int, weight_bound: int) -> None:
         raise ValueError(f"secure aggregation of {clients} clients a round: its key and share messages (about 210 "
                          f"bytes per client) would pass the 1 MiB limit of a control message; at most {MAX_CLIENTS} "
                          f"a round (sample fewer with --clients-per-round)")
-    assert bits_for(MAX_CLIENTS) >= MIN_BITS  # so a round of at most MAX_CLIENTS keeps enough precision
     if clients * weight_bound >= 2**32:
         raise ValueError(f"{clients} clients of up to {weight_bound} examples each could sum past 2^32 in the "
                          f"masked example count: lower --max-client-examples or the clients per round")
