@@ -38,7 +38,7 @@ from socket_methods import (
 
 # The optional protocol features this client supports (sent in <HELLO>; a run that needs
 # others refuses it with a sentence, rather than letting it train without them).
-FEATURES: list[str] = ["dp-local", "compression", "secagg"]
+FEATURES: list[str] = ["dp-local", "compression", "secagg", "sessions"]
 # Reconnect backoff: first pause and the longest one.
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0
 
@@ -397,7 +397,7 @@ class LocalTrainer:
             loss_sum, confusion = self.nnh.evaluate_counts(self.model, self.data.test_x, self.data.test_y,
                                                            self.task.num_classes)
             evaluation = dict(eval_round=number - 1, eval_loss_sum=loss_sum, eval_confusion=confusion.tolist())
-        description = f"round {number}/{self.num_rounds}"
+        description = f"round {number}/{self.num_rounds}" if number <= self.num_rounds else f"round {number}"
         batches = self.nnh.batches_per_round(self.num_examples, message["local_epochs"], message["batch_size"])
         try:
             metrics = self.nnh.local_round(
@@ -488,6 +488,9 @@ class Status:
         if header == "<FINISHED>":
             say(self.config.who, f"server: {message['message']}")
             return True
+        if header == "<SESSION_END>":
+            say(self.config.who, f"server: {message['message']}")
+            return False
         if header == "<SUCCESS>" and not message["accepted"]:
             warn(self.config.who, f"round {message['round']}: {message['message']}")
         if header == "<WAITING>" and message["message"] != self.last_waiting and not self.config.quiet:
@@ -496,7 +499,7 @@ class Status:
         return False
 
 
-CONTROL = {"<SUCCESS>", "<WAITING>", "<FINISHED>"}
+CONTROL = {"<SUCCESS>", "<WAITING>", "<FINISHED>", "<SESSION_END>"}
 SECAGG = {"<SECAGG_SETUP>", "<SECAGG_PEERS>", "<SECAGG_ROUTED>", "<SECAGG_UNMASK>"}
 
 

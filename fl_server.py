@@ -61,6 +61,7 @@ from fedsock.events import (
     RoundSaved,
     RoundStarted,
     RunFinished,
+    SessionFinished,
     TrainingStarted,
     UpdateAccepted,
     drop_line,
@@ -175,6 +176,13 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
         if config.dp_delta is not None and config.dp_delta >= 1 / config.num_clients:
             parser.error(f"--dp-delta {config.dp_delta:g} is not below 1/N = {1 / config.num_clients:g}: a guarantee "
                          f"that may fail for one client in N protects no one")
+    if config.dashboard is not None:
+        from fedsock.dashboard import parse_address
+
+        try:
+            parse_address(config.dashboard)
+        except ValueError as exc:
+            parser.error(f"--dashboard {exc}")
     secagg_flags = [name for name in ("secagg_threshold", "secagg_clip") if name in given]
     if secagg_flags and not config.secure_aggregation:
         parser.error(f"--{secagg_flags[0].replace('_', '-')} needs --secure-aggregation")
@@ -267,11 +275,60 @@ class RoundEngine:
         self.evaluations: dict[int, list] = {}  # round -> [clients, loss sum, confusion] of the clients' own tests
         self.drops: list[str] = []
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evaluate")
+        # --start manual and --stay: the lobby waits for `launch`; between sessions, for `more`
+        self.phase = "lobby"  # lobby, training, between sessions, finished
+        self.launch = asyncio.Event()
+        self.more = asyncio.Event()
+        self.more_rounds = 0
+        self.session = 1
+        self.session_start = self.rounds_done  # the rounds done when this session began
 
     def request_stop(self, reason: str) -> None:
         """Ask the run to end after what it is doing now (SIGINT, SIGTERM, a Stop button)."""
         self.stop_reason = reason
         self.stopping.set()
+
+    # ---- what a dashboard (or SIGUSR1) may ask of the run
+    def waiting_for_launch(self) -> bool:
+        return self.phase == "lobby" and self.config.start == "manual" and not self.launch.is_set()
+
+    def request_launch(self, changes: dict[str, Any] | None = None) -> str:
+        """Start training now (--start manual), with `changes` to the launch settings; a sentence
+        saying what happens. ValueError: not now, or a setting outside its limits (nothing changed)."""
+        if not self.waiting_for_launch():
+            raise ValueError("training has already started" if self.phase != "lobby" else
+                             "this server starts by itself (--start auto)")
+        checked = settings.check_launch_settings(changes or {})
+        if len(self.pool.members) < self.needed and changes is not None:
+            raise ValueError(f"{len(self.pool.members)} client(s) ready, {self.needed} needed to start")
+        changed = {name: value for name, value in checked.items() if getattr(self.config, name) != value}
+        for name, value in changed.items():
+            setattr(self.config, name, value)
+        save_config(self.config, self.output_dir)
+        self.launch.set()
+        return "training starts" + "".join(f"; {name.replace('_', ' ')} {value:g}" for name, value in changed.items())
+
+    def request_more(self, rounds: int) -> str:
+        """--stay: another session of `rounds` rounds from the last global model."""
+        if self.phase != "between sessions":
+            raise ValueError("more rounds can be asked for only when a session has ended (with --stay)")
+        rounds = settings.check_launch_settings({"num_rounds": rounds})["num_rounds"]
+        self.more_rounds = rounds
+        self.more.set()
+        return f"{rounds} more round(s)"
+
+    def signal_go(self) -> None:
+        """SIGUSR1: start (--start manual), or with --stay another session as long as the last one."""
+        try:
+            if self.waiting_for_launch():
+                self.events.notice(f"SIGUSR1: {self.request_launch()}")
+            elif self.phase == "between sessions":
+                last = max(self.rounds_done - self.session_start, 1)
+                self.events.notice(f"SIGUSR1: {self.request_more(last)}")
+            else:
+                self.events.notice("SIGUSR1: nothing to start now", warning=True)
+        except ValueError as exc:
+            self.events.notice(f"SIGUSR1: {exc}", warning=True)
 
     # ---- the run
     async def run(self) -> int:
@@ -279,6 +336,8 @@ class RoundEngine:
         try:
             await self.wait_for_start()
             await self.train()
+            while self.config.stay and not self.budget_spent and await self.next_session():
+                await self.train()
         except Stopped:
             if self.rounds_done:
                 then = f"after round {self.rounds_done}; it can resume from its checkpoint"
@@ -286,7 +345,7 @@ class RoundEngine:
                 then = "before any round completed; there is no checkpoint to resume from"
             self.events.notice(f"{self.stop_reason}: stopping after round {self.rounds_done}")
             await self.finish(False, f"the server was stopped ({self.stop_reason}) {then}")
-            return ExitStatus.INTERRUPTED if self.stop_reason == "SIGINT" else ExitStatus.TERMINATED
+            return ExitStatus.TERMINATED if self.stop_reason == "SIGTERM" else ExitStatus.INTERRUPTED
         except (RunFailed, OutputFailed) as exc:
             await self.finish(False, str(exc))
             raise
@@ -297,15 +356,47 @@ class RoundEngine:
                                      f"{self.privacy.settings.delta:g}) allows no more rounds: stopped after round "
                                      f"{self.rounds_done} of {self.config.num_rounds}")
             return ExitStatus.OK
-        await self.finish(True, f"training finished after {self.rounds_done} rounds")
+        sessions = f" in {self.session} sessions" if self.session > 1 else ""
+        await self.finish(True, f"training finished after {self.rounds_done} rounds{sessions}")
         return ExitStatus.OK
+
+    async def next_session(self) -> bool:
+        """--stay: the session is over; keep the clients and wait for more rounds (True) or a stop (False)."""
+        self.more.clear()
+        self.phase = "between sessions"  # from now on, request_more may set `more`
+        self.events.emit(SessionFinished(self.session, self.rounds_done))
+        await self.events.flush()  # the model and the plot of this session are on disk
+        note = (f"session {self.session} ended after round {self.rounds_done}; stay connected: another session "
+                f"may follow")
+        await asyncio.gather(*(c.end_session(self.session, self.rounds_done, note)
+                               for c in list(self.pool.connected.values())))
+        await wait_any(self.more, self.stopping, None)
+        if self.stopping.is_set():
+            self.events.notice(f"{self.stop_reason}: the run ends after session {self.session}")
+            return False
+        self.session += 1
+        self.session_start = self.rounds_done
+        self.config.num_rounds = self.rounds_done + self.more_rounds
+        save_config(self.config, self.output_dir)
+        self.phase = "training"
+        self.events.emit(TrainingStarted(sorted(self.pool.members), self.rounds_done + 1, self.config.num_rounds,
+                                         self.config.model, self.data_name(), self.config.strategy, self.session))
+        return True
+
+    def data_name(self) -> str:
+        return self.config.dataset if self.config.task == "dataset" else "their own data"
 
     async def wait_for_start(self) -> None:
         """The lobby: wait for the first ready client, then --time-to-wait for the others (or until
         all --num-clients are ready), and never start with fewer than the rounds need."""
         pool, config = self.pool, self.config
+        if config.start == "manual":
+            self.events.notice("waiting for Start training on the dashboard (or SIGUSR1)")
+            await wait_any(self.launch, self.stopping, None)
+            if self.stopping.is_set():
+                raise Stopped
         await pool.wait_until(lambda: bool(pool.members), None, self.stopping)
-        if config.time_to_wait_s and len(pool.members) < config.num_clients:
+        if config.start == "auto" and config.time_to_wait_s and len(pool.members) < config.num_clients:
             self.events.notice(f"first client is ready; waiting {config.time_to_wait_s:g} s for more "
                                f"(up to {config.num_clients})")
             await pool.wait_until(lambda: len(pool.members) >= config.num_clients, config.time_to_wait_s, self.stopping)
@@ -313,9 +404,9 @@ class RoundEngine:
             self.events.notice(f"{len(pool.members)} client(s) ready, {self.needed} needed: waiting for more")
             await pool.wait_until(lambda: len(pool.members) >= self.needed, None, self.stopping)
         pool.training_started = True
-        data = config.dataset if config.task == "dataset" else "their own data"
+        self.phase = "training"
         self.events.emit(TrainingStarted(sorted(pool.members), self.rounds_done + 1, config.num_rounds,
-                                         config.model, data, config.strategy))
+                                         config.model, self.data_name(), config.strategy))
 
     async def train(self) -> None:
         """Rounds until --num-rounds; a round with too few updates is retried with the same model."""
@@ -574,6 +665,7 @@ class RoundEngine:
 
     async def finish(self, completed: bool, message: str) -> None:
         """Close any round in progress, let the report and files finish, tell every client the run is over."""
+        self.phase = "finished"
         if self.current is not None:
             self.current.open = False
             self.current = None  # clients that leave now were told to: not drops
@@ -603,6 +695,10 @@ class RoundEngine:
         round_, pool = self.current, self.pool
         if round_ is not None:
             return f"round {round_.number}: {len(round_.reported)} of {len(round_.expected)} updates in"
+        if self.waiting_for_launch():
+            return f"waiting for Start on the dashboard: {len(pool.members)} of {pool.num_clients} clients ready"
+        if self.phase == "between sessions":
+            return f"session {self.session} is over after round {self.rounds_done}; waiting for more rounds"
         if not pool.training_started:
             return (f"waiting for clients: {len(pool.members)} of {pool.num_clients} ready, "
                     f"training starts with at least {self.needed}")
@@ -652,7 +748,10 @@ class Welcome:
 
     def __init__(self, config: ServerConfig, setup: Setup, engine: RoundEngine):
         self.config, self.setup, self.engine = config, setup, engine
-        self.num_rounds = config.num_rounds
+
+    @property
+    def num_rounds(self) -> int:  # the dashboard may change it before the start, and each new session
+        return self.config.num_rounds
 
     def next_round(self) -> int:
         return self.engine.rounds_done + 1
@@ -685,7 +784,8 @@ def required_features(config: ServerConfig) -> list[str]:
     """The optional protocol features a client must support to take part in this run."""
     local_dp = config.dp_clip is not None and config.dp_mode == "local"
     return (["dp-local"] * (local_dp or config.secure_aggregation and config.dp_clip is not None)
-            + [compression.FEATURE] * compression_of(config).active + [secagg.FEATURE] * config.secure_aggregation)
+            + [compression.FEATURE] * compression_of(config).active + [secagg.FEATURE] * config.secure_aggregation
+            + ["sessions"] * config.stay)
 
 
 def compression_of(config: ServerConfig) -> compression.Compression:
@@ -716,6 +816,13 @@ def prepare(config: ServerConfig, checkpoint: Checkpoint | None) -> Setup:
         raise UsageError("use --auth-token-file or --auth-tokens-file, not both")
     per_client = security.read_client_secrets(config.auth_tokens_file, WHO) if config.auth_tokens_file else None
     shared = None if per_client else security.load_token(config.auth_token_file, WHO)
+    if config.dashboard:
+        from fedsock.dashboard import parse_address
+
+        host = parse_address(config.dashboard)[0]
+        if not is_loopback(host) and shared is None:
+            raise UsageError(f"--dashboard {config.dashboard} listens beyond loopback: its Start and Stop need the "
+                             f"run's token, so give --auth-token-file (or keep it on 127.0.0.1 and use ssh -L)")
     setup = prepare_training(config, checkpoint)
     setup.tls, setup.auth = tls, security.Authenticator(shared, per_client)
     return setup
@@ -895,6 +1002,12 @@ def make_output_dir(requested: str | None) -> Path:
     return path
 
 
+def save_config(config: ServerConfig, output_dir: str) -> None:
+    """config.json: the run's settings, written again when the dashboard or a new session changes them."""
+    if output_dir:
+        (Path(output_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+
 def stop_on_signals(engine: RoundEngine) -> None:
     """SIGINT and SIGTERM end the run after its current step, with the checkpoint whole; a second one at once."""
 
@@ -904,8 +1017,10 @@ def stop_on_signals(engine: RoundEngine) -> None:
             os._exit(128 + signum)
         engine.request_stop(signal.Signals(signum).name)
 
+    loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(signum, on_signal, signum)
+        loop.add_signal_handler(signum, on_signal, signum)
+    loop.add_signal_handler(signal.SIGUSR1, engine.signal_go)  # --start manual and --stay, without a browser
 
 
 def update_layout(config: ServerConfig, setup: Setup) -> dict[str, Any]:
@@ -941,13 +1056,36 @@ async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
     auth = "token authentication" if setup.auth.required else "no authentication"
     if not is_loopback(config.host) and not (setup.tls and setup.auth.required):
         warn(WHO, f"listening on {config.host} without TLS and a token: anyone who can reach this port can join and read the model")
+    dashboard = await open_dashboard(config, setup, engine, events, title) if config.dashboard else None
     events.emit(Listening(f"{host}:{port}", transport, auth, str(output_dir)))
+    if dashboard is not None:
+        say(WHO, f"dashboard: {dashboard.url}" + ("" if dashboard.loopback else " (its actions need the run's token)"))
     lobby.start()
     try:
         return await engine.run()
     finally:
         lobby.close()
         files.close()
+        if dashboard is not None:
+            await dashboard.close()
+
+
+async def open_dashboard(config: ServerConfig, setup: Setup, engine: RoundEngine, events: Events, title: str):
+    """--dashboard: the page, in this event loop; it observes the run's events like the console."""
+    from fedsock.dashboard import Dashboard, parse_address
+
+    host, port = parse_address(config.dashboard)
+    loopback = is_loopback(host)
+    dashboard = Dashboard(host, port, engine, title, setup.auth.shared, loopback)
+    try:
+        await dashboard.start()
+    except OSError as exc:
+        await dashboard.close()
+        if exc.errno == 98:  # EADDRINUSE
+            raise UsageError(f"--dashboard {config.dashboard}: port {port} is already in use; pick another") from exc
+        raise UsageError(f"--dashboard {config.dashboard}: cannot listen: {exc.strerror or exc}") from exc
+    events.observers.append(dashboard)
+    return dashboard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -959,7 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         if checkpoint.round >= config.num_rounds:
             raise UsageError(f"the checkpoint already has all {config.num_rounds} rounds; raise --num-rounds to go on")
     output_dir = make_output_dir(config.output_dir)
-    (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    save_config(config, str(output_dir))
     return asyncio.run(serve(config, setup, output_dir))
 
 

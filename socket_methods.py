@@ -212,6 +212,11 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "rounds_completed": Field(int, 0, 10**6, meaning="rounds aggregated in this run"),
         "message": TEXT,
     },
+    "<SESSION_END>": {  # feature sessions (the server's --stay): the client stays connected
+        "session": Field(int, 1, 10**6, meaning="the session that ended (1, 2, ...)"),
+        "rounds_completed": Field(int, 0, 10**6, meaning="rounds aggregated so far in this run"),
+        "message": TEXT,
+    },
     "<ERROR>": {"message": TEXT},
 }
 # The same, as JSON types only.

@@ -116,6 +116,9 @@ class ClientProxy(Protocol):
     async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
         """The run is over: say so and let the client go."""
 
+    async def end_session(self, session: int, rounds_completed: int, message: str) -> None:
+        """--stay: this session is over, and the client stays for another."""
+
 
 class ClientPool:
     """Who is here. Clients become members once they are ready to train; `changed` is set

@@ -87,6 +87,32 @@ def resumed(config: Any, saved: dict[str, Any], given: dict[str, Any], args: dic
     return config_class(**merged)
 
 
+# What the dashboard may set before it starts a run (and how many rounds a new session may ask for):
+# the range of each, checked by `check_launch_settings`.
+LAUNCH_LIMITS: dict[str, tuple[type, float, float]] = {
+    "num_rounds": (int, 1, 100_000), "local_epochs": (int, 1, 100), "batch_size": (int, 1, 4096), "lr": (float, 1e-5, 10.0),
+}
+
+
+def check_launch_settings(changes: dict[str, Any]) -> dict[str, Any]:
+    """Launch settings from a web form, typed and within LAUNCH_LIMITS; ValueError names the first bad one."""
+    checked: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name not in LAUNCH_LIMITS:
+            raise ValueError(f"{name} cannot be set from the dashboard (only {', '.join(LAUNCH_LIMITS)})")
+        kind, low, high = LAUNCH_LIMITS[name]
+        try:
+            if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            typed = kind(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}") from None
+        if not low <= typed <= high:  # also refuses NaN
+            raise ValueError(f"{name} {typed:g} is outside {low:g}..{high:g}")
+        checked[name] = typed
+    return checked
+
+
 def defaults(config_class: type) -> dict[str, Any]:
     return {f.name: f.default for f in fields(config_class) if f.default is not MISSING}
 
@@ -99,11 +125,11 @@ fraction = number(float, 0, 1, positive=True)
 port = number(int, 0, 65535)
 seed = number(int, 0, 2**32 - 1)
 
-NETWORK, FEDERATION, TRAINING, STRATEGY, PRIVACY, SECAGG, COMPRESSION, DATA, TASK, OUTPUT, FAULTS, CONNECTIONS, SECURITY = (
+NETWORK, FEDERATION, TRAINING, STRATEGY, PRIVACY, SECAGG, COMPRESSION, DATA, TASK, OUTPUT, FAULTS, CONNECTIONS, SECURITY, DASHBOARD = (
     "network", "federation", "training (sent to the clients every round)", "strategy",
     "differential privacy (client level, DP-FedAvg)", "secure aggregation (Bonawitz et al. 2017)",
     "compression (of what crosses the network)", "data", "task (clients bring their own data: --task image or text)",
-    "output", "fault tolerance", "connections", "security",
+    "output", "fault tolerance", "connections", "security", "dashboard and sessions",
 )
 
 
@@ -256,6 +282,17 @@ class ServerConfig:
                                           metavar="FILE")
     auth_tokens_file: str | None = setting(None, "per-client secrets, lines of 'CLIENT_ID SECRET'", group=SECURITY,
                                            metavar="FILE")
+
+    dashboard: str | None = setting(None, "serve a live web page of the run at [HOST:]PORT (host 127.0.0.1 unless "
+                                          "given; port 0 picks a free one): lobby, rounds, charts, Start and Stop. "
+                                          "Beyond loopback, its actions need the --auth-token-file token",
+                                    group=DASHBOARD, metavar="[HOST:]PORT")
+    start: str = setting("auto", "auto: training starts --time-to-wait after the first client is ready; manual: when "
+                                 "Start training is pressed on the dashboard, or the server gets SIGUSR1",
+                         group=DASHBOARD, choices=("auto", "manual"))
+    stay: bool = setting(False, "when the rounds are done, keep the clients connected: Train N more rounds on the "
+                                "dashboard (or SIGUSR1: as many as the last session) continues from the last model; "
+                                "Stop or SIGINT ends the run", group=DASHBOARD)
 
     @property
     def fixed_on_resume(self) -> tuple[str, ...]:

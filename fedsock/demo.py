@@ -5,6 +5,7 @@
     python demo.py -- --partition dirichlet --alpha 0.3    # anything after -- goes to fl_server.py
     python demo.py --task spam              # each client its own SMS messages: a spam detector
     python demo.py --task chest-xray        # each client its own chest_xray/ folders of PNG X-rays
+    python demo.py --dashboard              # the live dashboard at http://127.0.0.1:8765/: press Start there
 
 In a terminal with tmux installed, every process gets a pane of its own (made for
 recording); otherwise their lines are interleaved here, each labelled with its
@@ -66,6 +67,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--alpha", type=float, default=0.5, help="spam --split dirichlet: its concentration")
     parser.add_argument("--output-dir", default=None, help="run folder (default: runs/demo-<timestamp>)")
     parser.add_argument("--no-tmux", action="store_true", help="labelled lines here even when tmux is available")
+    parser.add_argument("--dashboard", type=int, nargs="?", const=8765, default=None, metavar="PORT",
+                        help="open the live dashboard at http://127.0.0.1:PORT/ (default port 8765): training starts "
+                             "when you press Start training there, and more rounds can follow until you press Stop")
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
@@ -73,6 +77,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args.model = args.model or TASKS[args.task]["model"]
     if not 1 <= args.clients <= 64 or args.rounds < 1:
         parser.error("--clients must be 1..64 and --rounds at least 1")
+    if args.dashboard is not None and not 1 <= args.dashboard <= 65535:
+        parser.error("--dashboard PORT must be 1..65535")
     return args, extra
 
 
@@ -117,7 +123,8 @@ def pump(proc: subprocess.Popen, label: str, colour: str, tty: bool, ready: thre
         ready.set()  # the server ended before listening: the caller sees no port
 
 
-def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str], client_flags: dict[int, list[str]]) -> int:
+def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str], client_flags: dict[int, list[str]],
+                 stop_is_ok: bool = False) -> int:
     tty = sys.stdout.isatty()
     server = subprocess.Popen(server_command(args, 0, output_dir, extra), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, cwd=ROOT)
@@ -144,6 +151,8 @@ def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str], c
                 p.kill()
         for t in threads:
             t.join(timeout=10)
+    if stop_is_ok and codes[0] == 130:  # the dashboard's Stop in the middle of a session
+        codes[0] = 0
     return 0 if all(code == 0 for code in codes) else 1
 
 
@@ -195,6 +204,28 @@ def report(output_dir: Path) -> int:
     return 0
 
 
+def open_page(url: str) -> None:
+    """Say where the dashboard is, and open it in a browser once it answers (where there is a screen)."""
+    print(f"demo: the dashboard is at {url}: press Start training there once the clients are in; "
+          f"Stop ends the demo", flush=True)
+    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform == "darwin"):
+        return
+
+    def open_when_up() -> None:
+        import urllib.request
+        import webbrowser
+
+        for _ in range(300):  # up to a minute: the server loads its data first
+            try:
+                urllib.request.urlopen(url + "api/state", timeout=1).close()
+                webbrowser.open(url)
+                return
+            except OSError:
+                time.sleep(0.2)  # polling a page that is not up yet: bounded, and only for a convenience
+
+    threading.Thread(target=open_when_up, daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_args(argv)
     output_dir = Path(args.output_dir or ROOT / "runs" / time.strftime("demo-%Y%m%d-%H%M%S")).resolve()
@@ -205,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     except FedsockError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
+    if args.dashboard is not None:
+        server_flags += ["--dashboard", f"127.0.0.1:{args.dashboard}", "--start", "manual", "--stay"]
+        open_page(f"http://127.0.0.1:{args.dashboard}/")
     status = (run_in_tmux(args, output_dir, server_flags, client_flags) if use_tmux
-              else run_labelled(args, output_dir, server_flags, client_flags))
+              else run_labelled(args, output_dir, server_flags, client_flags, stop_is_ok=args.dashboard is not None))
     if status is None:  # detached from tmux: the run is still going
         return 0
     return report(output_dir) or status

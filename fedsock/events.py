@@ -78,6 +78,23 @@ class TrainingStarted(Event):
     model: str
     dataset: str
     strategy: str
+    session: int = 1  # --stay: the sessions after the first continue from the last model
+
+
+@dataclass
+class SessionFinished(Event):
+    """--stay: a session's rounds are done; the clients stay connected for the next one."""
+
+    session: int
+    rounds_completed: int
+
+
+@dataclass
+class UpdateArriving(Event):
+    """A client's update has begun to arrive (its <UPDATE> header is in; the weights follow)."""
+
+    number: int
+    client_id: int
 
 
 @dataclass
@@ -255,8 +272,16 @@ class Console(Observer):
             self.info(e.message)
 
     def on_TrainingStarted(self, e: TrainingStarted) -> None:
+        if e.session > 1:
+            say(self.who, f"session {e.session} starts with {len(e.client_ids)} client(s): rounds "
+                          f"{e.first_round}..{e.num_rounds}, from the last global model")
+            return
         say(self.who, f"training starts with {len(e.client_ids)} client(s) [{id_ranges(e.client_ids)}]: rounds "
                  f"{e.first_round}..{e.num_rounds} of {e.model} on {e.dataset}, strategy {e.strategy}")
+
+    def on_SessionFinished(self, e: SessionFinished) -> None:
+        say(self.who, f"session {e.session} finished after round {e.rounds_completed}; the clients stay connected. "
+                      f"Train more rounds from the dashboard (or SIGUSR1); SIGINT ends the run")
 
     def on_RoundStarted(self, e: RoundStarted) -> None:
         if e.idle:  # sampling: say who was picked

@@ -36,7 +36,7 @@ from typing import Any, Callable
 from fedsock import security
 from fedsock.clients import ClientPool, Dropped, EvalRes, FitIns, FitRes, GlobalModel
 from fedsock.compression import Compression, decoded_update, scratch_for
-from fedsock.events import ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events
+from fedsock.events import ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events, UpdateArriving
 from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_plain_error
 from socket_methods import (
     PRE_AUTH_CONTROL_BYTES,
@@ -330,6 +330,13 @@ class RemoteClient:
             pass
         await self.conn.close()
 
+    async def end_session(self, session: int, rounds_completed: int, message: str) -> None:
+        frame = encode_message("<SESSION_END>", session=session, rounds_completed=rounds_completed, message=message)
+        try:
+            await asyncio.wait_for(self.conn.send([frame]), 5)
+        except (ProtocolError, asyncio.TimeoutError):
+            pass  # the reader sees a broken connection and the client leaves
+
     # ---- the reader
     async def serve(self) -> None:
         """Read everything the client sends, for as long as it stays."""
@@ -397,6 +404,7 @@ class RemoteClient:
                              f"(the examples this client said it holds)")
         buffers = self.lobby.buffers
         check_layout(update["weights"], buffers.layout)
+        self.lobby.events.emit(UpdateArriving(number, self.client_id))
         buffer = await buffers.take(lambda: self.conn.reader.progress)
         try:
             if isinstance(buffer, SpooledUpdate):

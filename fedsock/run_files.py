@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsock.console import FedsockError, UsageError
-from fedsock.events import MetricsUpdated, Observer, RoundFinished, RunFinished
+from fedsock.events import MetricsUpdated, Observer, RoundFinished, RunFinished, SessionFinished
 from socket_methods import FrameReader, ProtocolError, decode_weights, encode_message, encode_weights, frame_header
 
 METRIC_COLUMNS = (
@@ -116,17 +116,26 @@ def write_checkpoint(path: Path, state: Checkpoint) -> None:
 
 def write_model(path: Path, tensors: dict) -> None:
     """The final global model as a PyTorch state_dict (torch.load(path) gives it back)."""
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save({name: t.detach().cpu().clone() for name, t in tensors.items()}, buffer)
-    write_atomically(path, [buffer.getbuffer()])
+    write_atomically(path, [model_bytes(tensors)])
 
 
 def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     """Test accuracy, and test and training loss, per round."""
-    if not rows:
-        return
+    if rows:
+        write_atomically(path, [plot_png(rows, title)])
+
+
+def model_bytes(tensors: dict) -> bytes:
+    """A global model as the bytes of a PyTorch state_dict file."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({name: t.detach().cpu().clone() for name, t in tensors.items()}, buffer)
+    return buffer.getvalue()
+
+
+def plot_png(rows: list[dict[str, Any]], title: str) -> bytes:
+    """The figure of write_plot, as PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # the object API: no pyplot state, safe off the main thread
 
@@ -161,7 +170,7 @@ def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    write_atomically(path, [buffer.getbuffer()])
+    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- reading
@@ -274,7 +283,7 @@ class RunFiles(Observer):
         elif isinstance(event, MetricsUpdated):
             self.last = event.checkpoint
             self.pending.append(self.executor.submit(self._save_round, event.checkpoint))
-        elif isinstance(event, RunFinished) and self.last is not None:
+        elif isinstance(event, (RunFinished, SessionFinished)) and self.last is not None:
             self.pending.append(self.executor.submit(self._save_final, self.last))
 
     def _save_round(self, state: Checkpoint) -> None:

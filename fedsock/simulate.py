@@ -82,7 +82,8 @@ class SimulationConfig(ServerConfig):
 # Server settings a simulation has no use for (no listening socket of its own, no TLS, no lobby).
 NOT_SIMULATED = {"host", "server_port", "time_to_wait_s", "handshake_timeout_s", "heartbeat_s", "max_message_mb",
                  "stall_timeout_s",
-                 "max_pending", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "auth_tokens_file"}
+                 "max_pending", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "auth_tokens_file",
+                 "dashboard", "start", "stay"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -339,6 +340,9 @@ class VirtualClient:
         pass
 
     async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
+        pass
+
+    async def end_session(self, session: int, rounds_completed: int, message: str) -> None:
         pass
 
 

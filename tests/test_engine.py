@@ -35,6 +35,7 @@ class FakeClient:
         self.gate: asyncio.Event | None = None  # when set: a stalled client waits for it
         self.drop: str | None = None  # when set: fit raises Dropped with this reason
         self.leaves = True  # a dropped client leaves the pool, as a closed connection does
+        self.sessions: list[tuple[int, int]] = []  # --stay: the <SESSION_END>s it was told
 
     async def fit(self, ins: FitIns) -> FitRes:
         self.fits.append(ins.round)
@@ -53,6 +54,9 @@ class FakeClient:
 
     async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
         self.finished = (completed, rounds_completed, message)
+
+    async def end_session(self, session: int, rounds_completed: int, message: str) -> None:
+        self.sessions.append((session, rounds_completed))
 
 
 class Recorder(Observer):
@@ -231,3 +235,82 @@ def test_a_bug_while_folding_an_update_ends_the_run_instead_of_hanging_it():
     engine, _ = engine_for([Broken(1), FakeClient(2)], round_timeout_s=600)
     with pytest.raises(KeyError, match="a bug"):
         run(engine)
+
+
+# ---- --start manual and --stay: what the dashboard and SIGUSR1 ask of the engine
+
+
+def test_a_manual_start_waits_for_the_launch_and_applies_its_settings():
+    clients = [FakeClient(1), FakeClient(2)]
+    engine, recorder = engine_for(clients, start="manual", num_rounds=5)
+
+    def launch() -> None:
+        with pytest.raises(ValueError, match="lr 50 is outside"):
+            engine.request_launch({"lr": 50})
+        with pytest.raises(ValueError, match="num_rounds must be a whole number"):
+            engine.request_launch({"num_rounds": 2.5})
+        with pytest.raises(ValueError, match="cannot be set from the dashboard"):
+            engine.request_launch({"strategy": "krum"})
+        assert engine.config.lr == 0.05  # a refused launch changes nothing
+        assert engine.request_launch({"num_rounds": 2, "lr": 0.1, "batch_size": 8}) == \
+            "training starts; num rounds 2; lr 0.1; batch size 8"
+
+    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for Start"), launch)
+    assert run(engine) == ExitStatus.OK
+    assert len(recorder.rows()) == 2 and engine.config.num_rounds == 2
+    with pytest.raises(ValueError, match="already started"):
+        engine.request_launch({})
+
+
+def test_a_launch_with_too_few_ready_clients_is_refused():
+    engine, recorder = engine_for([FakeClient(1)], start="manual", min_clients=1, num_rounds=1)
+    engine.needed = 2
+    refusals = []
+
+    def launch() -> None:
+        with pytest.raises(ValueError, match="1 client\\(s\\) ready, 2 needed") as caught:
+            engine.request_launch({})
+        refusals.append(str(caught.value))
+        engine.request_stop("the Stop button on the dashboard")
+
+    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for Start"), launch)
+    assert run(engine) == ExitStatus.INTERRUPTED  # stopped in the lobby, as Ctrl-C would
+    assert refusals and not recorder.rows()
+
+
+def test_sigusr1_starts_a_manual_run():
+    engine, recorder = engine_for([FakeClient(1)], start="manual", num_rounds=1)
+    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for Start"), engine.signal_go)
+    assert run(engine) == ExitStatus.OK
+    assert len(recorder.rows()) == 1
+
+
+def test_stay_keeps_the_clients_for_more_sessions_from_the_last_model():
+    from fedsock.events import SessionFinished, TrainingStarted
+
+    clients = [FakeClient(1, step=1.0), FakeClient(2, step=1.0)]
+    engine, recorder = engine_for(clients, stay=True, num_rounds=2)
+    sessions = []
+
+    def between() -> None:
+        sessions.append(engine.phase)
+        if len(sessions) == 1:
+            assert engine.request_more(3) == "3 more round(s)"
+        else:
+            engine.signal_go()  # SIGUSR1: another session as long as the last (3 rounds)
+            if len(sessions) == 3:
+                engine.more.clear()
+                engine.request_stop("the Stop button on the dashboard")
+
+    recorder.on(lambda e: isinstance(e, SessionFinished), between)
+    with pytest.raises(ValueError, match="only when a session has ended"):
+        engine.request_more(3)
+    assert run(engine) == ExitStatus.OK  # stopped between sessions: every round asked for was done
+    assert sessions == ["between sessions"] * 3
+    assert [row["round"] for row in recorder.rows()] == list(range(1, 9))
+    assert [row["test_accuracy"] for row in recorder.rows()] == [float(n) for n in range(1, 9)]  # never restarted
+    assert [(e.session, e.first_round, e.num_rounds) for e in recorder.of(TrainingStarted)] == [(1, 1, 2), (2, 3, 5),
+                                                                                                (3, 6, 8)]
+    for client in clients:
+        assert client.sessions == [(1, 2), (2, 5), (3, 8)]
+        assert client.finished[:2] == (True, 8) and "in 3 sessions" in client.finished[2]

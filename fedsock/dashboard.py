@@ -1,0 +1,491 @@
+"""The live dashboard: a web page of the run, served from the server's own event loop.
+
+`fl_server.py --dashboard [HOST:]PORT` adds a `Dashboard` to the run's observers. It
+keeps what the page shows (the lobby, the rounds, each client's last numbers, the
+warnings) from the run's events, and pushes what changed to every open page as
+server-sent events, in one batch every quarter of a second: an event costs the round
+engine a dict update, whatever the number of pages or clients.
+
+    GET  /                 the page (fedsock/static/: dashboard.html, .js, .css, and uPlot)
+    GET  /api/state        everything the page shows, as one JSON object
+    GET  /api/events       the live feed (text/event-stream): `snapshot`, then batches of changes
+    GET  /download/<file>  model.pt (the current global model), metrics.csv, accuracy.png
+    POST /api/start        {"num_rounds", "local_epochs", "batch_size", "lr"}: --start manual's launch
+    POST /api/stop         end the run as SIGINT does, with the checkpoint whole
+    POST /api/more         {"rounds": N}: --stay's next session
+
+Actions are refused unless they come from the page itself: a JSON body with the
+`X-Fedsock-Action` header (a cross-site page cannot send one without a CORS preflight,
+which this server never grants), and no foreign `Origin`. Beyond loopback they also need
+`Authorization: Bearer <the run's --auth-token-file token>`. Nothing secret is shown:
+no token, no file path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsock.config import LAUNCH_LIMITS
+from fedsock.events import Event, Observer, id_ranges
+
+STATIC = Path(__file__).resolve().parent / "static"
+PUSH_EVERY_S = 0.25  # changes are batched: at most four pushes a second, to each page
+MAX_PAGES = 32  # open live feeds; one more gets 503
+QUEUE_BATCHES = 64  # batches a slow page may fall behind before it is cut off (it reconnects to a snapshot)
+LOG_LINES, REFUSALS_KEPT = 200, 50
+# What the page may show of the config: no token or key file, no path.
+SHOWN_SETTINGS = (
+    "model", "task", "dataset", "partition", "alpha", "num_clients", "min_clients", "num_rounds", "clients_per_round",
+    "fraction_fit", "sampling", "strategy", "proximal_mu", "server_lr", "server_momentum", "trim_fraction",
+    "byzantine_clients", "local_epochs", "batch_size", "lr", "dp_clip", "dp_noise_multiplier", "dp_epsilon", "dp_mode",
+    "secure_aggregation", "compression", "compress_broadcast", "seed", "round_timeout_s", "start", "stay",
+)
+DOWNLOADS = {"model.pt": "application/octet-stream", "metrics.csv": "text/csv; charset=utf-8",
+             "accuracy.png": "image/png"}
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+                               "frame-ancestors 'none'; form-action 'none'; base-uri 'none'",
+    "X-Frame-Options": "DENY",  # a framed Start button could be clicked by a page the user did not mean to use
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """`PORT`, `HOST:PORT` or `[IPv6]:PORT`; ValueError with a sentence."""
+    host, port = "127.0.0.1", value
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        if not rest.startswith(":"):
+            raise ValueError(f"{value!r}: write an IPv6 host as [HOST]:PORT")
+        port = rest[1:]
+    elif ":" in value:
+        host, port = value.rsplit(":", 1)
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r}: the port must be a number 0..65535 (0 picks a free one)")
+    if not host:
+        raise ValueError(f"{value!r}: the host is empty")
+    return host, int(port)
+
+
+@dataclass
+class Action:
+    """What an action request asked for, once it passed the checks."""
+
+    body: dict[str, Any]
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class DashboardState(Observer):
+    """What the page shows, kept from the run's events; `changes()` is what changed since the last call."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.clients: dict[int, dict[str, Any]] = {}
+        self.rounds: dict[int, dict[str, Any]] = {}
+        self.log: deque = deque(maxlen=LOG_LINES)
+        self.refused: deque = deque(maxlen=REFUSALS_KEPT)
+        self.refusals = 0
+        self.listening: dict[str, str] = {}
+        self.current: dict[str, Any] = {}  # the round in progress: number, attempt, picked
+        self.message = ""  # how the run ended
+        self._dirty_clients: set[int] = set()
+        self._dirty_rounds: set[int] = set()
+        self._new_log: list = []
+        self._new_refused: list = []
+
+    # ---- events
+    def notify(self, event: Event) -> None:
+        handler = getattr(self, "on_" + event.kind, None)
+        if handler is not None:
+            handler(event)
+
+    def client(self, client_id: int) -> dict[str, Any]:
+        self._dirty_clients.add(client_id)
+        row = self.clients.get(client_id)
+        if row is None:
+            row = self.clients[client_id] = {"id": client_id, "peer": "", "joined": None, "state": "connected",
+                                             "round": None, "reason": "", "examples": None, "loss": None,
+                                             "accuracy": None, "fit_seconds": None}
+        return row
+
+    def note(self, message: str, warning: bool = False) -> None:
+        entry = {"time": time.time(), "message": message, "warning": warning}
+        self.log.append(entry)
+        self._new_log.append(entry)
+
+    def on_Listening(self, e) -> None:
+        self.listening = {"address": e.address, "transport": e.transport, "auth": e.auth}
+
+    def on_ClientJoined(self, e) -> None:
+        row = self.client(e.client_id)
+        row.update(peer=e.peer, joined=time.time(), state="connected", reason="rejoined" if e.rejoined else "")
+
+    def on_ClientReady(self, e) -> None:
+        self.client(e.client_id).update(state="waiting", examples=e.num_examples, reason="")
+
+    def on_ClientLeft(self, e) -> None:
+        self.client(e.client_id).update(state="left", reason=e.reason)
+
+    def on_ConnectionRefused(self, e) -> None:
+        self.refusals += 1
+        entry = {"time": time.time(), "peer": e.peer, "client_id": e.client_id, "reason": e.reason}
+        self.refused.append(entry)
+        self._new_refused.append(entry)
+        if e.client_id is not None and e.client_id in self.clients and self.clients[e.client_id]["state"] == "left":
+            self.client(e.client_id).update(state="refused", reason=e.reason)
+
+    def on_Notice(self, e) -> None:
+        self.note(e.message, e.warning)
+
+    def on_TrainingStarted(self, e) -> None:
+        self.note(f"session {e.session}: rounds {e.first_round}..{e.num_rounds} with {len(e.client_ids)} client(s)")
+
+    def on_RoundStarted(self, e) -> None:
+        self.current = {"number": e.number, "attempt": e.attempt, "picked": len(e.picked),
+                        "picked_ids": id_ranges(e.picked), "population": len(e.picked) + e.idle}
+        for client_id in e.picked:
+            self.client(client_id).update(state="training", round=e.number, reason="")
+
+    def on_UpdateArriving(self, e) -> None:
+        self.client(e.client_id).update(state="uploading", round=e.number)
+
+    def on_UpdateAccepted(self, e) -> None:
+        metrics = e.metrics
+        self.client(e.client_id).update(
+            state="waiting", round=e.number, examples=e.num_examples, loss=metrics.get("train_loss"),
+            accuracy=metrics.get("local_test_accuracy"), fit_seconds=metrics.get("fit_seconds"))
+
+    def on_ClientDropped(self, e) -> None:
+        from fedsock.events import drop_line
+
+        self.client(e.client_id).update(state="dropped", reason=e.reason if not e.timed_out else
+                                        f"no update within {e.reason}")
+        self.note(drop_line(e), warning=True)
+
+    def on_RoundFailed(self, e) -> None:
+        self.note(f"round {e.number}: {e.got} update(s) arrived, {e.needed} needed"
+                  + (f"; retry {e.retry} of {e.retries}" if e.retry else "; giving up"), warning=True)
+
+    def on_RoundSaved(self, e) -> None:
+        self.current = {}
+        row = e.row
+        keep = ("round", "clients", "expected", "train_loss", "seconds", "bytes_sent", "bytes_received",
+                "max_fit_seconds", "test_accuracy", "test_loss", "test_f1", "fed_accuracy", "fed_loss", "fed_f1",
+                "epsilon")
+        self.rounds[row["round"]] = {k: row.get(k) for k in keep}
+        if not row.get("positive"):  # F1 is of a task's positive class; MNIST has none
+            self.rounds[row["round"]].update(test_f1=None, fed_f1=None)
+        self._dirty_rounds.add(row["round"])
+
+    def on_FederatedEvaluation(self, e) -> None:
+        row = self.rounds.get(e.number)
+        if row is not None:
+            positive = self.engine.task is not None and self.engine.task.positive is not None
+            row.update(fed_accuracy=e.scores.get("accuracy"), fed_loss=e.scores.get("loss"),
+                       fed_f1=e.scores.get("f1") if positive else None)
+            self._dirty_rounds.add(e.number)
+
+    def on_SessionFinished(self, e) -> None:
+        self.note(f"session {e.session} finished after round {e.rounds_completed}; the clients stay connected")
+
+    def on_RunFinished(self, e) -> None:
+        self.message = e.message
+        self.note(e.message)
+
+    # ---- what the page gets
+    def run(self) -> dict[str, Any]:
+        """The run as it is now: computed when a batch goes out, so it is never stale."""
+        engine, pool, config = self.engine, self.engine.pool, self.engine.config
+        phase = engine.phase
+        if engine.waiting_for_launch():
+            phase = "waiting for start"
+        return {
+            "phase": phase, "session": engine.session, "rounds_done": engine.rounds_done,
+            "num_rounds": config.num_rounds, "round": self.current, "ready": len(pool.members),
+            "connected": len(pool.connected), "num_clients": pool.num_clients, "needed": engine.needed,
+            "start": config.start, "stay": config.stay, "message": self.message, "refusals": self.refusals,
+            "stopping": engine.stopping.is_set(),
+        }
+
+    def settings(self) -> dict[str, Any]:
+        config = self.engine.config
+        return {name: getattr(config, name) for name in SHOWN_SETTINGS if hasattr(config, name)}
+
+    def snapshot(self, auth_required: bool) -> dict[str, Any]:
+        return {
+            "run": self.run(), "settings": self.settings(), "listening": self.listening,
+            "limits": {name: [low, high] for name, (_, low, high) in LAUNCH_LIMITS.items()},
+            "auth_required": auth_required, "clients": list(self.clients.values()),
+            "rounds": [self.rounds[n] for n in sorted(self.rounds)], "log": list(self.log),
+            "refused": list(self.refused),
+        }
+
+    def changes(self) -> dict[str, Any]:
+        batch: dict[str, Any] = {"run": self.run(), "settings": self.settings()}
+        if self._dirty_clients:
+            batch["clients"] = [self.clients[i] for i in sorted(self._dirty_clients)]
+        if self._dirty_rounds:
+            batch["rounds"] = [self.rounds[n] for n in sorted(self._dirty_rounds)]
+        if self._new_log:
+            batch["log"] = self._new_log
+        if self._new_refused:
+            batch["refused"] = self._new_refused
+        self._dirty_clients, self._dirty_rounds, self._new_log, self._new_refused = set(), set(), [], []
+        return batch
+
+
+class Dashboard(Observer):
+    """The web server: aiohttp in the run's own event loop (see the module's docstring)."""
+
+    def __init__(self, host: str, port: int, engine, title: str, token: bytes | None, loopback: bool):
+        self.host, self.port, self.engine, self.title = host, port, engine, title
+        self.state = DashboardState(engine)
+        self.token = token
+        self.auth_required = not loopback  # beyond loopback, actions need the token
+        self.loopback = loopback
+        self.pages: set[asyncio.Queue] = set()
+        self.runner = None
+        self.pusher: asyncio.Task | None = None
+        self.url = ""
+
+    # ---- Observer
+    def notify(self, event: Event) -> None:
+        self.state.notify(event)
+
+    # ---- life
+    async def start(self) -> str:
+        """Listen; the page's URL. UsageError-worthy failures raise OSError."""
+        from aiohttp import web
+
+        @web.middleware
+        async def checks(request, handler):
+            return await self.checks(request, handler)
+
+        app = web.Application(middlewares=[checks], client_max_size=64 * 1024)
+        app.router.add_get("/", self.page)
+        app.router.add_get("/static/{name}", self.static)
+        app.router.add_get("/api/state", self.api_state)
+        app.router.add_get("/api/events", self.api_events)
+        app.router.add_get("/download/{name}", self.download)
+        app.router.add_post("/api/start", self.api_start)
+        app.router.add_post("/api/stop", self.api_stop)
+        app.router.add_post("/api/more", self.api_more)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        host, port = site._server.sockets[0].getsockname()[:2]
+        self.port = port
+        shown = f"[{host}]" if ":" in host else host
+        if host in ("0.0.0.0", "::"):
+            shown = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
+        self.url = f"http://{shown}:{port}/"
+        self.pusher = asyncio.ensure_future(self.push_loop())
+        return self.url
+
+    async def close(self) -> None:
+        """Send the last changes (the run's end), end every live feed, stop listening."""
+        if self.pusher is not None:
+            self.pusher.cancel()
+            self.push()
+        for queue in list(self.pages):
+            queue.put_nowait(None)
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    async def push_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PUSH_EVERY_S)  # a period: batches what happened meanwhile
+            self.push()
+
+    def push(self) -> None:
+        batch = self.state.changes()
+        if not self.pages:
+            return
+        data = dumps(batch)
+        for queue in list(self.pages):
+            try:
+                queue.put_nowait(data)
+            except asyncio.QueueFull:  # a page that cannot keep up reconnects and gets a snapshot
+                self.pages.discard(queue)
+                queue._queue.clear()  # noqa: SLF001 - make room for the end mark
+                queue.put_nowait(None)
+
+    # ---- handlers
+    async def checks(self, request, handler):
+        """Every request: the Host check, errors as one JSON sentence, the security headers."""
+        from aiohttp import web
+
+        try:
+            self.check_host(request)
+            response = await handler(request)
+        except Refused as exc:
+            response = web.json_response({"error": str(exc)}, status=exc.status)
+        except web.HTTPException as exc:  # 404, 405, 413: a sentence too
+            response = web.json_response({"error": exc.reason}, status=exc.status)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
+    def check_host(self, request) -> None:
+        """A loopback dashboard answers only to loopback names: a DNS-rebinding page cannot reach it."""
+        if not self.loopback:
+            return
+        host = request.host.rsplit(":", 1)[0] if not request.host.startswith("[") else request.host.split("]")[0] + "]"
+        if host not in ("127.0.0.1", "localhost", "[::1]", self.host, f"[{self.host}]"):
+            raise Refused(403, f"this dashboard answers only to loopback addresses, not {request.host!r}")
+
+    async def page(self, request):
+        from aiohttp import web
+
+        return web.FileResponse(STATIC / "dashboard.html", headers={"Content-Type": "text/html; charset=utf-8"})
+
+    async def static(self, request):
+        from aiohttp import web
+
+        name = request.match_info["name"]
+        path = STATIC / name
+        if "/" in name or name.startswith(".") or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path)
+
+    async def api_state(self, request):
+        from aiohttp import web
+
+        return web.json_response(self.state.snapshot(self.auth_required), dumps=dumps)
+
+    async def api_events(self, request):
+        from aiohttp import web
+
+        if len(self.pages) >= MAX_PAGES:
+            raise Refused(503, f"{MAX_PAGES} pages are open already")
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                               "X-Accel-Buffering": "no"})
+        await response.prepare(request)
+        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_BATCHES)
+        self.pages.add(queue)
+        try:
+            snapshot = dumps(self.state.snapshot(self.auth_required))
+            await response.write(f"event: snapshot\ndata: {snapshot}\n\n".encode())
+            while True:
+                try:
+                    data = await asyncio.wait_for(queue.get(), 15)
+                except asyncio.TimeoutError:
+                    await response.write(b": keep-alive\n\n")  # proxies and browsers drop a silent stream
+                    continue
+                if data is None:
+                    break
+                await response.write(f"data: {data}\n\n".encode())
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.pages.discard(queue)
+        return response
+
+    async def download(self, request):
+        from aiohttp import web
+
+        from fedsock.run_files import metrics_text, model_bytes, plot_png
+
+        name = request.match_info["name"]
+        if name not in DOWNLOADS:
+            raise web.HTTPNotFound()
+        engine = self.engine
+        if name == "metrics.csv":
+            body = metrics_text(engine.metrics).encode()
+        else:
+            if name == "accuracy.png" and not engine.metrics:
+                raise Refused(404, "no round has finished yet: there is nothing to plot")
+            loop = asyncio.get_running_loop()
+            if name == "model.pt":  # the model the next round starts from (or the final one)
+                body = await loop.run_in_executor(None, model_bytes, engine.model.tensors)
+            else:
+                body = await loop.run_in_executor(None, plot_png, list(engine.metrics), self.title)
+        return web.Response(body=body, headers={"Content-Type": DOWNLOADS[name],
+                                                "Content-Disposition": f'attachment; filename="{name}"'})
+
+    async def action(self, request) -> Action:
+        """The checks every action passes: from this page (CSRF), with the token beyond loopback, JSON."""
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{request.host}":
+            raise Refused(403, f"a request from {origin} may not act on this run")
+        if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+            raise Refused(403, "a cross-site request may not act on this run")
+        if request.headers.get("X-Fedsock-Action") != "1" or request.content_type != "application/json":
+            raise Refused(403, "actions come from the dashboard page (a JSON body and its X-Fedsock-Action header)")
+        if self.auth_required:
+            given = request.headers.get("Authorization", "")
+            if not given.startswith("Bearer ") or self.token is None \
+                    or not hmac.compare_digest(given[len("Bearer "):].strip().encode(), self.token):
+                raise Refused(401, "this action needs the run's token (the server's --auth-token-file)")
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            raise Refused(400, "the request body is not JSON") from None
+        if not isinstance(body, dict):
+            raise Refused(400, "the request body must be a JSON object")
+        return Action(body)
+
+    async def api_start(self, request):
+        action = await self.action(request)
+        try:
+            message = self.engine.request_launch({k: v for k, v in action.body.items() if v not in (None, "")})
+        except ValueError as exc:
+            raise Refused(409, str(exc)) from None
+        return self.done(f"dashboard: {message}")
+
+    async def api_stop(self, request):
+        await self.action(request)
+        engine = self.engine
+        if engine.phase == "finished":
+            raise Refused(409, "the run has already ended")
+        if not engine.stopping.is_set():
+            engine.request_stop("the Stop button on the dashboard")
+        return self.done("dashboard: stopping; the run ends after its current step, with its checkpoint whole")
+
+    async def api_more(self, request):
+        action = await self.action(request)
+        try:
+            message = self.engine.request_more(action.body.get("rounds"))
+        except ValueError as exc:
+            raise Refused(409, str(exc)) from None
+        return self.done(f"dashboard: {message}")
+
+    def done(self, message: str):
+        from aiohttp import web
+
+        self.engine.events.notice(message)
+        return web.json_response({"ok": True, "message": message})
+
+
+def dumps(value: Any) -> str:
+    """JSON for the page; a NaN or infinite number (a diverged loss) becomes null, which JSON can say."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False, default=str)
+    except ValueError:
+        return json.dumps(finite(value), separators=(",", ":"), allow_nan=False, default=str)
+
+
+def finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, deque)):
+        return [finite(v) for v in value]
+    return value

@@ -1,0 +1,244 @@
+"""The live dashboard: its page in a real headless Chromium, its HTTP checks on real sockets.
+
+The browser test drives a real federation (a server and two clients as processes) from the
+page: the clients appear, Start (with settings), a session ends, more rounds, Stop; then
+the server's files and exit codes are checked. Chromium is the system's (apt's `chromium`,
+installed by .ci/run); Playwright drives it without downloading a browser of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import FAST
+from fedsock.console import ExitStatus
+from fedsock.dashboard import Dashboard, DashboardState, parse_address
+from fedsock.events import ClientJoined, ClientReady, Listening, RoundSaved, UpdateAccepted
+from fedsock.run_files import read_checkpoint
+from test_compression import RawPeer
+from test_engine import FakeClient, engine_for
+
+DASHBOARD_URL = r"dashboard: (http://127\.0\.0\.1:(\d+)/)"
+UI_TIMEOUT_MS = 120_000  # a bound on every wait in the page (each takes seconds)
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if path is None:
+        pytest.fail("the dashboard tests need Chromium: apt-get install chromium (.ci/run does it)")
+    return path
+
+
+def request(url: str, body: dict | None = None, headers: dict | None = None, method: str | None = None):
+    """(status, JSON answer) of one HTTP request; an action is POSTed as the page posts it, unless
+    `headers` says otherwise."""
+    data = None if body is None else json.dumps(body).encode()
+    sent = {"Content-Type": "application/json", "X-Fedsock-Action": "1"} if body is not None else {}
+    sent.update(headers or {})
+    req = urllib.request.Request(url, data=data, headers={k: v for k, v in sent.items() if v is not None},
+                                 method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as answer:
+            return answer.status, json.loads(answer.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+# --------------------------------------------------------------------------- in the browser
+
+
+def test_the_page_shows_the_lobby_starts_the_run_trains_more_and_stops_it(cluster, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+
+    out = tmp_path / "run"
+    server = cluster.server(*FAST, "--num-clients", "2", "--min-clients", "2", "--num-rounds", "1", "--start", "manual",
+                            "--stay", "--dashboard", "127.0.0.1:0", "--seed", "3", output_dir=out)
+    url = server.wait_for(DASHBOARD_URL, timeout=30).group(1)
+    clients = [cluster.client(k, quiet=False) for k in (1, 2)]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(url)
+            expect(page.locator("#phase")).to_have_text("waiting for start", timeout=UI_TIMEOUT_MS)
+            expect(page.locator("#client-count")).to_have_text("(2 waiting)", timeout=UI_TIMEOUT_MS)
+            expect(page.locator("#clients tbody tr")).to_have_count(2)
+            assert page.locator("#token-box").is_hidden()  # loopback: no token asked for
+            page.fill("input[name=num_rounds]", "2")
+            page.fill("input[name=lr]", "0.1")
+            page.click("#start")
+            expect(page.locator("#answer")).to_contain_text("training starts; num rounds 2; lr 0.1")
+            expect(page.locator("#phase")).to_have_text("between sessions", timeout=UI_TIMEOUT_MS)
+            assert page.evaluate("state.rounds.size") == 2
+            assert page.locator(".uplot canvas").count() == 4  # accuracy, loss, seconds, bytes
+            accuracy = page.evaluate("state.rounds.get(2).test_accuracy")
+            assert 0.8 < accuracy <= 1
+            expect(page.locator("#clients tbody tr").first).to_contain_text("waiting")
+            expect(page.locator("#clients tbody tr").first).to_contain_text("127.0.0.1")
+
+            csv = page.request.get(url + "download/metrics.csv")
+            assert csv.ok and csv.text().count("\n") == 3  # a header and two rounds
+            model = page.request.get(url + "download/model.pt")
+            (tmp_path / "model.pt").write_bytes(model.body())
+            weights = torch.load(tmp_path / "model.pt", weights_only=True)
+            saved = read_checkpoint(out / "checkpoint.fsck")  # round 2's, written before the session ended
+            assert saved.round == 2 and all(torch.equal(weights[k], saved.model[k]) for k in saved.model)
+            assert page.request.get(url + "download/accuracy.png").body()[:8] == b"\x89PNG\r\n\x1a\n"
+
+            page.fill("#more-rounds", "500")
+            page.click("#more")
+            expect(page.locator("#answer")).to_contain_text("500 more round(s)")
+            page.wait_for_function("() => state.rounds.size >= 4 && state.run.phase === 'training'", timeout=UI_TIMEOUT_MS)
+            expect(page.locator("#progress")).to_contain_text("of 502")
+            page.click("#stop")
+            expect(page.locator("#phase")).to_have_text("finished", timeout=UI_TIMEOUT_MS)
+            expect(page.locator("#log")).to_contain_text("the Stop button on the dashboard")
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert server.finish(timeout=60) == ExitStatus.INTERRUPTED  # as SIGINT: stopped in the middle of a session
+    for client in clients:
+        assert client.finish(timeout=60) == 0, client.output
+        assert "session 1 ended after round 2; stay connected" in client.output
+    checkpoint = read_checkpoint(out / "checkpoint.fsck")
+    rows = [json.loads(json.dumps(r)) for r in checkpoint.metrics]
+    assert checkpoint.round >= 4 and [r["round"] for r in rows] == list(range(1, checkpoint.round + 1))
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["num_rounds"], saved["lr"]) == (502, 0.1)
+    assert (out / "metrics.csv").read_text().count("\n") == checkpoint.round + 1
+
+
+# --------------------------------------------------------------------------- the HTTP checks
+
+
+def test_beyond_loopback_every_action_needs_the_runs_token(cluster, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-for-the-test\n")
+    token.chmod(0o600)
+    server = cluster.server(*FAST, "--num-clients", "2", "--start", "manual", "--dashboard", "0.0.0.0:0",
+                            "--auth-token-file", str(token))
+    url = server.wait_for(DASHBOARD_URL + r" \(its actions need the run's token\)", timeout=30).group(1)
+    status, state = request(url + "api/state")
+    assert status == 200 and state["auth_required"] and state["run"]["phase"] == "waiting for start"
+    shown = json.dumps(state)
+    assert "s3cret" not in shown and str(tmp_path) not in shown  # no token, no path
+    assert request(url + "api/stop", {})[0] == 401
+    assert request(url + "api/stop", {}, {"Authorization": "Bearer wrong"})[0] == 401
+    good = {"Authorization": "Bearer s3cret-token-for-the-test"}
+    assert request(url + "api/stop", {}, {**good, "Origin": "http://evil.example"})[0] == 403  # the token is not enough
+    assert request(url + "api/start", {"lr": -1}, good) == (409, {"error": "lr -1 is outside 1e-05..10"})
+    status, answer = request(url + "api/stop", {}, good)
+    assert status == 200 and "stopping" in answer["message"]
+    assert server.finish(timeout=60) == ExitStatus.INTERRUPTED
+    assert "stopped (the Stop button on the dashboard) before any round completed" in server.output
+
+
+def test_a_dashboard_beyond_loopback_without_a_token_is_refused_at_the_start(cluster, tmp_path):
+    server = cluster.server(*FAST, "--dashboard", "0.0.0.0:0", wait=False)
+    assert server.finish(timeout=60) == ExitStatus.USAGE
+    assert "listens beyond loopback: its Start and Stop need the run's token" in server.output
+    assert "Traceback" not in server.output
+
+
+def test_cross_site_and_rebinding_requests_are_refused(tmp_path):
+    """A loopback dashboard, in this process, over a real socket: what a hostile page could send."""
+    engine, _ = engine_for([FakeClient(1)], start="manual")
+
+    async def scenario() -> list:
+        dashboard = Dashboard("127.0.0.1", 0, engine, "test", None, loopback=True)
+        await dashboard.start()
+        url = dashboard.url
+        loop = asyncio.get_running_loop()
+        call = lambda *args: loop.run_in_executor(None, request, *args)  # noqa: E731
+        try:
+            return [
+                await call(url + "api/stop", {}, {"Origin": "http://evil.example"}),
+                await call(url + "api/stop", {}, {"Sec-Fetch-Site": "cross-site"}),
+                await call(url + "api/stop", {}, {"X-Fedsock-Action": None}),  # a plain form post cannot add it
+                await call(url + "api/stop", {}, {"Content-Type": "text/plain"}),
+                await call(url + "api/state", None, {"Host": f"evil.example:{dashboard.port}"}),  # DNS rebinding
+                await call(url + "api/more", {"rounds": 3}),
+                await call(url + "download/../config.json"),
+                await call(url + "api/stop", {}, {"Origin": url.rstrip("/")}),  # the page itself
+            ]
+        finally:
+            await dashboard.close()
+
+    answers = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert [status for status, _ in answers] == [403, 403, 403, 403, 403, 409, 404, 200]
+    assert "may not act on this run" in answers[0][1]["error"]
+    assert "only to loopback addresses" in answers[4][1]["error"]
+    assert engine.stopping.is_set() and engine.stop_reason == "the Stop button on the dashboard"
+    assert answers[7][1]["message"].startswith("dashboard: stopping")
+
+
+def test_the_state_keeps_each_clients_last_numbers_and_sends_only_what_changed():
+    engine, _ = engine_for([FakeClient(1), FakeClient(2)])
+    state = DashboardState(engine)
+    state.notify(Listening("127.0.0.1:5", "plain TCP", "no authentication", "/secret/path"))
+    for k in (1, 2):
+        state.notify(ClientJoined(k, f"127.0.0.1:{k}", False))
+        state.notify(ClientReady(k, 100 * k, k, 2))
+    first = state.changes()
+    assert [(c["id"], c["state"], c["examples"]) for c in first["clients"]] == [(1, "waiting", 100), (2, "waiting", 200)]
+    state.notify(UpdateAccepted(1, 2, 200, {"train_loss": 0.25, "local_test_accuracy": 0.5, "fit_seconds": 1.5}))
+    state.notify(RoundSaved({"round": 1, "clients": 1, "expected": 1, "seconds": 2.0, "test_accuracy": 0.9,
+                             "test_f1": 0.8, "train_loss": float("nan")}, 3))
+    second = state.changes()
+    assert [c["id"] for c in second["clients"]] == [2]  # only the client that changed
+    assert (second["clients"][0]["loss"], second["clients"][0]["fit_seconds"]) == (0.25, 1.5)
+    assert second["rounds"][0]["test_f1"] is None  # MNIST has no positive class: no F1 on the page
+    assert "clients" not in state.changes()
+    from fedsock.dashboard import dumps
+
+    assert json.loads(dumps(state.snapshot(False)))["rounds"][0]["train_loss"] is None  # NaN is not JSON
+    assert "/secret/path" not in dumps(state.snapshot(False))
+
+
+@pytest.mark.parametrize("value, expected", [("8080", ("127.0.0.1", 8080)), ("0.0.0.0:0", ("0.0.0.0", 0)),
+                                             ("[::1]:9000", ("::1", 9000)), ("localhost:1", ("localhost", 1))])
+def test_dashboard_addresses(value, expected):
+    assert parse_address(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "host:", "99999", ":80", "[::1]9000", "a:b"])
+def test_bad_dashboard_addresses_are_one_line_errors(value, cluster):
+    server = cluster.server("--dashboard", value, wait=False)
+    assert server.finish(timeout=60) == ExitStatus.USAGE
+    lines = [line for line in server.output.splitlines() if line.strip()]
+    assert "--dashboard" in server.output and len(lines) <= 3 and "Traceback" not in server.output
+
+
+# --------------------------------------------------------------------------- without a browser
+
+
+def test_sigusr1_starts_a_manual_run_without_a_browser(cluster, tmp_path):
+    server = cluster.server(*FAST, "--num-clients", "1", "--num-rounds", "1", "--start", "manual")
+    server.wait_for("waiting for Start training on the dashboard", timeout=30)
+    client = cluster.client(1)
+    server.wait_for("client 1 is ready", timeout=120)
+    server.signal(signal.SIGUSR1)
+    server.wait_for("SIGUSR1: training starts", timeout=30)
+    assert server.finish(timeout=120) == 0
+    assert client.finish(timeout=60) == 0
+    assert read_checkpoint(tmp_path / "run" / "checkpoint.fsck").round == 1
+
+
+def test_a_client_that_knows_no_sessions_is_refused_by_a_staying_server(cluster, tmp_path):
+    cluster.server(*FAST, "--num-clients", "1", "--stay")
+    peer = RawPeer(cluster.port, client_id=1, features=["dp-local", "compression", "secagg"])
+    messages = peer.read_until({"<ERROR>"})
+    assert messages and messages[-1]["header"] == "<ERROR>", messages
+    assert "this run needs the client features sessions" in messages[-1]["message"]
+    peer.close()
