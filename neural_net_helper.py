@@ -242,11 +242,19 @@ def local_round(model: nn.Module, data: LocalData, weights: dict[str, torch.Tens
     return {"train_loss": loss, "local_test_accuracy": accuracy, "fit_seconds": time.perf_counter() - started}
 
 
+def eval_batch_size(x: torch.Tensor) -> int:
+    """Examples per forward pass when evaluating. On a CPU, 128: a batch of 1,000 MNIST images makes
+    100 MB of cnn activations, far beyond the caches, and evaluates 2x slower (bench: 5.0 s against
+    2.6 s for the 10,000 test images on one thread); the small models do not care. A GPU wants big batches."""
+    return 1000 if x.device.type == "cuda" else 128
+
+
 @torch.no_grad()
 def evaluate_counts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
-                    batch_size: int = 1000) -> tuple[float, np.ndarray]:
+                    batch_size: int | None = None) -> tuple[float, np.ndarray]:
     """The summed cross-entropy and the confusion matrix (rows: true class, columns: predicted) of
     `model` on (x, y): counts, so that evaluations on several clients add up exactly."""
+    batch_size = batch_size or eval_batch_size(x)
     model.eval()
     loss = torch.zeros((), device=x.device, dtype=torch.float64)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=x.device)
@@ -276,8 +284,9 @@ def scores(confusion: np.ndarray, loss_sum: float, positive: int | None = None) 
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> tuple[float, float]:
     """Accuracy (0..1) and mean cross-entropy loss of `model` on (x, y)."""
+    batch_size = batch_size or eval_batch_size(x)
     model.eval()
     if len(x) == 0:
         return 0.0, 0.0

@@ -42,19 +42,21 @@ def simulate(args: list[str], out: Path, timeout_s: float) -> tuple[Proc, list[d
     return proc, read_metrics(out / "metrics.csv"), peak_kb
 
 
-def table(rounds: dict[str, int], workdir: Path) -> list[Row]:
+def table(rounds: dict[str, int], workdir: Path, lr: float = 0.05, splits=("iid", "shards")) -> list[Row]:
     rows = []
     for split, partition in (("iid", ["--partition", "iid"]), ("shards", ["--partition", "shards"])):
+        if split not in splits:
+            continue
         say(f"simulation table: {split}, up to {rounds[split]} rounds")
         _, metrics, _ = simulate(["--model", "cnn", "--num-clients", "100", "--fraction-fit", "0.1", "--local-epochs",
-                                  "5", "--batch-size", "10", "--lr", "0.05", "--num-rounds", str(rounds[split]),
+                                  "5", "--batch-size", "10", "--lr", str(lr), "--num-rounds", str(rounds[split]),
                                   "--workers", "2", "--seed", "0", *partition], workdir / split, rounds[split] * 900)
         accuracy = [m["test_accuracy"] for m in metrics]
         reached = next((i + 1 for i, a in enumerate(accuracy) if a >= 0.99), None)
         (BENCH / "results").mkdir(exist_ok=True)
-        (BENCH / "results" / f"mcmahan-{split}.json").write_text(json.dumps(accuracy) + "\n")
+        (BENCH / "results" / f"mcmahan-{split}-lr{lr:g}.json").write_text(json.dumps(accuracy) + "\n")
         say(f"simulation table {split}: " + " ".join(f"{100 * a:.2f}" for a in accuracy))
-        rows.append(Row("10 simulation", f"McMahan et al. 2017 cnn, 100 clients, C=0.1, E=5, B=10, {split}: rounds to 99%",
+        rows.append(Row("10 simulation", f"McMahan et al. 2017 cnn, 100 clients, C=0.1, E=5, B=10, lr {lr:g}, {split}: rounds to 99%",
                         reached if reached is not None else float("nan"), "rounds", PAPER[split], "the paper's Table 2",
                         reached / PAPER[split] if reached else None,
                         note=f"best {100 * max(accuracy):.2f}% in {len(accuracy)} rounds; per round: "
@@ -108,6 +110,8 @@ def main() -> int:
                         default=["table", "throughput", "overhead"])
     parser.add_argument("--rounds-iid", type=int, default=25)
     parser.add_argument("--rounds-shards", type=int, default=40)
+    parser.add_argument("--lr", type=float, default=0.05, help="the table's client learning rate")
+    parser.add_argument("--splits", nargs="+", choices=("iid", "shards"), default=["iid", "shards"])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     rows: list[Row] = []
@@ -118,7 +122,7 @@ def main() -> int:
         if "throughput" in args.only:
             rows += throughput(workdir, args.quick)
         if "table" in args.only:
-            rows += table({"iid": args.rounds_iid, "shards": args.rounds_shards}, workdir)
+            rows += table({"iid": args.rounds_iid, "shards": args.rounds_shards}, workdir, args.lr, args.splits)
     for row in rows:
         print(f"{row.metric}: {row.value:.3g} {row.unit}" + (f" (reference {row.reference})" if row.reference else "")
               + (f" [{row.target} {'PASS' if row.passed else 'FAIL'}]" if row.target else "") + f"  {row.note}")
