@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from fedsock.config import LAUNCH_LIMITS
-from fedsock.events import Event, Observer, id_ranges
+from fedsock.console import warn
+from fedsock.events import WHO, Event, Observer, id_ranges
 
 STATIC = Path(__file__).resolve().parent / "static"
 PUSH_EVERY_S = 0.25  # changes are batched: at most four pushes a second, to each page
@@ -182,8 +183,9 @@ class DashboardState(Observer):
                   + (f"; retry {e.retry} of {e.retries}" if e.retry else "; giving up"), warning=True)
 
     def on_RoundSaved(self, e) -> None:
-        self.current = {}
         row = e.row
+        if self.current.get("number") == row["round"]:  # the next round may already be under way
+            self.current = {}
         keep = ("round", "clients", "expected", "train_loss", "seconds", "bytes_sent", "bytes_received",
                 "max_fit_seconds", "test_accuracy", "test_loss", "test_f1", "fed_accuracy", "fed_loss", "fed_f1",
                 "epsilon")
@@ -262,10 +264,20 @@ class Dashboard(Observer):
         self.runner = None
         self.pusher: asyncio.Task | None = None
         self.url = ""
+        self.broken = False
 
     # ---- Observer
     def notify(self, event: Event) -> None:
-        self.state.notify(event)
+        try:
+            self.state.notify(event)
+        except Exception as exc:  # a bug here must not end the federation: the page is only a view
+            self.failed(exc)
+
+    def failed(self, exc: Exception) -> None:
+        if not self.broken:
+            self.broken = True
+            warn(WHO, f"internal: the dashboard stopped following the run ({type(exc).__name__}: {exc}); "
+                      f"the federation goes on")
 
     # ---- life
     async def start(self) -> str:
@@ -302,7 +314,10 @@ class Dashboard(Observer):
         """Send the last changes (the run's end), end every live feed, stop listening."""
         if self.pusher is not None:
             self.pusher.cancel()
-            self.push()
+            try:
+                self.push()
+            except Exception as exc:
+                self.failed(exc)
         for queue in list(self.pages):
             queue.put_nowait(None)
         if self.runner is not None:
@@ -311,7 +326,10 @@ class Dashboard(Observer):
     async def push_loop(self) -> None:
         while True:
             await asyncio.sleep(PUSH_EVERY_S)  # a period: batches what happened meanwhile
-            self.push()
+            try:
+                self.push()
+            except Exception as exc:
+                self.failed(exc)
 
     def push(self) -> None:
         batch = self.state.changes()

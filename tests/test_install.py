@@ -42,6 +42,8 @@ def test_a_wheel_installs_five_modules_and_one_package_and_runs_from_anywhere(tm
                    "socket_methods.py"], top
     assert "fedsock/data/mnist/train-images-idx3-ubyte.gz" in names
     assert {"fedsock/data/sms-spam/README.md", "fedsock/data/pneumonia-mnist/pneumoniamnist.npz"} <= set(names)
+    assert {"fedsock/static/dashboard.html", "fedsock/static/uPlot.iife.min.js", "fedsock/static/uPlot-LICENSE.txt"} \
+        <= set(names)  # the dashboard works offline: its page and chart library ship inside the package
 
     run(sys.executable, "-m", "venv", str(venv), cwd=tmp_path)
     python = venv / "bin" / "python"

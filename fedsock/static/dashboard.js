@@ -93,6 +93,13 @@ function drawSettings(s) {
   if (table.dataset.html !== rows) { table.innerHTML = rows; table.dataset.html = rows; }
 }
 
+// As many decimals as the ticks' spacing needs (3.9885, 3.9890 rather than 3.989, 3.989).
+function tickLabels(u, ticks) {
+  const step = ticks.length > 1 ? Math.abs(ticks[1] - ticks[0]) : 1;
+  const digits = step > 0 ? Math.min(Math.max(0, -Math.floor(Math.log10(step))), 8) : 0;
+  return ticks.map((v) => v.toFixed(digits));
+}
+
 // A chart is made again when the series that have data change (F1 only for a task with a positive
 // class, the clients' own evaluation only when they make one).
 function chart(id, title, series, yLabel, xs, columns) {
@@ -108,7 +115,7 @@ function chart(id, title, series, yLabel, xs, columns) {
       title, width: Math.max(el.clientWidth, 300), height: 210, scales: { x: { time: false } },
       legend: { live: false },
       axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000] },
-             { label: yLabel, size: 60, values: (u, ticks) => ticks.map((v) => +v.toPrecision(4)) }],
+             { label: yLabel, size: 60, values: tickLabels }],
       series: [{ label: "round" }, ...shown.map((i) => {
         const [label, stroke, dash] = series[i];
         return { label, stroke, width: 2, dash, spanGaps: true, points: { size: 5 } };
