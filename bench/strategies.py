@@ -32,8 +32,8 @@ STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi")
 SWEEPS = {
     "fedprox": ("--proximal-mu", ["0.001", "0.01", "0.1", "1"]),
     "fedavgm": ("--server-momentum", ["0.3", "0.5", "0.7", "0.9"]),
-    "fedadam": ("--server-lr", ["0.001", "0.003", "0.01", "0.03"]),
-    "fedyogi": ("--server-lr", ["0.001", "0.003", "0.01", "0.03"]),
+    "fedadam": ("--server-lr", ["0.001", "0.003", "0.01", "0.03", "0.1"]),
+    "fedyogi": ("--server-lr", ["0.001", "0.003", "0.01", "0.03", "0.1"]),
     "fedadagrad": ("--server-lr", ["0.01", "0.03", "0.1", "0.3"]),
 }
 RESULTS = BENCH / "results"
@@ -105,6 +105,7 @@ def main() -> int:
     parser.add_argument("--splits", nargs="+", choices=list(SPLITS), default=list(SPLITS))
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--tune", action="store_true", help="sweep each strategy's main setting instead")
+    parser.add_argument("--values", nargs="+", help="with --tune: only these values of the swept setting")
     parser.add_argument("--plot", action="store_true", help="only redraw imgs/strategies.png from saved results")
     args = parser.parse_args()
     if args.plot:
@@ -116,7 +117,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedsock-strategies-") as tmp:
         for split in args.splits:
             for strategy in args.strategies:
-                variants = [[flag, v] for flag, values in [SWEEPS[strategy]] for v in values] \
+                variants = [[flag, v] for flag, values in [SWEEPS[strategy]] for v in (args.values or values)] \
                     if args.tune and strategy in SWEEPS else [[]]
                 for extra in variants:
                     say(f"{args.model} {split} {strategy} {' '.join(extra)}")

@@ -242,3 +242,19 @@ def test_a_client_that_knows_no_sessions_is_refused_by_a_staying_server(cluster,
     assert messages and messages[-1]["header"] == "<ERROR>", messages
     assert "this run needs the client features sessions" in messages[-1]["message"]
     peer.close()
+
+
+def test_the_demo_opens_a_dashboard_that_starts_and_stops_the_run(cluster, tmp_path):
+    from conftest import free_port
+
+    port = free_port()
+    demo = cluster.run_program("demo.py", "--dashboard", str(port), "--clients", "2", "--model", "logreg", "--rounds",
+                               "1", "--no-tmux", "--output-dir", str(tmp_path / "demo"))
+    url = demo.wait_for(r"demo: the dashboard is at (http://127\.0\.0\.1:\d+/)", timeout=30).group(1)
+    assert url == f"http://127.0.0.1:{port}/"
+    demo.wait_for(r"2/2 ready", timeout=120)
+    assert request(url + "api/start", {})[0] == 200
+    demo.wait_for("session 1 finished after round 1", timeout=120)
+    assert request(url + "api/stop", {})[0] == 200
+    assert demo.finish(timeout=120) == 0
+    assert "final test accuracy" in demo.output and (tmp_path / "demo" / "model.pt").exists()
