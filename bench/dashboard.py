@@ -1,4 +1,4 @@
-"""Benchmark 11: does the live dashboard slow the rounds? 1,000 light clients, with and without it.
+"""Benchmark 14: does the live dashboard slow the rounds? 1,000 light clients, with and without it.
 
 The real server (`fl_server.py --model cnn`, 6.6 MB) against 1,000 light clients
 (bench/light_clients.py), the same run twice in each of two modes, alternated (A B A B)
@@ -92,7 +92,7 @@ def run(num_clients: int, rounds: int, repeats: int) -> list[Row]:
                     notes.append(f"the page listed {result['page'][0]} clients and {result['page'][1]} rounds")
     plain, with_page = median(seconds["plain"]), median(seconds["dashboard"])
     ratio = with_page / plain
-    return [Row("11 dashboard", f"{num_clients} light clients, cnn: median round with the dashboard open", with_page,
+    return [Row("14 dashboard", f"{num_clients} light clients, cnn: median round with the dashboard open", with_page,
                 "s", plain, "the same run without --dashboard", ratio, "<= 1.05x", ratio <= 1.05,
                 f"rounds 2..{rounds} of {repeats} run(s) per mode, alternated; plain "
                 f"{', '.join(f'{s:.2f}' for s in seconds['plain'])} s; dashboard "

@@ -108,6 +108,7 @@ class DashboardState(Observer):
         self._dirty_rounds: set[int] = set()
         self._new_log: list = []
         self._new_refused: list = []
+        self._last: dict[str, Any] = {}  # the run and settings as last sent
 
     # ---- events
     def notify(self, event: Event) -> None:
@@ -237,8 +238,12 @@ class DashboardState(Observer):
             "refused": list(self.refused),
         }
 
-    def changes(self) -> dict[str, Any]:
-        batch: dict[str, Any] = {"run": self.run(), "settings": self.settings()}
+    def changes(self) -> dict[str, Any] | None:
+        """What changed since the last call (None: nothing did)."""
+        batch: dict[str, Any] = {}
+        for key, value in (("run", self.run()), ("settings", self.settings())):
+            if value != self._last.get(key):
+                batch[key] = self._last[key] = value
         if self._dirty_clients:
             batch["clients"] = [self.clients[i] for i in sorted(self._dirty_clients)]
         if self._dirty_rounds:
@@ -248,7 +253,7 @@ class DashboardState(Observer):
         if self._new_refused:
             batch["refused"] = self._new_refused
         self._dirty_clients, self._dirty_rounds, self._new_log, self._new_refused = set(), set(), [], []
-        return batch
+        return batch or None
 
 
 class Dashboard(Observer):
@@ -333,7 +338,7 @@ class Dashboard(Observer):
 
     def push(self) -> None:
         batch = self.state.changes()
-        if not self.pages:
+        if batch is None or not self.pages:
             return
         data = dumps(batch)
         for queue in list(self.pages):
