@@ -148,8 +148,9 @@ class DashboardState(Observer):
         entry = {"time": time.time(), "peer": e.peer, "client_id": e.client_id, "reason": e.reason}
         self.refused.append(entry)
         self._new_refused.append(entry)
-        if e.client_id is not None and e.client_id in self.clients and self.clients[e.client_id]["state"] == "left":
-            self.client(e.client_id).update(state="refused", reason=e.reason)
+        row = self.clients.get(e.client_id)
+        if e.client_id is not None and (row is None or row["state"] in ("left", "dropped", "refused")):
+            self.client(e.client_id).update(state="refused", peer=e.peer, reason=e.reason)  # a live one stays as it is
 
     def on_Notice(self, e) -> None:
         self.note(e.message, e.warning)

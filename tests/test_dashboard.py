@@ -22,7 +22,7 @@ import torch
 from conftest import FAST
 from fedsock.console import ExitStatus
 from fedsock.dashboard import Dashboard, DashboardState, parse_address
-from fedsock.events import ClientJoined, ClientReady, Listening, RoundSaved, UpdateAccepted
+from fedsock.events import ClientJoined, ClientReady, ConnectionRefused, Listening, RoundSaved, UpdateAccepted
 from fedsock.run_files import read_checkpoint
 from test_compression import RawPeer
 from test_engine import FakeClient, engine_for
@@ -200,6 +200,11 @@ def test_the_state_keeps_each_clients_last_numbers_and_sends_only_what_changed()
     assert (second["clients"][0]["loss"], second["clients"][0]["fit_seconds"]) == (0.25, 1.5)
     assert second["rounds"][0]["test_f1"] is None  # MNIST has no positive class: no F1 on the page
     assert state.changes() is None  # nothing new: nothing sent
+    state.notify(ConnectionRefused("127.0.0.1:9", "client id 2 is already connected to this run", 2))
+    state.notify(ConnectionRefused("127.0.0.1:8", "client id 7 is not part of this run (ids are 1..2)", 7))
+    third = state.changes()
+    assert [(c["id"], c["state"]) for c in third["clients"]] == [(7, "refused")]  # live client 2 stays as it is
+    assert [r["client_id"] for r in third["refused"]] == [2, 7] and state.clients[2]["state"] == "waiting"
     from fedsock.dashboard import dumps
 
     assert json.loads(dumps(state.snapshot(False)))["rounds"][0]["train_loss"] is None  # NaN is not JSON
