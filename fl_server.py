@@ -304,7 +304,7 @@ class RoundEngine:
         changed = {name: value for name, value in checked.items() if getattr(self.config, name) != value}
         for name, value in changed.items():
             setattr(self.config, name, value)
-        save_config(self.config, self.output_dir)
+        save_config(self.config, self.output_dir, rewrite=True)
         self.launch.set()
         return "training starts" + "".join(f"; {name.replace('_', ' ')} {value:g}" for name, value in changed.items())
 
@@ -377,7 +377,7 @@ class RoundEngine:
         self.session += 1
         self.session_start = self.rounds_done
         self.config.num_rounds = self.rounds_done + self.more_rounds
-        save_config(self.config, self.output_dir)
+        save_config(self.config, self.output_dir, rewrite=True)
         self.phase = "training"
         self.events.emit(TrainingStarted(sorted(self.pool.members), self.rounds_done + 1, self.config.num_rounds,
                                          self.config.model, self.data_name(), self.config.strategy, self.session))
@@ -1002,10 +1002,18 @@ def make_output_dir(requested: str | None) -> Path:
     return path
 
 
-def save_config(config: ServerConfig, output_dir: str) -> None:
-    """config.json: the run's settings, written again when the dashboard or a new session changes them."""
-    if output_dir:
+def save_config(config: ServerConfig, output_dir: str, rewrite: bool = False) -> None:
+    """config.json: the run's settings, written again (`rewrite`) when the dashboard or a new session
+    changes them; a rewrite that fails is a warning (every checkpoint holds the settings too)."""
+    if not output_dir:
+        return
+    try:
         (Path(output_dir) / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    except OSError as exc:
+        if not rewrite:
+            raise UsageError(f"cannot write {Path(output_dir) / 'config.json'}: {exc.strerror or exc}") from exc
+        warn(WHO, f"cannot rewrite {Path(output_dir) / 'config.json'} with the new settings: {exc.strerror or exc}; "
+                  f"the checkpoints hold them")
 
 
 def stop_on_signals(engine: RoundEngine) -> None:

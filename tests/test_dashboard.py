@@ -225,6 +225,19 @@ def test_bad_dashboard_addresses_are_one_line_errors(value, cluster):
     assert "--dashboard" in server.output and len(lines) <= 3 and "Traceback" not in server.output
 
 
+def test_a_dashboard_port_in_use_is_a_one_line_error(cluster):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        server = cluster.server(*FAST, "--dashboard", f"127.0.0.1:{port}", wait=False)
+        assert server.finish(timeout=60) == ExitStatus.USAGE
+    assert f"--dashboard 127.0.0.1:{port}: port {port} is already in use; pick another" in server.output
+    assert "Traceback" not in server.output
+
+
 # --------------------------------------------------------------------------- without a browser
 
 
