@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import functools
 import ipaddress
 import json
@@ -64,6 +65,7 @@ from fedsock.events import (
     SessionFinished,
     TrainingStarted,
     UpdateAccepted,
+    UpdateDiscarded,
     drop_line,
 )
 from fedsock.lobby import RECEIVE_BUFFERS, Lobby, ReceiveBuffers
@@ -295,13 +297,21 @@ class RoundEngine:
     def request_launch(self, changes: dict[str, Any] | None = None) -> str:
         """Start training now (--start manual), with `changes` to the launch settings; a sentence
         saying what happens. ValueError: not now, or a setting outside its limits (nothing changed)."""
+        if self.config.start != "manual":
+            raise ValueError("this server starts by itself (--start auto)")
         if not self.waiting_for_launch():
             raise ValueError("training has already started" if self.phase != "lobby" else
-                             "this server starts by itself (--start auto)")
-        checked = settings.check_launch_settings(changes or {})
+                             "Start was pressed already; training begins once enough clients are ready")
+        # Only what differs from the run's settings is checked: a value from the command line stands.
+        given = {k: v for k, v in (changes or {}).items() if getattr(self.config, k, object()) != v}
+        changed = settings.check_launch_settings(given)
+        if changed.get("num_rounds", self.config.num_rounds) <= self.rounds_done:
+            raise ValueError(f"num_rounds must be more than the {self.rounds_done} round(s) this run has done")
+        if "num_rounds" in changed and self.config.dp_epsilon is not None:
+            raise ValueError(f"the noise was planned for --dp-epsilon {self.config.dp_epsilon:g} over "
+                             f"{self.config.num_rounds} rounds: restart the server to plan for another number")
         if len(self.pool.members) < self.needed and changes is not None:
             raise ValueError(f"{len(self.pool.members)} client(s) ready, {self.needed} needed to start")
-        changed = {name: value for name, value in checked.items() if getattr(self.config, name) != value}
         for name, value in changed.items():
             setattr(self.config, name, value)
         save_config(self.config, self.output_dir, rewrite=True)
@@ -312,7 +322,10 @@ class RoundEngine:
         """--stay: another session of `rounds` rounds from the last global model."""
         if self.phase != "between sessions":
             raise ValueError("more rounds can be asked for only when a session has ended (with --stay)")
-        rounds = settings.check_launch_settings({"num_rounds": rounds})["num_rounds"]
+        try:
+            rounds = settings.check_launch_settings({"num_rounds": rounds})["num_rounds"]
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("num_rounds", "rounds", 1)) from None
         self.more_rounds = rounds
         self.more.set()
         return f"{rounds} more round(s)"
@@ -391,7 +404,8 @@ class RoundEngine:
         all --num-clients are ready), and never start with fewer than the rounds need."""
         pool, config = self.pool, self.config
         if config.start == "manual":
-            self.events.notice("waiting for Start training on the dashboard (or SIGUSR1)")
+            self.events.notice("waiting for Start training on the dashboard (or SIGUSR1)" if config.dashboard else
+                               f"waiting for SIGUSR1 to start training (--start manual): kill -USR1 {os.getpid()}")
             await wait_any(self.launch, self.stopping, None)
             if self.stopping.is_set():
                 raise Stopped
@@ -531,7 +545,7 @@ class RoundEngine:
         checkpoint), and say it."""
         entry = self.evaluations.pop(number, None)
         row = next((r for r in self.metrics if r["round"] == number), None)
-        if entry is None or row is None:
+        if entry is None or row is None or "fed_clients" in row:  # --stay: a session's end evaluated it already
             return
         clients, loss_sum, confusion = entry
         scores = nnh.scores(confusion, loss_sum, self.task.positive_index if self.task else None)
@@ -594,7 +608,7 @@ class RoundEngine:
         try:
             if not in_round:
                 proxy.acknowledge(result, False, f"round {number} had closed before this update arrived; it was not used")
-                self.events.notice(f"client {proxy.client_id}: late update for round {number} discarded")
+                self.events.emit(UpdateDiscarded(number, proxy.client_id, f"late update for round {number} discarded"))
                 return
             if self.secure is not None:
                 try:
@@ -965,7 +979,7 @@ def open_listener(host: str, port: int) -> socket.socket:
         listener.listen(1024)
     except OSError as exc:
         listener.close()
-        if exc.errno == 98:  # EADDRINUSE
+        if exc.errno == errno.EADDRINUSE:
             raise UsageError(f"port {port} on {host} is already in use (another server?); pick another --server-port") from exc
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     listener.setblocking(False)
@@ -1089,7 +1103,7 @@ async def open_dashboard(config: ServerConfig, setup: Setup, engine: RoundEngine
         await dashboard.start()
     except OSError as exc:
         await dashboard.close()
-        if exc.errno == 98:  # EADDRINUSE
+        if exc.errno == errno.EADDRINUSE:
             raise UsageError(f"--dashboard {config.dashboard}: port {port} is already in use; pick another") from exc
         raise UsageError(f"--dashboard {config.dashboard}: cannot listen: {exc.strerror or exc}") from exc
     events.observers.append(dashboard)

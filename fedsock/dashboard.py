@@ -29,13 +29,15 @@ import json
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from fedsock.config import LAUNCH_LIMITS
 from fedsock.console import warn
-from fedsock.events import WHO, Event, Observer, id_ranges
+from fedsock.events import WHO, Event, Observer, drop_line, id_ranges
+from fedsock.run_files import metrics_text, model_bytes, plot_png
 
 STATIC = Path(__file__).resolve().parent / "static"
 PUSH_EVERY_S = 0.25  # changes are batched: at most four pushes a second, to each page
@@ -76,13 +78,6 @@ def parse_address(value: str) -> tuple[str, int]:
     if not host:
         raise ValueError(f"{value!r}: the host is empty")
     return host, int(port)
-
-
-@dataclass
-class Action:
-    """What an action request asked for, once it passed the checks."""
-
-    body: dict[str, Any]
 
 
 class Refused(Exception):
@@ -173,9 +168,11 @@ class DashboardState(Observer):
             state="waiting", round=e.number, examples=e.num_examples, loss=metrics.get("train_loss"),
             accuracy=metrics.get("local_test_accuracy"), fit_seconds=metrics.get("fit_seconds"))
 
-    def on_ClientDropped(self, e) -> None:
-        from fedsock.events import drop_line
+    def on_UpdateDiscarded(self, e) -> None:
+        self.client(e.client_id).update(state="waiting", reason=e.reason)
+        self.note(f"client {e.client_id}: {e.reason}", e.warning)
 
+    def on_ClientDropped(self, e) -> None:
         self.client(e.client_id).update(state="dropped", reason=e.reason if not e.timed_out else
                                         f"no update within {e.reason}")
         self.note(drop_line(e), warning=True)
@@ -271,6 +268,7 @@ class Dashboard(Observer):
         self.pusher: asyncio.Task | None = None
         self.url = ""
         self.broken = False
+        self.downloading = asyncio.Lock()
 
     # ---- Observer
     def notify(self, event: Event) -> None:
@@ -288,8 +286,6 @@ class Dashboard(Observer):
     # ---- life
     async def start(self) -> str:
         """Listen; the page's URL. UsageError-worthy failures raise OSError."""
-        from aiohttp import web
-
         @web.middleware
         async def checks(request, handler):
             return await self.checks(request, handler)
@@ -307,7 +303,7 @@ class Dashboard(Observer):
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
         await site.start()
-        host, port = site._server.sockets[0].getsockname()[:2]
+        host, port = self.runner.addresses[0][:2]
         self.port = port
         shown = f"[{host}]" if ":" in host else host
         if host in ("0.0.0.0", "::"):
@@ -325,7 +321,7 @@ class Dashboard(Observer):
             except Exception as exc:
                 self.failed(exc)
         for queue in list(self.pages):
-            queue.put_nowait(None)
+            end_feed(queue, keep=True)
         if self.runner is not None:
             await self.runner.cleanup()
 
@@ -347,14 +343,11 @@ class Dashboard(Observer):
                 queue.put_nowait(data)
             except asyncio.QueueFull:  # a page that cannot keep up reconnects and gets a snapshot
                 self.pages.discard(queue)
-                queue._queue.clear()  # noqa: SLF001 - make room for the end mark
-                queue.put_nowait(None)
+                end_feed(queue, keep=False)
 
     # ---- handlers
     async def checks(self, request, handler):
         """Every request: the Host check, errors as one JSON sentence, the security headers."""
-        from aiohttp import web
-
         try:
             self.check_host(request)
             response = await handler(request)
@@ -362,6 +355,10 @@ class Dashboard(Observer):
             response = web.json_response({"error": str(exc)}, status=exc.status)
         except web.HTTPException as exc:  # 404, 405, 413: a sentence too
             response = web.json_response({"error": exc.reason}, status=exc.status)
+        except Exception as exc:  # a bug: one warning line, a sentence for the page, and the run goes on
+            warn(WHO, f"internal: the dashboard could not answer {request.method} {request.path}: "
+                      f"{type(exc).__name__}: {exc}")
+            response = web.json_response({"error": f"internal error: {type(exc).__name__}"}, status=500)
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
@@ -375,13 +372,9 @@ class Dashboard(Observer):
             raise Refused(403, f"this dashboard answers only to loopback addresses, not {request.host!r}")
 
     async def page(self, request):
-        from aiohttp import web
-
         return web.FileResponse(STATIC / "dashboard.html", headers={"Content-Type": "text/html; charset=utf-8"})
 
     async def static(self, request):
-        from aiohttp import web
-
         name = request.match_info["name"]
         path = STATIC / name
         if "/" in name or name.startswith(".") or not path.is_file():
@@ -389,21 +382,19 @@ class Dashboard(Observer):
         return web.FileResponse(path)
 
     async def api_state(self, request):
-        from aiohttp import web
-
         return web.json_response(self.state.snapshot(self.auth_required), dumps=dumps)
 
     async def api_events(self, request):
-        from aiohttp import web
-
         if len(self.pages) >= MAX_PAGES:
             raise Refused(503, f"{MAX_PAGES} pages are open already")
+        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_BATCHES)
+        self.pages.add(queue)  # before the first await: MAX_PAGES holds however many connect at once
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                                "X-Accel-Buffering": "no"})
-        await response.prepare(request)
-        queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_BATCHES)
-        self.pages.add(queue)
         try:
+            for name, value in SECURITY_HEADERS.items():
+                response.headers.setdefault(name, value)
+            await response.prepare(request)
             snapshot = dumps(self.state.snapshot(self.auth_required))
             await response.write(f"event: snapshot\ndata: {snapshot}\n\n".encode())
             while True:
@@ -415,20 +406,23 @@ class Dashboard(Observer):
                 if data is None:
                     break
                 await response.write(f"data: {data}\n\n".encode())
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the page went away
         finally:
             self.pages.discard(queue)
         return response
 
     async def download(self, request):
-        from aiohttp import web
-
-        from fedsock.run_files import metrics_text, model_bytes, plot_png
-
         name = request.match_info["name"]
         if name not in DOWNLOADS:
             raise web.HTTPNotFound()
+        self.check_token(request, "a download")  # the model is what the federation's token protects
+        if self.downloading.locked():  # each one is a copy of the model or a plot: one at a time
+            raise Refused(429, "another download is being made; try again in a moment")
+        async with self.downloading:
+            return await self.make_download(name)
+
+    async def make_download(self, name: str):
         engine = self.engine
         if name == "metrics.csv":
             body = metrics_text(engine.metrics).encode()
@@ -443,7 +437,16 @@ class Dashboard(Observer):
         return web.Response(body=body, headers={"Content-Type": DOWNLOADS[name],
                                                 "Content-Disposition": f'attachment; filename="{name}"'})
 
-    async def action(self, request) -> Action:
+    def check_token(self, request, what: str) -> None:
+        """Beyond loopback: the run's token, as `Authorization: Bearer TOKEN`."""
+        if not self.auth_required:
+            return
+        given = request.headers.get("Authorization", "")
+        if not given.startswith("Bearer ") or self.token is None \
+                or not hmac.compare_digest(given[len("Bearer "):].strip().encode(), self.token):
+            raise Refused(401, f"{what} needs the run's token (the server's --auth-token-file)")
+
+    async def action(self, request) -> dict[str, Any]:
         """The checks every action passes: from this page (CSRF), with the token beyond loopback, JSON."""
         origin = request.headers.get("Origin")
         if origin is not None and origin != f"{request.scheme}://{request.host}":
@@ -452,23 +455,19 @@ class Dashboard(Observer):
             raise Refused(403, "a cross-site request may not act on this run")
         if request.headers.get("X-Fedsock-Action") != "1" or request.content_type != "application/json":
             raise Refused(403, "actions come from the dashboard page (a JSON body and its X-Fedsock-Action header)")
-        if self.auth_required:
-            given = request.headers.get("Authorization", "")
-            if not given.startswith("Bearer ") or self.token is None \
-                    or not hmac.compare_digest(given[len("Bearer "):].strip().encode(), self.token):
-                raise Refused(401, "this action needs the run's token (the server's --auth-token-file)")
+        self.check_token(request, "this action")
         try:
             body = await request.json()
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, LookupError):  # LookupError: an unknown charset
             raise Refused(400, "the request body is not JSON") from None
         if not isinstance(body, dict):
             raise Refused(400, "the request body must be a JSON object")
-        return Action(body)
+        return body
 
     async def api_start(self, request):
-        action = await self.action(request)
+        body = await self.action(request)
         try:
-            message = self.engine.request_launch({k: v for k, v in action.body.items() if v not in (None, "")})
+            message = self.engine.request_launch({k: v for k, v in body.items() if v not in (None, "")})
         except ValueError as exc:
             raise Refused(409, str(exc)) from None
         return self.done(f"dashboard: {message}")
@@ -483,18 +482,25 @@ class Dashboard(Observer):
         return self.done("dashboard: stopping; the run ends after its current step, with its checkpoint whole")
 
     async def api_more(self, request):
-        action = await self.action(request)
+        body = await self.action(request)
         try:
-            message = self.engine.request_more(action.body.get("rounds"))
+            message = self.engine.request_more(body.get("rounds"))
         except ValueError as exc:
             raise Refused(409, str(exc)) from None
         return self.done(f"dashboard: {message}")
 
     def done(self, message: str):
-        from aiohttp import web
-
         self.engine.events.notice(message)
         return web.json_response({"ok": True, "message": message})
+
+
+def end_feed(queue: asyncio.Queue, keep: bool) -> None:
+    """Put the end mark (None) in a page's queue: after what it holds (`keep`, if there is room for the
+    mark), or instead of it (a page too far behind reconnects to a fresh snapshot anyway)."""
+    if not keep or queue.full():
+        while not queue.empty():
+            queue.get_nowait()
+    queue.put_nowait(None)
 
 
 def dumps(value: Any) -> str:

@@ -98,6 +98,16 @@ class UpdateArriving(Event):
 
 
 @dataclass
+class UpdateDiscarded(Event):
+    """A client's update was not used: it came after its round closed, or could not be kept."""
+
+    number: int
+    client_id: int
+    reason: str
+    warning: bool = False
+
+
+@dataclass
 class RoundStarted(Event):
     number: int
     attempt: int
@@ -278,6 +288,12 @@ class Console(Observer):
             return
         say(self.who, f"training starts with {len(e.client_ids)} client(s) [{id_ranges(e.client_ids)}]: rounds "
                  f"{e.first_round}..{e.num_rounds} of {e.model} on {e.dataset}, strategy {e.strategy}")
+
+    def on_UpdateDiscarded(self, e: UpdateDiscarded) -> None:
+        if e.warning:
+            warn(self.who, f"client {e.client_id}: {e.reason}")
+        else:
+            self.info(f"client {e.client_id}: {e.reason}")
 
     def on_SessionFinished(self, e: SessionFinished) -> None:
         say(self.who, f"session {e.session} finished after round {e.rounds_completed}; the clients stay connected. "

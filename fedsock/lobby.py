@@ -36,7 +36,8 @@ from typing import Any, Callable
 from fedsock import security
 from fedsock.clients import ClientPool, Dropped, EvalRes, FitIns, FitRes, GlobalModel
 from fedsock.compression import Compression, decoded_update, scratch_for
-from fedsock.events import ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events, UpdateArriving
+from fedsock.events import (ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events, UpdateArriving,
+                            UpdateDiscarded)
 from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_plain_error
 from socket_methods import (
     PRE_AUTH_CONTROL_BYTES,
@@ -447,7 +448,7 @@ class RemoteClient:
     def lost_update(self, number: int, reason: str) -> None:
         """An update the server could not keep: the round goes on without it, the client stays."""
         self.expecting = None
-        self.lobby.events.notice(f"client {self.client_id}: {reason}", warning=True)
+        self.lobby.events.emit(UpdateDiscarded(number, self.client_id, reason, warning=True))
         self.lobby.send_soon(self, [encode_message("<SUCCESS>", round=number, accepted=False, message=reason)])
         if self.result is not None and not self.result.done():
             self.result.set_exception(Dropped(reason))

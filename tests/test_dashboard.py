@@ -14,7 +14,6 @@ import shutil
 import signal
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -48,9 +47,14 @@ def request(url: str, body: dict | None = None, headers: dict | None = None, met
                                  method=method)
     try:
         with urllib.request.urlopen(req, timeout=30) as answer:
-            return answer.status, json.loads(answer.read() or b"null")
+            return answer.status, decoded(answer)
     except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"null")
+        return exc.code, decoded(exc)
+
+
+def decoded(answer):
+    body = answer.read()
+    return json.loads(body or b"null") if answer.headers.get_content_type() == "application/json" else body
 
 
 # --------------------------------------------------------------------------- in the browser
@@ -81,7 +85,8 @@ def test_the_page_shows_the_lobby_starts_the_run_trains_more_and_stops_it(cluste
             expect(page.locator("#answer")).to_contain_text("training starts; num rounds 2; lr 0.1")
             expect(page.locator("#phase")).to_have_text("between sessions", timeout=UI_TIMEOUT_MS)
             assert page.evaluate("state.rounds.size") == 2
-            assert page.locator(".uplot canvas").count() == 4  # accuracy, loss, seconds, bytes
+            for chart in ("accuracy", "loss", "seconds", "bytes"):  # each chart holds both rounds
+                assert page.evaluate(f"charts['chart-{chart}'].plot.data[0]") == [1, 2]
             accuracy = page.evaluate("state.rounds.get(2).test_accuracy")
             assert 0.8 < accuracy <= 1
             expect(page.locator("#clients tbody tr").first).to_contain_text("waiting")
@@ -138,8 +143,27 @@ def test_beyond_loopback_every_action_needs_the_runs_token(cluster, tmp_path):
     good = {"Authorization": "Bearer s3cret-token-for-the-test"}
     assert request(url + "api/stop", {}, {**good, "Origin": "http://evil.example"})[0] == 403  # the token is not enough
     assert request(url + "api/start", {"lr": -1}, good) == (409, {"error": "lr -1 is outside 1e-05..10"})
-    status, answer = request(url + "api/stop", {}, good)
-    assert status == 200 and "stopping" in answer["message"]
+    assert request(url + "download/metrics.csv")[0] == 401  # the model and metrics are the run's too
+    status, csv = request(url + "download/metrics.csv", None, good)
+    assert status == 200 and csv.startswith(b"round,clients,") and csv.count(b"\n") == 1  # no round yet: a header
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:  # the page asks for the token, and sends it with each action
+        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            expect(page.locator("#token-box")).to_be_visible(timeout=UI_TIMEOUT_MS)
+            page.click("#stop")
+            expect(page.locator("#answer")).to_contain_text("this action needs the run's token")
+            page.fill("#token", "s3cret-token-for-the-test")
+            with page.expect_download(timeout=UI_TIMEOUT_MS) as saved:
+                page.click("text=metrics.csv")
+            assert open(saved.value.path(), "rb").read().startswith(b"round,clients,")
+            page.click("#stop")
+            expect(page.locator("#answer")).to_contain_text("stopping")
+        finally:
+            browser.close()
     assert server.finish(timeout=60) == ExitStatus.INTERRUPTED
     assert "stopped (the Stop button on the dashboard) before any round completed" in server.output
 
@@ -169,18 +193,19 @@ def test_cross_site_and_rebinding_requests_are_refused(tmp_path):
                 await call(url + "api/stop", {}, {"Content-Type": "text/plain"}),
                 await call(url + "api/state", None, {"Host": f"evil.example:{dashboard.port}"}),  # DNS rebinding
                 await call(url + "api/more", {"rounds": 3}),
-                await call(url + "download/../config.json"),
+                await call(url + "download/config.json"),  # only the three downloads
+                await call(url + "static/..%2Fdashboard.py"),
                 await call(url + "api/stop", {}, {"Origin": url.rstrip("/")}),  # the page itself
             ]
         finally:
             await dashboard.close()
 
     answers = asyncio.run(asyncio.wait_for(scenario(), 30))
-    assert [status for status, _ in answers] == [403, 403, 403, 403, 403, 409, 404, 200]
+    assert [status for status, _ in answers] == [403, 403, 403, 403, 403, 409, 404, 404, 200]
     assert "may not act on this run" in answers[0][1]["error"]
     assert "only to loopback addresses" in answers[4][1]["error"]
     assert engine.stopping.is_set() and engine.stop_reason == "the Stop button on the dashboard"
-    assert answers[7][1]["message"].startswith("dashboard: stopping")
+    assert answers[8][1]["message"].startswith("dashboard: stopping")
 
 
 def test_the_state_keeps_each_clients_last_numbers_and_sends_only_what_changed():
@@ -243,7 +268,7 @@ def test_a_dashboard_port_in_use_is_a_one_line_error(cluster):
 
 def test_sigusr1_starts_a_manual_run_without_a_browser(cluster, tmp_path):
     server = cluster.server(*FAST, "--num-clients", "1", "--num-rounds", "1", "--start", "manual")
-    server.wait_for("waiting for Start training on the dashboard", timeout=30)
+    server.wait_for("waiting for SIGUSR1 to start training", timeout=30)
     client = cluster.client(1)
     server.wait_for("client 1 is ready", timeout=120)
     server.signal(signal.SIGUSR1)

@@ -252,10 +252,14 @@ def test_a_manual_start_waits_for_the_launch_and_applies_its_settings():
         with pytest.raises(ValueError, match="cannot be set from the dashboard"):
             engine.request_launch({"strategy": "krum"})
         assert engine.config.lr == 0.05  # a refused launch changes nothing
+        engine.rounds_done = 3  # as a resumed run's
+        with pytest.raises(ValueError, match="num_rounds must be more than the 3 round"):
+            engine.request_launch({"num_rounds": 3})
+        engine.rounds_done = 0
         assert engine.request_launch({"num_rounds": 2, "lr": 0.1, "batch_size": 8}) == \
             "training starts; num rounds 2; lr 0.1; batch size 8"
 
-    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for Start"), launch)
+    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"), launch)
     assert run(engine) == ExitStatus.OK
     assert len(recorder.rows()) == 2 and engine.config.num_rounds == 2
     with pytest.raises(ValueError, match="already started"):
@@ -273,14 +277,14 @@ def test_a_launch_with_too_few_ready_clients_is_refused():
         refusals.append(str(caught.value))
         engine.request_stop("the Stop button on the dashboard")
 
-    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for Start"), launch)
+    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"), launch)
     assert run(engine) == ExitStatus.INTERRUPTED  # stopped in the lobby, as Ctrl-C would
     assert refusals and not recorder.rows()
 
 
 def test_sigusr1_starts_a_manual_run():
     engine, recorder = engine_for([FakeClient(1)], start="manual", num_rounds=1)
-    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for Start"), engine.signal_go)
+    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"), engine.signal_go)
     assert run(engine) == ExitStatus.OK
     assert len(recorder.rows()) == 1
 
@@ -295,12 +299,13 @@ def test_stay_keeps_the_clients_for_more_sessions_from_the_last_model():
     def between() -> None:
         sessions.append(engine.phase)
         if len(sessions) == 1:
+            with pytest.raises(ValueError, match="rounds 0 is outside 1..100000"):
+                engine.request_more(0)
             assert engine.request_more(3) == "3 more round(s)"
-        else:
+        elif len(sessions) == 2:
             engine.signal_go()  # SIGUSR1: another session as long as the last (3 rounds)
-            if len(sessions) == 3:
-                engine.more.clear()
-                engine.request_stop("the Stop button on the dashboard")
+        else:
+            engine.request_stop("the Stop button on the dashboard")
 
     recorder.on(lambda e: isinstance(e, SessionFinished), between)
     with pytest.raises(ValueError, match="only when a session has ended"):
@@ -314,3 +319,19 @@ def test_stay_keeps_the_clients_for_more_sessions_from_the_last_model():
     for client in clients:
         assert client.sessions == [(1, 2), (2, 5), (3, 8)]
         assert client.finished[:2] == (True, 8) and "in 3 sessions" in client.finished[2]
+
+
+def test_a_launch_setting_from_the_command_line_stands_even_beyond_the_pages_limits():
+    engine, recorder = engine_for([FakeClient(1)], start="manual", num_rounds=1, lr=20.0, batch_size=8192)
+    answers = []
+
+    def launch() -> None:
+        with pytest.raises(ValueError, match="already"):
+            engine.launch.set()
+            engine.request_launch({})
+        engine.launch.clear()
+        answers.append(engine.request_launch({"lr": 20.0, "batch_size": 8192, "num_rounds": 1}))  # the page's form
+
+    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"), launch)
+    assert run(engine) == ExitStatus.OK
+    assert answers == ["training starts"] and (engine.config.lr, engine.config.batch_size) == (20.0, 8192)

@@ -211,7 +211,27 @@ function launchSettings() {
   return body;
 }
 
+// Beyond loopback a download needs the token too: fetched with it, then saved from memory.
+async function download(event) {
+  if (!state.auth_required) return;  // a plain link
+  event.preventDefault();
+  const link = event.currentTarget;
+  const response = await fetch(link.getAttribute("href"), { headers: { Authorization: "Bearer " + $("token").value.trim() } });
+  if (!response.ok) {
+    const answer = $("answer");
+    answer.textContent = (await response.json()).error;
+    answer.className = "error";
+    return;
+  }
+  const url = URL.createObjectURL(await response.blob());
+  const save = document.createElement("a");
+  save.href = url; save.download = link.getAttribute("download") || link.textContent;
+  save.click();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  for (const link of document.querySelectorAll(".downloads a")) link.addEventListener("click", download);
   $("launch").addEventListener("input", () => { formTouched = true; });
   for (const form of document.forms) form.addEventListener("submit", (e) => e.preventDefault());
   $("start").addEventListener("click", () => act("/api/start", launchSettings()));
