@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 let charts = {};
 let drawPending = false;
 let formTouched = false;
+let roundsVersion = 0, chartsVersion = -1;  // the charts are redrawn only when a round changed
 
 // ---- the feed
 function connect() {
@@ -29,6 +30,7 @@ function merge(batch) {
   if (batch.settings) state.settings = batch.settings;
   for (const c of batch.clients || []) state.clients.set(c.id, c);
   for (const r of batch.rounds || []) state.rounds.set(r.round, r);
+  if (batch.rounds) roundsVersion += 1;
   if (batch.log) state.log = state.log.concat(batch.log).slice(-200);
   if (batch.refused) state.refused = state.refused.concat(batch.refused).slice(-50);
   if (!drawPending) { drawPending = true; requestAnimationFrame(draw); }
@@ -46,7 +48,7 @@ function draw() {
   $("phase").className = "badge " + (phase || "").replace(/ /g, "-");
   drawControls(run, s);
   drawSettings(s);
-  drawCharts();
+  if (chartsVersion !== roundsVersion && typeof uPlot !== "undefined") { chartsVersion = roundsVersion; drawCharts(); }
   drawClients();
   drawLog("log", state.log, (e) => [e.time, e.message, e.warning]);
   drawLog("refused", state.refused, (e) => [e.time, `${e.peer}: ${e.client_id != null ? "client " + e.client_id + ": " : ""}${e.reason}`, true]);
@@ -142,14 +144,24 @@ function drawCharts() {
     xs, [col("bytes_sent", 1e-6), col("bytes_received", 1e-6)]);
 }
 
+// The table lists the first ROWS_SHOWN clients by id (the counts above it cover all of them), and a
+// big lobby's table is redrawn at most once a second: the browser shares the machine with the server.
+const ROWS_SHOWN = 100;
 const rowsById = new Map();
+let clientsDrawn = 0;
 function drawClients() {
   const body = document.querySelector("#clients tbody");
   const ids = [...state.clients.keys()].sort((a, b) => a - b);
+  const now = performance.now();
+  if (ids.length > ROWS_SHOWN && now - clientsDrawn < 1000) {
+    if (!drawPending) { drawPending = true; setTimeout(() => requestAnimationFrame(draw), 1000 - (now - clientsDrawn)); }
+    return;
+  }
+  clientsDrawn = now;
   let counts = {};
-  for (const id of ids) {
+  for (const c of state.clients.values()) counts[c.state] = (counts[c.state] || 0) + 1;
+  for (const id of ids.slice(0, ROWS_SHOWN)) {
     const c = state.clients.get(id);
-    counts[c.state] = (counts[c.state] || 0) + 1;
     const cells = [c.id, c.peer, c.joined ? clock(c.joined) : "", `<span class="state ${c.state}">${stateText(c)}</span>`,
       c.round ?? "", num(c.loss, 4), c.accuracy == null ? "" : (100 * c.accuracy).toFixed(2) + "%",
       c.examples ?? "", num(c.fit_seconds, 1)];
@@ -159,7 +171,8 @@ function drawClients() {
     if (!tr) { tr = document.createElement("tr"); tr.dataset.id = id; rowsById.set(id, tr); insertRow(body, tr, id); }
     if (tr.dataset.html !== html) { tr.innerHTML = html; tr.dataset.html = html; }
   }
-  $("client-count").textContent = "(" + Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(", ") + ")";
+  $("client-count").textContent = "(" + Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(", ") + ")" +
+    (ids.length > ROWS_SHOWN ? ` — the first ${ROWS_SHOWN} of ${ids.length} listed` : "");
 }
 
 function insertRow(body, tr, id) {
