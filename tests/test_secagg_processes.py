@@ -169,7 +169,7 @@ def test_a_client_that_vanishes_at_any_stage_leaves_the_round_complete(cluster, 
     clients = [cluster.client(k) for k in (1, 2, 3)]
     peer = ScriptedPeer(cluster.port, 4, stop_at)
     peer.start()
-    assert [c.finish(timeout=180) for c in clients] == [0, 0, 0], [c.output for c in clients]
+    assert [c.finish(timeout=180) for c in clients] == [0, 0, 0], ([c.output for c in clients], server.output)
     assert server.finish(timeout=60) == 0, server.output
     peer.join(timeout=30)
     assert peer.error is None, peer.error
@@ -187,7 +187,7 @@ def test_a_killed_client_process_during_training_leaves_the_round_complete(clust
     clients = [cluster.client(k) for k in (1, 2, 3)]
     victim.wait_for(r"round 1/2: 25% trained", timeout=120)
     victim.signal(signal.SIGKILL)
-    assert [c.finish(timeout=180) for c in clients] == [0, 0, 0], [c.output for c in clients]
+    assert [c.finish(timeout=180) for c in clients] == [0, 0, 0], ([c.output for c in clients], server.output)
     assert server.finish(timeout=60) == 0, server.output
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert [r["clients"] for r in rows] == [3, 3]
@@ -199,7 +199,7 @@ def test_a_client_back_within_the_round_is_not_asked_to_unmask(cluster, tmp_path
     clients = [cluster.client(k) for k in (1, 2, 3)]
     peer = ScriptedPeer(cluster.port, 4, "after <UPDATE>", rejoin=True)
     peer.start()
-    assert [c.finish(timeout=180) for c in clients] == [0, 0, 0], [c.output for c in clients]
+    assert [c.finish(timeout=180) for c in clients] == [0, 0, 0], ([c.output for c in clients], server.output)
     assert server.finish(timeout=60) == 0, server.output
     peer.join(timeout=60)
     assert peer.error is None, peer.error
