@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
@@ -27,8 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import Proc, Row, kill_all, median, read_metrics, say  # noqa: E402
-
-CLIENTS_PER_PROCESS = 250
+from many_clients import light_clients  # noqa: E402
 
 
 def run_federation(num_clients: int, rounds: int, out: Path, dashboard: bool, playwright) -> dict:
@@ -50,11 +48,7 @@ def run_federation(num_clients: int, rounds: int, out: Path, dashboard: bool, pl
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(url)
             page.wait_for_selector("#feed.live", timeout=30_000)
-        processes = max(1, math.ceil(num_clients / CLIENTS_PER_PROCESS))
-        share = math.ceil(num_clients / processes)
-        swarms = [Proc(["bench/light_clients.py", "--port", str(port), "--first-id", str(first), "--count",
-                        str(min(share, num_clients - first + 1)), "--timeout", "900"], f"light clients {first}..")
-                  for first in range(1, num_clients + 1, share)]
+        swarms = light_clients(port, num_clients)
         procs.extend(swarms)
         codes = [swarm.finish(timeout=900) for swarm in swarms]
         code = server.finish(timeout=120)

@@ -26,6 +26,15 @@ from common import Proc, Row, RssSampler, kill_all, median, read_metrics, say, s
 CLIENTS_PER_PROCESS = 250
 
 
+def light_clients(port: int, num_clients: int) -> list[Proc]:
+    """Light clients 1..num_clients against the server at `port`, CLIENTS_PER_PROCESS to a process."""
+    processes = max(1, math.ceil(num_clients / CLIENTS_PER_PROCESS))
+    share = math.ceil(num_clients / processes)
+    return [Proc(["bench/light_clients.py", "--port", str(port), "--first-id", str(first), "--count",
+                  str(min(share, num_clients - first + 1)), "--timeout", "900"], f"light clients {first}..")
+            for first in range(1, num_clients + 1, share)]
+
+
 def run_federation(num_clients: int, rounds: int, workdir: Path) -> dict:
     """One server and its light clients; returns round times and memory readings."""
     out = workdir / f"n{num_clients}"
@@ -41,13 +50,7 @@ def run_federation(num_clients: int, rounds: int, workdir: Path) -> dict:
         port = int(server.wait_for(r"listening on [\d.]+:(\d+)", timeout=120).group(1))
         idle_rss_kb = status_kb(server.pid, "VmRSS")
         started = time.perf_counter()
-        processes = max(1, math.ceil(num_clients / CLIENTS_PER_PROCESS))
-        share = math.ceil(num_clients / processes)
-        swarms = []
-        for first in range(1, num_clients + 1, share):
-            count = min(share, num_clients - first + 1)
-            swarms.append(Proc(["bench/light_clients.py", "--port", str(port), "--first-id", str(first),
-                                "--count", str(count), "--timeout", "900"], f"light clients {first}.."))
+        swarms = light_clients(port, num_clients)
         procs.extend(swarms)
         codes = [swarm.finish(timeout=900) for swarm in swarms]
         code = server.finish(timeout=120)

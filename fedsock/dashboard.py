@@ -316,10 +316,7 @@ class Dashboard(Observer):
         """Send the last changes (the run's end), end every live feed, stop listening."""
         if self.pusher is not None:
             self.pusher.cancel()
-            try:
-                self.push()
-            except Exception as exc:
-                self.failed(exc)
+            self.push()
         for queue in list(self.pages):
             end_feed(queue, keep=True)
         if self.runner is not None:
@@ -328,12 +325,16 @@ class Dashboard(Observer):
     async def push_loop(self) -> None:
         while True:
             await asyncio.sleep(PUSH_EVERY_S)  # a period: batches what happened meanwhile
-            try:
-                self.push()
-            except Exception as exc:
-                self.failed(exc)
+            self.push()
 
     def push(self) -> None:
+        """What changed, to every open page (a bug here warns once; the federation goes on)."""
+        try:
+            self._push()
+        except Exception as exc:
+            self.failed(exc)
+
+    def _push(self) -> None:
         batch = self.state.changes()
         if batch is None or not self.pages:
             return

@@ -290,10 +290,7 @@ class Console(Observer):
                  f"{e.first_round}..{e.num_rounds} of {e.model} on {e.dataset}, strategy {e.strategy}")
 
     def on_UpdateDiscarded(self, e: UpdateDiscarded) -> None:
-        if e.warning:
-            warn(self.who, f"client {e.client_id}: {e.reason}")
-        else:
-            self.info(f"client {e.client_id}: {e.reason}")
+        self.on_Notice(Notice(f"client {e.client_id}: {e.reason}", e.warning))
 
     def on_SessionFinished(self, e: SessionFinished) -> None:
         say(self.who, f"session {e.session} finished after round {e.rounds_completed}; the clients stay connected. "

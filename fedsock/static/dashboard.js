@@ -202,10 +202,13 @@ const num = (v, digits) => (v == null ? "" : Number(v).toFixed(digits));
 const clock = (t) => new Date(t * 1000).toLocaleTimeString();
 
 // ---- actions
-async function act(path, body) {
-  const headers = { "Content-Type": "application/json", "X-Fedsock-Action": "1" };
+function tokenHeader() {
   const token = $("token").value.trim();
-  if (token) headers["Authorization"] = "Bearer " + token;
+  return token ? { Authorization: "Bearer " + token } : {};
+}
+
+async function act(path, body) {
+  const headers = { "Content-Type": "application/json", "X-Fedsock-Action": "1", ...tokenHeader() };
   const answer = $("answer");
   try {
     const response = await fetch(path, { method: "POST", headers, body: JSON.stringify(body || {}), credentials: "same-origin" });
@@ -229,7 +232,7 @@ async function download(event) {
   if (!state.auth_required) return;  // a plain link
   event.preventDefault();
   const link = event.currentTarget;
-  const response = await fetch(link.getAttribute("href"), { headers: { Authorization: "Bearer " + $("token").value.trim() } });
+  const response = await fetch(link.getAttribute("href"), { headers: tokenHeader() });
   if (!response.ok) {
     const answer = $("answer");
     answer.textContent = (await response.json()).error;
