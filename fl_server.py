@@ -498,9 +498,12 @@ class RoundEngine:
                     "lr": self.config.lr, **self.strategy.fit_settings()}
         round_.started = time.perf_counter()  # a secure round's time and bytes include its key and share stages
         round_.traffic_at_start = (self.traffic.sent, self.traffic.received)
+        # The picked clients' proxies, held from here: one that leaves during the key stages is gone
+        # from the pool, and its fit reports the drop.
+        proxies = {i: pool.members[i] for i in picked}
         if self.secure is not None:  # keys and shares first, among the picked; then the model to those still here
             threshold = self.secure.threshold(len(picked))
-            picked = await self.secure.setup(number, {i: pool.members[i] for i in picked})
+            picked = await self.secure.setup(number, proxies)
             self.note_secure_drops(round_)
             if self.stopping.is_set():
                 raise Stopped
@@ -514,7 +517,7 @@ class RoundEngine:
         self.current = round_
         instructions = FitIns(number, self.model, settings, evaluate=self.federated_evaluation)
         for client_id in picked:
-            self.start_fit(pool.members[client_id], instructions)
+            self.start_fit(proxies[client_id], instructions)
         self.events.emit(RoundStarted(number, attempt, picked, sorted(round_.expected), len(idle) - len(picked)))
         round_.settle()  # a round that picked nobody (Poisson sampling) is complete at once
         await self.settle_report()  # the last round's evaluation ran while this model went out
@@ -600,8 +603,9 @@ class RoundEngine:
             exc = task.exception()
             reason = str(exc) if isinstance(exc, Dropped) else f"internal error: {type(exc).__name__}: {exc}"
             if in_round and proxy.client_id in round_.expected and proxy.client_id not in round_.reported:
-                round_.dropped[proxy.client_id] = reason
-                self.note_drop(ClientDropped(number, proxy.client_id, reason))
+                if proxy.client_id not in round_.dropped:  # a key stage may have reported it already
+                    round_.dropped[proxy.client_id] = reason
+                    self.note_drop(ClientDropped(number, proxy.client_id, reason))
                 round_.settle()
             return
         result: FitRes = task.result()

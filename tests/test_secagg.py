@@ -292,13 +292,22 @@ class SecureFake:
         self.client_id, self.step, self.num_examples = client_id, step, num_examples
         self.session = sa.ClientSession(client_id, length)
         self.stop_at: str | None = None
+        self.pool: ClientPool | None = None  # it leaves the pool when it vanishes, as a closed connection does
+        self.gone = False
         self.received: list = []  # everything the server sent it (for the no-leak check)
         self.sent: list = []  # everything it sent the server
 
+    def vanish(self):
+        self.gone = True
+        self.pool.remove(self.client_id)
+        raise Dropped("connection closed")
+
     async def secagg(self, header: str, fields: dict, reply: str | None):
         self.received.append((header, fields))
-        if self.stop_at == header:
+        if self.gone:
             raise Dropped("connection closed")
+        if self.stop_at == header:
+            self.vanish()
         answer = self.session.answer({"header": header, **fields})
         if answer is None:
             return None
@@ -306,8 +315,8 @@ class SecureFake:
         return {"header": answer[0], **answer[1]}
 
     async def fit(self, ins: FitIns) -> FitRes:
-        if self.stop_at == "fit":
-            raise Dropped("connection closed")
+        if self.gone or self.stop_at == "fit":
+            self.vanish()
         trained = {n: t + self.step for n, t in ins.model.tensors.items()}
         masked = self.session.masked_update(ins.round, ins.model.tensors, trained, self.num_examples)
         self.sent.append(("<UPDATE>", masked.copy()))
@@ -329,6 +338,7 @@ def secure_engine(clients: list[SecureFake], template: dict, **changes):
     for client in clients:
         pool.joined(client)
         pool.add(client)
+        client.pool = pool
     recorder = Recorder()
     secure = sa.SecureAggregation(sa.Settings(weight_bound=100, stage_timeout_s=5), template)
     engine = RoundEngine(config, Strategy(strategy_settings(config)), pool, GlobalModel.of(template),
@@ -357,7 +367,7 @@ def test_secure_rounds_give_the_example_weighted_mean():
         assert [h for h, _ in client.sent] == ["<SECAGG_KEYS>", "<SECAGG_SHARES>", "<UPDATE>", "<SECAGG_REVEAL>"] * 2
 
 
-@pytest.mark.parametrize("stage", ["<SECAGG_SETUP>", "<SECAGG_PEERS>", "fit", "<SECAGG_UNMASK>"])
+@pytest.mark.parametrize("stage", ["<SECAGG_SETUP>", "<SECAGG_PEERS>", "<SECAGG_ROUTED>", "fit", "<SECAGG_UNMASK>"])
 def test_a_client_lost_at_any_stage_leaves_the_round_complete(stage):
     template = {"w": torch.zeros(8)}
     clients = [SecureFake(i, float(i), 10 * i, 8) for i in range(1, 6)]
