@@ -38,7 +38,7 @@ from socket_methods import (
 
 # The optional protocol features this client supports (sent in <HELLO>; a run that needs
 # others refuses it with a sentence, rather than letting it train without them).
-FEATURES: list[str] = ["dp-local", "compression", "secagg", "sessions"]
+FEATURES: list[str] = ["dp-local", "compression", "secagg", "sessions", "augment"]
 # Reconnect backoff: first pause and the longest one.
 RETRY_FIRST_S, RETRY_MAX_S = 0.1, 2.0
 
@@ -385,9 +385,14 @@ class LocalTrainer:
     def fit(self, conn: BlockingConnection, message: dict[str, Any]) -> list:
         """Receive the global weights, train, test locally; the <UPDATE> frames to send."""
         number = message["round"]
-        if self.dp_sgd is not None and (message["proximal_mu"] > 0 or "dp_clip" in message):
+        augment = message.get("augment", "none")
+        if augment not in self.nnh.AUGMENTATIONS or (augment != "none" and self.task.kind == "text"):
+            raise BadMessage(f"<MODEL> asks for augmentation {augment[:40]!r}, which this client does not know for "
+                             f"{self.task.kind} examples")
+        if self.dp_sgd is not None and (message["proximal_mu"] > 0 or "dp_clip" in message or augment != "none"):
             reason = ("this client trains with --dp-sgd, which it cannot combine with the run's "
-                      + ("FedProx proximal term" if message["proximal_mu"] > 0 else "client-side update noise"))
+                      + ("FedProx proximal term" if message["proximal_mu"] > 0 else
+                         "augmentation" if augment != "none" else "client-side update noise"))
             conn.send([encode_message("<ERROR>", message=reason)])
             raise FedsockError(reason)
         tensors = self.receive_model(conn, message)
@@ -402,7 +407,7 @@ class LocalTrainer:
         try:
             metrics = self.nnh.local_round(
                 self.model, self.data, tensors, epochs=message["local_epochs"], batch_size=message["batch_size"],
-                lr=message["lr"], proximal_mu=message["proximal_mu"], dp_clip=message.get("dp_clip"),
+                lr=message["lr"], proximal_mu=message["proximal_mu"], augment=augment, dp_clip=message.get("dp_clip"),
                 dp_noise_std=message.get("dp_noise_std", 0.0), dp_sgd=self.dp_sgd,
                 seed=hash((self.seed, self.config.client_id, number)) & 0x7FFFFFFF,
                 progress=self.progress.start(batches, description),
@@ -413,7 +418,8 @@ class LocalTrainer:
         if self.dp_sgd is not None:
             metrics["dp_sgd_epsilon"] = self.dp_sgd.epsilon()
             privacy = f", DP-SGD epsilon {metrics['dp_sgd_epsilon']:.3g} at delta {self.config.dp_sgd_delta:g}"
-        say(self.config.who, f"round {number}: trained on {self.num_examples} examples, loss {metrics['train_loss']:.4f}, "
+        augmented = f" ({augment} augmentation)" if augment != "none" else ""
+        say(self.config.who, f"round {number}: trained on {self.num_examples} examples{augmented}, loss {metrics['train_loss']:.4f}, "
                              f"local test acc {100 * metrics['local_test_accuracy']:.2f}%, {metrics['fit_seconds']:.1f} s"
                              f"{privacy}")
         weights, extra = self.nnh.get_weights(self.model), {}

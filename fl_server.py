@@ -166,6 +166,8 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
     if not nnh.model_fits(config.model, kind):
         parser.error(f"--model {config.model} is for {'text' if kind == 'image' else 'images'}; a {kind} task needs "
                      f"{' or '.join(nnh.TEXT_MODELS if kind == 'text' else nnh.IMAGE_MODELS)}")
+    if config.augment != "none" and kind == "text":
+        parser.error(f"--augment {config.augment} is for images; a text task has none to turn")
     dp_flags = [name for name in ("dp_noise_multiplier", "dp_epsilon", "dp_delta", "dp_mode") if name in given]
     if config.dp_clip is None and dp_flags:
         parser.error(f"--{dp_flags[0].replace('_', '-')} needs --dp-clip S, which turns client-level DP on")
@@ -496,6 +498,8 @@ class RoundEngine:
         round_.planned = self.strategy.planned(len(picked), len(idle))
         settings = {"local_epochs": self.config.local_epochs, "batch_size": self.config.batch_size,
                     "lr": self.config.lr, **self.strategy.fit_settings()}
+        if self.config.augment != "none":  # absent otherwise: the <MODEL> of a plain run is as it always was
+            settings["augment"] = self.config.augment
         round_.started = time.perf_counter()  # a secure round's time and bytes include its key and share stages
         round_.traffic_at_start = (self.traffic.sent, self.traffic.received)
         # The picked clients' proxies, held from here: one that leaves during the key stages is gone
@@ -803,7 +807,7 @@ def required_features(config: ServerConfig) -> list[str]:
     local_dp = config.dp_clip is not None and config.dp_mode == "local"
     return (["dp-local"] * (local_dp or config.secure_aggregation and config.dp_clip is not None)
             + [compression.FEATURE] * compression_of(config).active + [secagg.FEATURE] * config.secure_aggregation
-            + ["sessions"] * config.stay)
+            + ["sessions"] * config.stay + ["augment"] * (config.augment != "none"))
 
 
 def compression_of(config: ServerConfig) -> compression.Compression:

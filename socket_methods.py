@@ -144,6 +144,8 @@ MESSAGES: dict[str, dict[str, Field]] = {
                          meaning="feature dp-local: clip the update's delta to this L2 norm"),
         "dp_noise_std": Field(float, 0, 10**6, optional=True,
                               meaning="feature dp-local: then add Gaussian noise of this std to every coordinate"),
+        "augment": Field(str, max_len=64, optional=True,
+                         meaning='feature augment: "affine" (see Augmentation); absent: train on the images as they are'),
         "weights": Field(dict, meaning="the layout of the weights frame that follows (compressed with the "
                                        "broadcast's encoding)"),
         "broadcast_params": Field(dict, optional=True, meaning="broadcast int8: [scale, lo] per float tensor"),

@@ -160,6 +160,9 @@ class ServerConfig:
     local_epochs: int = setting(1, "epochs each client trains per round", group=TRAINING, type=positive_int, metavar="E")
     batch_size: int = setting(32, "client minibatch size", group=TRAINING, type=positive_int, metavar="B")
     lr: float = setting(0.05, "client SGD learning rate", group=TRAINING, type=positive_float)
+    augment: str = setting("none", "image tasks: affine (each client turns, shifts and zooms each training image at "
+                                   "random, every batch: up to 10 degrees, 10%% of its size and 10%% of zoom) or none", group=TRAINING,
+                           choices=("none", "affine"))
     strategy: str = setting("fedavg", "how updates become the next global model (see the README's strategy table)",
                             group=STRATEGY, choices=("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                                                      "median", "trimmed-mean", "krum", "multi-krum"))

@@ -48,7 +48,7 @@ HOLD_S = 20  # how long tmux panes stay on screen after the run, to read the las
 TASKS = {
     "mnist": dict(rounds=3, model="cnn", flags=[]),
     "spam": dict(rounds=10, model="textcnn", flags=["--local-epochs", "2", "--lr", "0.1"]),
-    "chest-xray": dict(rounds=10, model="cnn", flags=["--local-epochs", "2", "--lr", "0.05"]),
+    "chest-xray": dict(rounds=20, model="cnn", flags=["--local-epochs", "2", "--lr", "0.05", "--augment", "affine"]),
 }
 
 
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="mnist: the server splits MNIST; spam: each client its own SMS messages (a .tsv); "
                              "chest-xray: each client its own chest_xray/ image folders")
     parser.add_argument("--clients", type=int, default=5, help="number of clients to start")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default: 3 for mnist, 10 for the others)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default: 3 for mnist, 10 for spam, 20 for chest-xray)")
     parser.add_argument("--model", choices=("logreg", "mlp", "cnn", "textcnn", "textgru"), default=None,
                         help="model to train (default: cnn, or textcnn for spam)")
     parser.add_argument("--split", choices=("iid", "dirichlet"), default="iid",

@@ -152,7 +152,8 @@ def train_one(model: torch.nn.Module, data: nnh.LocalData, weights: dict, settin
               number: int) -> dict[str, float]:
     """A virtual client's round: what fl_client.py's LocalTrainer.fit does, with the same seed."""
     return nnh.local_round(model, data, weights, epochs=settings_["local_epochs"], batch_size=settings_["batch_size"],
-                           lr=settings_["lr"], proximal_mu=settings_["proximal_mu"], dp_clip=settings_.get("dp_clip"),
+                           lr=settings_["lr"], proximal_mu=settings_["proximal_mu"],
+                           augment=settings_.get("augment", "none"), dp_clip=settings_.get("dp_clip"),
                            dp_noise_std=settings_.get("dp_noise_std", 0.0),
                            seed=hash((seed, client_id, number)) & 0x7FFFFFFF)
 

@@ -74,7 +74,7 @@ class SocketClient:
         _, conn = await loop.create_connection(lambda: AsyncConnection(Traffic()), sock=sock)
         try:
             await conn.send([encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=self.client_id,
-                                            features=[FEATURE])])
+                                            features=[FEATURE, "augment"])])
             meta = await self.next(conn, {"<METADATA>"})
             # secure aggregation: the client's side of it, as fl_client.py runs it
             session = ClientSession(self.client_id, self.model_length) if meta["secure_aggregation"] else None
@@ -100,6 +100,7 @@ class SocketClient:
                 check_layout(message["weights"], layout)
                 await conn.recv_blob(received.buffer)
                 settings = {k: message[k] for k in ("local_epochs", "batch_size", "lr", "proximal_mu")}
+                settings["augment"] = message.get("augment", "none")
                 model = GlobalModel(received.tensors, message["weights"], received.buffer)
                 tensors, metrics = await self.backend.fit(self.client_id, FitIns(message["round"], model, settings))
                 if session is not None:  # weighted, quantised and masked: all the server sees of it

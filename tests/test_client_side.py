@@ -69,9 +69,9 @@ def logreg_weights() -> tuple[dict, bytes]:
     return layout, bytes(blob)
 
 
-def model_frames(layout: dict, blob: bytes, number: int = 1) -> bytes:
+def model_frames(layout: dict, blob: bytes, number: int = 1, **settings) -> bytes:
     return encode_message("<MODEL>", round=number, local_epochs=1, batch_size=32, lr=0.05, proximal_mu=0.0,
-                          weights=layout) + frame(blob)
+                          weights=layout, **settings) + frame(blob)
 
 
 def recv_exact(sock: socket.socket, nbytes: int) -> bytes | None:
@@ -181,18 +181,20 @@ def run_against(cluster, script, *args: str) -> tuple[FakeServer, object]:
 # --------------------------------------------------------------------------- the control case
 
 
-@pytest.mark.parametrize("changes", [{}, dict(num_clients=10**6, partition="dirichlet", alpha=0.01)],
-                         ids=["two clients", "a million clients"])
-def test_a_valid_exchange_with_the_fake_server_trains_and_finishes(cluster, changes):
+@pytest.mark.parametrize("changes, settings", [({}, {}), (dict(num_clients=10**6, partition="dirichlet", alpha=0.01), {}),
+                                               (dict(required_features=["augment"]), dict(augment="affine"))],
+                         ids=["two clients", "a million clients", "augmented"])
+def test_a_valid_exchange_with_the_fake_server_trains_and_finishes(cluster, changes, settings):
     """The control case. With a million clients announced, the client's work is the same: the server
-    says which examples are its own, so nothing the client computes grows with what is announced."""
+    says which examples are its own, so nothing the client computes grows with what is announced.
+    An augmented round is trained the same way (the client knows the feature)."""
     layout, blob = logreg_weights()
 
     def script(server: FakeServer, sock: socket.socket) -> None:
         sock.sendall(metadata_frame(**changes))
         ready = server.message(sock)  # the client loaded its data and warmed up
         assert ready is not None and ready["header"] == "<READY>" and ready["num_examples"] == 27000, ready
-        sock.sendall(model_frames(layout, blob))
+        sock.sendall(model_frames(layout, blob, **settings))
         update = server.message(sock)
         assert update is not None and update["header"] == "<UPDATE>", update
         assert update["round"] == 1 and update["client_id"] == CLIENT_ID and update["weights"] == layout
@@ -289,6 +291,8 @@ def model_cases():
         ("settings out of range", encode_message("<MODEL>", round=1, local_epochs=0, batch_size=32, lr=0.05,
                                                  proximal_mu=0.0, weights=layout)
          + frame(blob), False, r"<MODEL> field 'local_epochs' is 0, outside 1\.\.1000"),
+        ("an unknown augmentation", model_frames(layout, blob, augment="mixup"), False,
+         r"<MODEL> asks for augmentation 'mixup', which this client does not know for image examples"),
         ("<HELLO> instead of <MODEL>", encode_message("<HELLO>", protocol_version=2, client_id=1, features=[]), False,
          r"the server sent <HELLO> where .* belongs"),
         ("oversize frame", frame_header(2**40), False, r"frame of 1099511627776 bytes is over the 1048576-byte limit"),
@@ -307,6 +311,21 @@ def test_bad_model_after_metadata(cluster, sent, close, error):
     client.wait_for(r"joined the server")
     server.finish()
     assert "<UPDATE>" not in server.headers(), "the client answered garbage with an update"
+
+
+@pytest.mark.parametrize("settings, what", [(dict(proximal_mu=0.01), "FedProx proximal term"),
+                                            (dict(augment="affine"), "augmentation"),
+                                            (dict(dp_clip=1.0, dp_noise_std=0.1), "client-side update noise")],
+                         ids=["fedprox", "augmentation", "local DP"])
+def test_a_dp_sgd_client_refuses_a_setting_it_cannot_train_with(cluster, settings, what):
+    """A client must refuse a setting it cannot apply, never train without it."""
+    layout, blob = logreg_weights()
+    frames = encode_message("<MODEL>", **{"round": 1, "local_epochs": 1, "batch_size": 32, "lr": 0.05,
+                                          "proximal_mu": 0.0, "weights": layout, **settings}) + frame(blob)
+    server, client = run_against(cluster, send(metadata_frame(), frames), "--dp-sgd")
+    assert_one_line_error(client, 1, rf"this client trains with --dp-sgd, which it cannot combine with the run's {what}")
+    server.finish()
+    assert server.headers()[-1] == "<ERROR>"
 
 
 EMPTY_PARTITION = encode_bitmap([], 60000)

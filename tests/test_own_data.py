@@ -149,9 +149,10 @@ def test_a_federation_on_own_files_whose_server_reads_no_training_data(cluster, 
 
 
 def test_an_image_task_with_only_federated_evaluation(cluster, tmp_path):
+    """Also the chest X-ray recipe's augmentation, through the wire: the clients augment their images."""
     prepared = prepare_chest_xray(tmp_path / "data", 2)
     server = cluster.server("--task", "image", "--classes", "NORMAL,PNEUMONIA", "--model", "logreg",
-                            "--num-clients", "2", "--num-rounds", "2", "--time-to-wait", "60")
+                            "--num-clients", "2", "--num-rounds", "2", "--time-to-wait", "60", "--augment", "affine")
     server.wait_for(r"the server has no test set of its own; federated evaluation")
     clients = [cluster.client(k, "--data", str(path)) for k, path in enumerate(prepared.client_data, start=1)]
     assert [c.finish() for c in clients] == [0, 0] and server.finish() == 0
@@ -160,6 +161,8 @@ def test_an_image_task_with_only_federated_evaluation(cluster, tmp_path):
     server.wait_for(r"round 2/2  clients 2/2  no server test set")
     server.wait_for(r"final accuracy on the clients' test splits")
     assert (tmp_path / "run" / "accuracy.png").exists()
+    for client in clients:
+        client.wait_for(r"round 2: trained on \d+ examples \(affine augmentation\)")
 
 
 @pytest.mark.parametrize("client_args, pattern", [
@@ -183,6 +186,7 @@ def test_a_client_whose_data_does_not_fit_says_so_and_tells_the_server(cluster, 
     (["--task", "text"], "--task text needs --classes"),
     (["--task", "image", "--classes", "a"], "must name at least two distinct classes"),
     (["--task", "text", "--classes", "ham,spam", "--model", "cnn"], "--model cnn is for images; a text task needs"),
+    (["--task", "text", "--classes", "ham,spam", "--augment", "affine"], "--augment affine is for images"),
     (["--classes", "a,b"], "--classes applies to --task image or text"),
     (["--task", "image", "--classes", "a,b", "--partition", "shards"], "--partition applies to --task dataset"),
     (["--task", "image", "--classes", "a,b", "--test-data", "NOPE"], "--test-data NOPE: no such file or folder"),
