@@ -206,8 +206,6 @@ def _labels(values: np.ndarray, task: Task, where: str) -> np.ndarray:
 
 
 def _images(values: np.ndarray, task: Task, where: str) -> np.ndarray:
-    from PIL import Image
-
     x = np.asarray(values)
     if x.ndim == 3:
         x = x[:, None]

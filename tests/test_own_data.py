@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import Proc, read_metrics
+from conftest import read_metrics
 from fedsock.console import UsageError
 from fedsock.demo_data import prepare_chest_xray, prepare_spam, read_spam
 from fedsock.own_data import load_own_data

@@ -12,9 +12,6 @@ import torch
 from dp_accounting import dp_event, rdp
 
 from conftest import FAST, read_metrics
-from fedsock.clients import ClientPool, GlobalModel
-from fedsock.config import ServerConfig
-from fedsock.events import Events
 from fedsock.privacy import (
     Accountant,
     DPMean,
@@ -26,10 +23,7 @@ from fedsock.privacy import (
     plan_noise_multiplier,
     privatize_update,
 )
-from fedsock.strategies import Strategy
-from fedsock.transport import Traffic
-from fl_server import RoundEngine, strategy_settings
-from test_engine import FakeClient, Recorder, engine_for, run
+from test_engine import FakeClient, engine_for, run
 
 
 def test_every_update_is_clipped_to_the_bound():

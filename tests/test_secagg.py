@@ -8,7 +8,6 @@ real sockets and processes is in tests/test_secagg_processes.py.
 from __future__ import annotations
 
 import asyncio
-import math
 import secrets
 
 import numpy as np

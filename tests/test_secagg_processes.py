@@ -15,13 +15,12 @@ import signal
 import socket
 import struct
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, Cluster, read_metrics
+from conftest import FAST, read_metrics
 from fedsock import secagg as sa
 from socket_methods import PROTOCOL_VERSION, decode_message, decode_weights, encode_message, frame_header
 
