@@ -375,6 +375,10 @@ class LocalTrainer:
         if config.dp_sgd:
             from fedsock.privacy import ExampleLevelDP
 
+            if "augment" in meta["required_features"]:  # every <MODEL> of this run will ask for it
+                raise UsageError("this client trains with --dp-sgd, which it cannot combine with the run's "
+                                 "augmentation (the server's --augment)")
+
             self.dp_sgd = ExampleLevelDP(self.model, config.dp_sgd_noise_multiplier, config.dp_sgd_clip,
                                          config.dp_sgd_delta)
 

@@ -509,6 +509,7 @@ class RoundEngine:
             threshold = self.secure.threshold(len(picked))
             picked = await self.secure.setup(number, proxies)
             self.note_secure_drops(round_)
+            picked = [i for i in picked if i not in round_.dropped]  # one gone at <SECAGG_ROUTED>: no model
             if self.stopping.is_set():
                 raise Stopped
             if not picked:

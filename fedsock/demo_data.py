@@ -9,7 +9,7 @@
   as PNG files in the layout users of chest X-ray data already have: each client's
   `chest_xray/train/{NORMAL,PNEUMONIA}/` (its share of the training split) and
   `chest_xray/test/...` (its share of the validation split, its own test split); the server's
-  test set is the official test split, in a folder of the same layout.
+  test set is the subset's test split (balanced, from the official one), in a folder of the same layout.
 
 The licences and attributions travel with the data: each dataset's README is copied beside its
 files, and beside every copy written here.
@@ -131,6 +131,6 @@ def prepare_chest_xray(out: Path, clients: int, seed: int = 0) -> Prepared:
     flags = ["--task", "image", "--classes", ",".join(XRAY_CLASSES), "--image-size", "28", "--channels", "1",
              "--model", "cnn", "--test-data", str(test_root)]
     summary = (f"PneumoniaMNIST (balanced subset): {len(train_y)} training and {len(val_y)} validation images among "
-               f"{clients} clients as chest_xray/{{train,test}}/{{NORMAL,PNEUMONIA}}/ PNG folders; the official "
-               f"{len(data['test_labels'])} test images for the server")
+               f"{clients} clients as chest_xray/{{train,test}}/{{NORMAL,PNEUMONIA}}/ PNG folders; the "
+               f"{len(data['test_labels'])} test images of the official test split's balanced subset for the server")
     return Prepared(paths, test_root, flags, summary)

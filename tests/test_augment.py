@@ -1,12 +1,17 @@
-"""Augmentation of the clients' training images (--augment affine), in-process: what the map does
-to an image, that it is drawn from the round's seed, and that training uses it."""
+"""Augmentation of the clients' training images (--augment affine): in-process, what the map does
+to an image, that it is drawn from the round's seed, and that training uses it; over a socket, that
+a run with it refuses a client that does not know it."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 import neural_net_helper as nnh
+from conftest import FAST
+from test_compression import RawPeer
 
 
 def test_a_map_with_no_range_leaves_the_images_as_they_are():
@@ -27,7 +32,10 @@ def test_the_map_turns_shifts_and_zooms_within_its_ranges():
     centre_r = (out[:, 0] * rows).sum(dim=(1, 2)) / mass
     centre_c = (out[:, 0] * cols).sum(dim=(1, 2)) / mass
     moved = torch.maximum((centre_r - 13.5).abs(), (centre_c - 13.5).abs())
-    assert float(moved.max()) <= 0.1 * 28 / 0.9 + 0.5  # a shift of 10% of the size, seen through a zoom of 0.9
+    # the offset (10% of the size in the input's coordinates) moves the content by zoom x turn x offset:
+    # at most 1.1 x (cos 10° + sin 10°) x 2.8 pixels along an axis; half a pixel more for the sampling
+    bound = 1.1 * (math.cos(math.radians(10)) + math.sin(math.radians(10))) * 0.1 * 28 + 0.5
+    assert float(moved.max()) <= bound
     assert float(moved.mean()) > 0.5
     assert all(not torch.equal(out[i], x[i]) for i in range(len(x)))
 
@@ -66,3 +74,12 @@ def test_augmentation_of_anything_but_images_is_refused():
     with pytest.raises(ValueError, match="augmentation 'mixup'"):
         nnh.train(model, torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long), epochs=1, batch_size=2, lr=0.1,
                   seed=0, augment="mixup")
+
+
+def test_a_run_with_augmentation_refuses_a_client_without_the_feature(cluster, tmp_path):
+    cluster.server(*FAST, "--num-clients", "1", "--augment", "affine", output_dir=tmp_path / "run")
+    peer = RawPeer(cluster.port, client_id=1, features=["compression"])
+    messages = peer.read_until({"<ERROR>"})
+    assert messages and messages[-1]["header"] == "<ERROR>", messages
+    assert "this run needs the client features augment" in messages[-1]["message"]
+    peer.close()

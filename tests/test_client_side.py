@@ -328,6 +328,15 @@ def test_a_dp_sgd_client_refuses_a_setting_it_cannot_train_with(cluster, setting
     assert server.headers()[-1] == "<ERROR>"
 
 
+def test_a_dp_sgd_client_refuses_an_augmented_run_before_it_is_ready(cluster):
+    """The run requires the feature augment: every round will ask for it, so the client says so at once."""
+    server, client = run_against(cluster, send(metadata_frame(required_features=["augment"])), "--dp-sgd")
+    assert_one_line_error(client, 2, r"this client trains with --dp-sgd, which it cannot combine with the run's "
+                                     r"augmentation \(the server's --augment\)")
+    server.finish()
+    assert server.headers() == ["<HELLO>", "<ERROR>"]
+
+
 EMPTY_PARTITION = encode_bitmap([], 60000)
 
 
