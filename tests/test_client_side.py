@@ -328,6 +328,21 @@ def test_a_dp_sgd_client_refuses_a_setting_it_cannot_train_with(cluster, setting
     assert server.headers()[-1] == "<ERROR>"
 
 
+def test_a_text_client_refuses_augmentation(cluster, tmp_path):
+    """Augmentation is for images: a <MODEL> that asks a text client for it is refused, not half-applied."""
+    data = tmp_path / "mine.tsv"
+    data.write_text("".join(f"{'spam' if i % 4 == 0 else 'ham'}\tmessage number {i}\n" for i in range(40)))
+    task = {**MNIST_TASK, "kind": "text", "classes": ["ham", "spam"], "positive": "spam"}
+    own = dict(dataset="", partition="own", train_size=0, partition_bitmap=None, model="textcnn", task=task)
+    frames = encode_message("<MODEL>", round=1, local_epochs=1, batch_size=32, lr=0.05, proximal_mu=0.0,
+                            augment="affine", weights={})
+    server, client = run_against(cluster, send(metadata_frame(**own), frames), "--data", str(data))
+    assert_one_line_error(client, 1, r"<MODEL> asks for augmentation 'affine', which this client does not know for "
+                                     r"text examples")
+    server.finish()
+    assert server.headers()[-1] == "<ERROR>"
+
+
 def test_a_dp_sgd_client_refuses_an_augmented_run_before_it_is_ready(cluster):
     """The run requires the feature augment: every round will ask for it, so the client says so at once."""
     server, client = run_against(cluster, send(metadata_frame(required_features=["augment"])), "--dp-sgd")
