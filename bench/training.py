@@ -12,7 +12,8 @@ two (A B A B ...), each from the same starting weights; the ratio is of the medi
   per batch is slower). Target: <= 1.05x.
 
 It also reports what the first call costs in a fresh process (PyTorch's first use), which
-`neural_net_helper.warm_up` pays before a client says it is ready.
+`neural_net_helper.warm_up` pays before a client says it is ready, and what `--augment
+affine` adds to the minibatch recipe (the same call with and without it, interleaved).
 
     python bench/training.py
 """
@@ -102,6 +103,30 @@ def measure(name: str, reps: int) -> list[Row]:
                 f"plain {', '.join(f'{1e3 * s:.0f}' for s in plain_s)} ms")]
 
 
+def augmentation(reps: int) -> list[Row]:
+    """The cnn minibatch recipe with augment="affine" against the same call without it."""
+    import neural_net_helper as nnh
+    import torch
+
+    torch.set_num_threads(1)
+    recipe = RECIPES["minibatch"]
+    info, x, y = client_share()
+    model = nnh.build_model(recipe["model"], info, seed=0)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    nnh.warm_up(model, x, y)
+    seconds: dict[str, list[float]] = {"affine": [], "none": []}
+    for rep in range(reps):
+        for augment in (("affine", "none") if rep % 2 == 0 else ("none", "affine")):
+            model.load_state_dict(start)
+            t0 = time.perf_counter()
+            nnh.train(model, x, y, epochs=1, batch_size=recipe["batch_size"], lr=recipe["lr"], seed=rep, augment=augment)
+            seconds[augment].append(time.perf_counter() - t0)
+    ours, theirs = median(seconds["affine"]), median(seconds["none"])
+    return [Row("6 training", f"minibatch recipe with --augment affine ({len(x)} examples)", 1e3 * ours, "ms",
+                1e3 * theirs, "without augmentation", ours / theirs,
+                note=f"median of {reps} interleaved samples each; with {', '.join(f'{1e3 * s:.0f}' for s in seconds['affine'])} ms")]
+
+
 FIRST_CALL = """
 import sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
@@ -141,6 +166,8 @@ def run(quick: bool) -> list[Row]:
         say(f"training: {name}")
         rows.extend(measure(name, reps if name == "seed recipe" else max(3, reps // 2)))
     rows.extend(first_call())
+    say("training: augmentation")
+    rows.extend(augmentation(max(3, reps // 2)))
     return rows
 
 
