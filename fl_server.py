@@ -1061,10 +1061,18 @@ def update_layout(config: ServerConfig, setup: Setup) -> dict[str, Any]:
     return compression.update_layout(setup.model.layout, config.compression, config.topk_fraction)
 
 
+def run_title(config: ServerConfig, who: str = "fedsock") -> str:
+    """The plot's title: the model, the data, the clients and the strategy."""
+    data = (f"{config.dataset}, {config.num_clients} clients, {config.partition}" if config.task == "dataset"
+            else f"the clients' own data ({config.classes.replace(',', ', ')}), {config.num_clients} clients")
+    augmented = f", {config.augment} augmentation" if config.augment != "none" else ""
+    return f"{who}: {config.model} on {data}, {config.strategy}{augmented}"
+
+
 async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
     listener = open_listener(config.host, config.server_port)
     host, port = listener.getsockname()[:2]
-    title = f"fedsock: {config.model} on {config.dataset}, {config.num_clients} clients, {config.partition}, {config.strategy}"
+    title = run_title(config)
     files = RunFiles(output_dir, title, setup.checkpoint)
     events = Events([Console(config.quiet), files])
     pool, traffic = ClientPool(config.num_clients), Traffic()

@@ -372,9 +372,7 @@ def make_backend(config: SimulationConfig, data: SharedData):
 async def simulate(config: SimulationConfig, setup, data: SharedData, backend, output_dir: Path) -> int:
     import fl_server
 
-    title = (f"fedsock simulation: {config.model} on {config.dataset}, {config.num_clients} clients, "
-             f"{config.partition}, {config.strategy}")
-    files = RunFiles(output_dir, title, setup.checkpoint)
+    files = RunFiles(output_dir, fl_server.run_title(config, "fedsock simulation"), setup.checkpoint)
     events = Events([Console(config.quiet, WHO), files])
     pool = ClientPool(config.num_clients)
     faults = Faults(config.seed, config.drop_rate, config.straggler_rate, config.straggler_delay_s)

@@ -196,3 +196,13 @@ def test_bad_task_flags_on_the_server_are_one_line(cluster, args, message):
     server = cluster.server(*args, wait=False)
     assert server.finish(timeout=120) == 2
     assert message in server.output and "Traceback" not in server.output
+
+
+def test_the_plot_title_names_the_data_the_run_trains_on():
+    from fl_server import ServerConfig, run_title
+
+    own = ServerConfig(task="image", classes="NORMAL,PNEUMONIA", augment="affine", num_clients=5)
+    assert run_title(own) == ("fedsock: cnn on the clients' own data (NORMAL, PNEUMONIA), 5 clients, fedavg, "
+                              "affine augmentation")
+    assert run_title(ServerConfig(num_clients=3, partition="shards", strategy="fedavgm"), "fedsock simulation") == (
+        "fedsock simulation: cnn on mnist, 3 clients, shards, fedavgm")
