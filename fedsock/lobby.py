@@ -255,6 +255,7 @@ class RemoteClient:
         self.result: asyncio.Future[FitRes] | None = None
         self.evaluation: tuple[int, asyncio.Future[EvalRes]] | None = None  # an <EVALUATE> sent, not answered
         self.secagg_reply: tuple[str, int, asyncio.Future[dict]] | None = None  # (header, round, waiter) awaited
+        self.secagg_late: tuple[str, int] | None = None  # a reply given up on at its stage's timeout
         self.gone: str | None = None
         self.finished = False  # told <FINISHED>: its leaving is no news
 
@@ -313,8 +314,13 @@ class RemoteClient:
             return await waiter
         finally:
             self.secagg_reply = None
+            if waiter.cancelled():  # the stage timed out: its reply may still come, and is no fault
+                self.secagg_late = (reply, fields["round"])
 
     def receive_secagg(self, message: dict[str, Any]) -> None:
+        if self.secagg_late == (message["header"], message["round"]):
+            self.secagg_late = None  # a slow client: it left that round only, not the run
+            return
         expected = self.secagg_reply
         if expected is None or message["header"] != expected[0] or message["round"] != expected[1]:
             wanted = f"{expected[0]} of round {expected[1]}" if expected else "nothing"

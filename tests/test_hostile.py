@@ -411,6 +411,8 @@ AFTER_JOINING = [
     ("<SUCCESS> from a client", encode_message("<SUCCESS>", round=1, accepted=True, message="x"), r"unexpected <SUCCESS> from a joined client"),
     ("<UPDATE> for a round never sent", encode_message("<UPDATE>", **{**UPDATE_FIELDS, "round": 10**6}),
      r"update for round 1000000, but this client was sent (no model|round \d+)"),
+    ("a <SECAGG_KEYS> never asked for", encode_message("<SECAGG_KEYS>", round=7, c_public="AA", s_public="AA"),
+     r"<SECAGG_KEYS> of round 7, but this client was asked for nothing"),
 ]
 
 

@@ -52,9 +52,12 @@ class ScriptedPeer(threading.Thread):
     """A client on a raw socket that runs the real client session, and closes its socket when it
     receives `stop_at` (a header, or "<UPDATE>": just before it would send its masked update)."""
 
-    def __init__(self, port: int, client_id: int, stop_at: str | None = None, rejoin: bool = False):
+    def __init__(self, port: int, client_id: int, stop_at: str | None = None, rejoin: bool = False,
+                 late_at: str | None = None):
         super().__init__(daemon=True)
         self.port, self.client_id, self.stop_at, self.rejoin = port, client_id, stop_at, rejoin
+        self.late_at = late_at  # answer this header of round 1 only once `release` is set (a slow client)
+        self.release = threading.Event()
         self.headers: list[str] = []  # every message it got, in order (all connections)
         self.second: list[str] = []  # those of its second connection (rejoin)
         self.error: BaseException | None = None
@@ -111,6 +114,8 @@ class ScriptedPeer(threading.Thread):
                 if session is None:
                     session = sa.ClientSession(self.client_id, message["length"])
                 answer = session.answer(message)
+                if header == self.late_at and message["round"] == 1:
+                    assert self.release.wait(IO_TIMEOUT_S), "the test never released the late answer"
                 if answer is not None:
                     sock.sendall(encode_message(answer[0], **answer[1]))
             elif header == "<MODEL>":
@@ -204,6 +209,25 @@ def test_a_client_back_within_the_round_is_not_asked_to_unmask(cluster, tmp_path
     assert peer.error is None, peer.error
     assert "<SECAGG_UNMASK>" not in peer.second, peer.second
     assert read_metrics(tmp_path / "run" / "metrics.csv")[0]["clients"] == 4  # its masked update counts
+
+
+def test_a_client_too_slow_for_a_key_stage_misses_that_round_only(cluster, tmp_path):
+    """Its answer comes after the stage's timeout (here the round timeout, 10 s): it is left out of
+    round 1, its late answer is no fault, and it takes part in round 2."""
+    server = cluster.server(*SECURE, "--num-clients", "4", "--min-clients", "3", "--num-rounds", "2",
+                            "--round-retries", "0", "--round-timeout", "10", "--time-to-wait", "120",
+                            output_dir=tmp_path / "run")
+    clients = [cluster.client(k) for k in (1, 2, 3)]
+    peer = ScriptedPeer(cluster.port, 4, late_at="<SECAGG_PEERS>")
+    peer.start()
+    server.wait_for(r"client 4 in round 1 \(secure aggregation, <SECAGG_PEERS>: no answer within 10 s", timeout=120)
+    peer.release.set()
+    assert [c.finish(timeout=180) for c in clients] == [0, 0, 0], ([c.output for c in clients], server.output)
+    assert server.finish(timeout=60) == 0, server.output
+    peer.join(timeout=30)
+    assert peer.error is None, peer.error
+    assert [r["clients"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == [3, 4], (server.output, peer.headers)
+    assert "disconnected" not in server.output, server.output
 
 
 # --------------------------------------------------------------------------- a malicious server
