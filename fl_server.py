@@ -608,9 +608,8 @@ class RoundEngine:
             exc = task.exception()
             reason = str(exc) if isinstance(exc, Dropped) else f"internal error: {type(exc).__name__}: {exc}"
             if in_round and proxy.client_id in round_.expected and proxy.client_id not in round_.reported:
-                if proxy.client_id not in round_.dropped:  # a key stage may have reported it already
-                    round_.dropped[proxy.client_id] = reason
-                    self.note_drop(ClientDropped(number, proxy.client_id, reason))
+                round_.dropped[proxy.client_id] = reason
+                self.note_drop(ClientDropped(number, proxy.client_id, reason))
                 round_.settle()
             return
         result: FitRes = task.result()

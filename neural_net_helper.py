@@ -13,10 +13,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from client_helper import DatasetInfo
+from fedsock.config import AUGMENTATIONS
 from fedsock.console import UsageError
 
 MODELS = ("logreg", "mlp", "cnn", "textcnn", "textgru")
-AUGMENTATIONS = ("none", "affine")  # what a client may be asked to do to its training images, each batch
 IMAGE_MODELS, TEXT_MODELS = ("logreg", "mlp", "cnn"), ("textcnn", "textgru")
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterable
 
 from fedsock.console import UsageError, number
 
+AUGMENTATIONS = ("none", "affine")  # what a client may be asked to do to its training images, each batch
+
 
 def setting(default: Any, help: str, *, group: str, flag: str | None = None, type: Callable | None = None,
             choices: Iterable[str] | None = None, metavar: str | None = None, required: bool = False) -> Any:
@@ -162,7 +164,7 @@ class ServerConfig:
     lr: float = setting(0.05, "client SGD learning rate", group=TRAINING, type=positive_float)
     augment: str = setting("none", "image tasks: affine (each client turns, shifts and zooms each training image at "
                                    "random, every batch: up to 10 degrees, 10%% of its size and 10%% of zoom) or none", group=TRAINING,
-                           choices=("none", "affine"))
+                           choices=AUGMENTATIONS)
     strategy: str = setting("fedavg", "how updates become the next global model (see the README's strategy table)",
                             group=STRATEGY, choices=("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                                                      "median", "trimmed-mean", "krum", "multi-krum"))
