@@ -70,6 +70,19 @@ def plain_loop(model, x, y, epochs: int, batch_size: int, lr: float, seed: int) 
             optimizer.step()
 
 
+def interleaved(model, start: dict, calls: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds of each call(rep), alternated A B, B A, ..., each from the same starting weights."""
+    names = list(calls)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            model.load_state_dict(start)
+            t0 = time.perf_counter()
+            calls[name](rep)
+            seconds[name].append(time.perf_counter() - t0)
+    return seconds
+
+
 def measure(name: str, reps: int) -> list[Row]:
     import neural_net_helper as nnh
     import torch
@@ -81,18 +94,12 @@ def measure(name: str, reps: int) -> list[Row]:
     model = nnh.build_model(recipe["model"], info, seed=0)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     nnh.warm_up(model, x, y)
-    fedsock_s, plain_s = [], []
-    for rep in range(reps):
-        for which in (("fedsock", "plain") if rep % 2 == 0 else ("plain", "fedsock")):
-            model.load_state_dict(start)
-            t0 = time.perf_counter()
-            if which == "fedsock":
-                nnh.train(model, x, y, epochs=recipe["epochs"], batch_size=batch_size, lr=recipe["lr"], seed=rep,
-                          progress=lambda done: None)
-                fedsock_s.append(time.perf_counter() - t0)
-            else:
-                plain_loop(model, x, y, recipe["epochs"], batch_size, recipe["lr"], seed=rep)
-                plain_s.append(time.perf_counter() - t0)
+    seconds = interleaved(model, start, {
+        "fedsock": lambda rep: nnh.train(model, x, y, epochs=recipe["epochs"], batch_size=batch_size, lr=recipe["lr"],
+                                         seed=rep, progress=lambda done: None),
+        "plain": lambda rep: plain_loop(model, x, y, recipe["epochs"], batch_size, recipe["lr"], seed=rep),
+    }, reps)
+    fedsock_s, plain_s = seconds["fedsock"], seconds["plain"]
     ours, theirs = median(fedsock_s), median(plain_s)
     ratio = ours / theirs
     what = (f"{recipe['model']}, E={recipe['epochs']}, B={'all ' + str(len(x)) if recipe['batch_size'] is None else batch_size}, "
@@ -114,13 +121,10 @@ def augmentation(reps: int) -> list[Row]:
     model = nnh.build_model(recipe["model"], info, seed=0)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     nnh.warm_up(model, x, y)
-    seconds: dict[str, list[float]] = {"affine": [], "none": []}
-    for rep in range(reps):
-        for augment in (("affine", "none") if rep % 2 == 0 else ("none", "affine")):
-            model.load_state_dict(start)
-            t0 = time.perf_counter()
-            nnh.train(model, x, y, epochs=1, batch_size=recipe["batch_size"], lr=recipe["lr"], seed=rep, augment=augment)
-            seconds[augment].append(time.perf_counter() - t0)
+    seconds = interleaved(model, start, {
+        augment: lambda rep, augment=augment: nnh.train(model, x, y, epochs=1, batch_size=recipe["batch_size"],
+                                                        lr=recipe["lr"], seed=rep, augment=augment)
+        for augment in ("affine", "none")}, reps)
     ours, theirs = median(seconds["affine"]), median(seconds["none"])
     return [Row("6 training", f"minibatch recipe with --augment affine ({len(x)} examples)", 1e3 * ours, "ms",
                 1e3 * theirs, "without augmentation", ours / theirs,
