@@ -497,7 +497,7 @@ class RoundEngine:
         round_.population, round_.picked = len(idle), len(picked)
         round_.planned = self.strategy.planned(len(picked), len(idle))
         settings = {"local_epochs": self.config.local_epochs, "batch_size": self.config.batch_size,
-                    "lr": self.config.lr, **self.strategy.fit_settings()}
+                    "lr": self.config.round_lr(number), **self.strategy.fit_settings()}
         if self.config.augment != "none":  # absent otherwise: the <MODEL> of a plain run is as it always was
             settings["augment"] = self.config.augment
         round_.started = time.perf_counter()  # a secure round's time and bytes include its key and share stages

@@ -138,7 +138,7 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "round": ROUND,
         "local_epochs": Field(int, 1, 1000, meaning="epochs to train"),
         "batch_size": Field(int, 1, 10**7, meaning="minibatch size"),
-        "lr": Field(float, 0, 1000, low_open=True, meaning="SGD learning rate"),
+        "lr": Field(float, 0, 1000, low_open=True, meaning="SGD learning rate, for this round"),
         "proximal_mu": Field(float, 0, 10**6, meaning="FedProx: add (mu/2)·‖w − w_global‖² to the loss; 0 = off"),
         "dp_clip": Field(float, 0, 10**6, low_open=True, optional=True,
                          meaning="feature dp-local: clip the update's delta to this L2 norm"),

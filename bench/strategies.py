@@ -11,6 +11,8 @@ far, to imgs/strategies.png.
     python bench/strategies.py --model mlp                          # the whole grid, about 15 minutes here
     python bench/strategies.py --model cnn --strategies fedavg fedadam   # about 15 minutes a run here
     python bench/strategies.py --model mlp --tune                   # the sweeps that chose the defaults
+    python bench/strategies.py --model cnn --splits shards --strategies fedavgm --extra='--lr 0.1'
+                                                                    # other client settings (saved, not drawn)
     python bench/strategies.py --plot                               # only redraw the figure
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -107,6 +110,8 @@ def main() -> int:
     parser.add_argument("--tune", action="store_true", help="sweep each strategy's main setting instead")
     parser.add_argument("--values", nargs="+", help="with --tune: only these values of the swept setting")
     parser.add_argument("--plot", action="store_true", help="only redraw imgs/strategies.png from saved results")
+    parser.add_argument("--extra", default="", metavar="FLAGS",
+                        help="more fl_simulate flags for every run, e.g. --extra='--lr 0.1' (saved with the run, not drawn)")
     args = parser.parse_args()
     if args.plot:
         print(f"figure: {plot()}")
@@ -119,6 +124,7 @@ def main() -> int:
             for strategy in args.strategies:
                 variants = [[flag, v] for flag, values in [SWEEPS[strategy]] for v in (args.values or values)] \
                     if args.tune and strategy in SWEEPS else [[]]
+                variants = [extra + shlex.split(args.extra) for extra in variants]
                 for extra in variants:
                     say(f"{args.model} {split} {strategy} {' '.join(extra)}")
                     accuracy = run_one(args.model, split, strategy, args.rounds, extra, Path(tmp))

@@ -8,6 +8,7 @@ between `--help`, the code and the saved config.json.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -162,6 +163,8 @@ class ServerConfig:
     local_epochs: int = setting(1, "epochs each client trains per round", group=TRAINING, type=positive_int, metavar="E")
     batch_size: int = setting(32, "client minibatch size", group=TRAINING, type=positive_int, metavar="B")
     lr: float = setting(0.05, "client SGD learning rate", group=TRAINING, type=positive_float)
+    lr_decay: float = setting(1.0, "round r trains at lr·GAMMA^(r-1): the clients' lr falls by this factor every "
+                                   "round (1: a constant lr)", group=TRAINING, type=fraction, metavar="GAMMA")
     augment: str = setting("none", "image tasks: affine (each client turns, shifts and zooms each training image at "
                                    "random, every batch: up to 10 degrees, 10%% of its size and 10%% of zoom) or none", group=TRAINING,
                            choices=AUGMENTATIONS)
@@ -298,6 +301,11 @@ class ServerConfig:
     stay: bool = setting(False, "when the rounds are done, keep the clients connected: Train N more rounds on the "
                                 "dashboard (or SIGUSR1: as many as the last session) continues from the last model; "
                                 "Stop or SIGINT ends the run", group=DASHBOARD)
+
+    def round_lr(self, number: int) -> float:
+        """The clients' lr in round `number` (1-based): lr·lr_decay^(number-1). Never 0, which <MODEL>
+        refuses: a decay that would underflow stops at the smallest positive float."""
+        return max(self.lr * self.lr_decay ** (number - 1), sys.float_info.min)
 
     @property
     def fixed_on_resume(self) -> tuple[str, ...]:

@@ -30,6 +30,7 @@ class FakeClient:
         self.client_id, self.step, self.num_examples = client_id, step, num_examples
         self.pool: ClientPool | None = None
         self.fits: list[int] = []  # the rounds it was sent a model for
+        self.lrs: list[float] = []  # the lr it was told to train each of them with
         self.acks: list[tuple[int, bool]] = []
         self.finished: tuple | None = None
         self.gate: asyncio.Event | None = None  # when set: a stalled client waits for it
@@ -39,6 +40,7 @@ class FakeClient:
 
     async def fit(self, ins: FitIns) -> FitRes:
         self.fits.append(ins.round)
+        self.lrs.append(ins.settings["lr"])
         if self.gate is not None:
             await self.gate.wait()
         if self.drop:
@@ -115,6 +117,17 @@ def test_each_round_is_the_example_weighted_mean_of_the_updates():
     for client in clients:
         assert client.fits == [1, 2, 3] and client.acks == [(1, True), (2, True), (3, True)]
         assert client.finished[:2] == (True, 3) and "final test accuracy 975.00%" in client.finished[2]
+
+
+def test_the_clients_lr_is_constant_or_decays_by_lr_decay_every_round():
+    plain, decaying = [FakeClient(1)], [FakeClient(1)]
+    assert run(engine_for(plain, lr=0.05)[0]) == ExitStatus.OK
+    assert plain[0].lrs == [0.05, 0.05, 0.05]  # the default, 1: exactly the --lr, as before
+    assert run(engine_for(decaying, lr=0.1, lr_decay=0.5)[0]) == ExitStatus.OK
+    assert decaying[0].lrs == [0.1, 0.05, 0.025]
+    # the decay follows the round's number, so a resumed run (or a later session) goes on from it
+    assert ServerConfig(lr=0.1, lr_decay=0.5).round_lr(11) == pytest.approx(0.1 / 1024)
+    assert ServerConfig(lr=0.05, lr_decay=0.5).round_lr(5000) > 0  # never 0, which <MODEL> refuses
 
 
 def test_a_dropped_client_is_left_out_and_the_round_goes_on():

@@ -103,6 +103,7 @@ def test_no_server_is_one_line_and_non_zero(cluster):
         (["--clients-per-round", "9"], "--clients-per-round 9 is more than --num-clients 5"),
         (["--initial-model", "nope.pt"], "cannot read --initial-model nope.pt"),
         (["--fraction-fit", "0"], "--fraction-fit: must be 0..1"),
+        (["--lr-decay", "1.5"], "--lr-decay: must be 0..1, got 1.5"),
     ],
 )
 def test_bad_server_flags_are_one_line_errors(cluster, args, message):
