@@ -212,15 +212,15 @@ class DashboardState(Observer):
     def run(self) -> dict[str, Any]:
         """The run as it is now: computed when a batch goes out, so it is never stale."""
         engine, pool, config = self.engine, self.engine.pool, self.engine.config
-        phase = engine.phase
-        if engine.waiting_for_launch():
+        phase = engine.control.phase
+        if engine.control.waiting_for_launch():
             phase = "waiting for start"
         return {
-            "phase": phase, "session": engine.session, "rounds_done": engine.rounds_done,
+            "phase": phase, "session": engine.control.session, "rounds_done": engine.rounds_done,
             "num_rounds": config.num_rounds, "round": self.current, "ready": len(pool.members),
             "connected": len(pool.connected), "num_clients": pool.num_clients, "needed": engine.needed,
             "start": config.start, "stay": config.stay, "message": self.message, "refusals": self.refusals,
-            "stopping": engine.stopping.is_set(),
+            "stopping": engine.control.stopping.is_set(),
         }
 
     def settings(self) -> dict[str, Any]:
@@ -468,7 +468,7 @@ class Dashboard(Observer):
     async def api_start(self, request):
         body = await self.action(request)
         try:
-            message = self.engine.request_launch({k: v for k, v in body.items() if v not in (None, "")})
+            message = self.engine.control.request_launch({k: v for k, v in body.items() if v not in (None, "")})
         except ValueError as exc:
             raise Refused(409, str(exc)) from None
         return self.done(f"dashboard: {message}")
@@ -476,16 +476,16 @@ class Dashboard(Observer):
     async def api_stop(self, request):
         await self.action(request)
         engine = self.engine
-        if engine.phase == "finished":
+        if engine.control.phase == "finished":
             raise Refused(409, "the run has already ended")
-        if not engine.stopping.is_set():
-            engine.request_stop("the Stop button on the dashboard")
+        if not engine.control.stopping.is_set():
+            engine.control.request_stop("the Stop button on the dashboard")
         return self.done("dashboard: stopping; the run ends after its current step, with its checkpoint whole")
 
     async def api_more(self, request):
         body = await self.action(request)
         try:
-            message = self.engine.request_more(body.get("rounds"))
+            message = self.engine.control.request_more(body.get("rounds"))
         except ValueError as exc:
             raise Refused(409, str(exc)) from None
         return self.done(f"dashboard: {message}")

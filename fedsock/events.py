@@ -82,6 +82,14 @@ class TrainingStarted(Event):
 
 
 @dataclass
+class SettingsChanged(Event):
+    """The run's settings changed (the dashboard's launch settings, a new session's rounds):
+    config.json is written again."""
+
+    config: Any  # the ServerConfig, changed in place
+
+
+@dataclass
 class SessionFinished(Event):
     """--stay: a session's rounds are done; the clients stay connected for the next one."""
 

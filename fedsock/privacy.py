@@ -246,6 +246,13 @@ class Privacy:
             return {"dp_clip": self.settings.clip, "dp_noise_std": self.noise_std}
         return {}
 
+    def secure_fit_settings(self, threshold: int) -> dict[str, float]:
+        """With secure aggregation the clients clip (the server sees no update to clip), and add noise:
+        none in central mode (the server adds it to the unmasked sum), their share of it in distributed
+        mode (std z·S/√t each: any t survivors' noise adds up to z·S), all of it in local mode."""
+        share = {"central": 0.0, "distributed": self.noise_std / math.sqrt(threshold), "local": self.noise_std}
+        return {"dp_clip": self.settings.clip, "dp_noise_std": share[self.settings.mode]}
+
     def record(self, population: int, sampled: int, rate: float) -> float:
         """A round was released: account for it; epsilon so far."""
         self.accountant.record(self.settings.noise_multiplier, population, sampled, rate)

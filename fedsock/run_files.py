@@ -20,12 +20,12 @@ import io
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedsock.console import FedsockError, UsageError
-from fedsock.events import MetricsUpdated, Observer, RoundFinished, RunFinished, SessionFinished
+from fedsock.console import FedsockError, UsageError, warn
+from fedsock.events import WHO, MetricsUpdated, Observer, RoundFinished, RunFinished, SessionFinished, SettingsChanged
 from socket_methods import FrameReader, ProtocolError, decode_weights, encode_message, encode_weights, frame_header
 
 METRIC_COLUMNS = (
@@ -253,6 +253,18 @@ def _checked(state: dict[str, Any], tensors: dict[str, Any]) -> Checkpoint:
     return Checkpoint(config, number, metrics, model, strategy, extra)
 
 
+def save_config(config, output_dir: Path, rewrite: bool = False) -> None:
+    """config.json: the run's settings, written again (`rewrite`) when the dashboard or a new session
+    changes them; a rewrite that fails is a warning (every checkpoint holds the settings too)."""
+    path = Path(output_dir) / "config.json"
+    try:
+        path.write_text(json.dumps(asdict(config), indent=2) + "\n")
+    except OSError as exc:
+        if not rewrite:
+            raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        warn(WHO, f"cannot rewrite {path} with the new settings: {exc.strerror or exc}; the checkpoints hold them")
+
+
 # --------------------------------------------------------------------------- the observer
 
 
@@ -283,6 +295,8 @@ class RunFiles(Observer):
         elif isinstance(event, MetricsUpdated):
             self.last = event.checkpoint
             self.pending.append(self.executor.submit(self._save_round, event.checkpoint))
+        elif isinstance(event, SettingsChanged):
+            save_config(event.config, self.output_dir, rewrite=True)
         elif isinstance(event, (RunFinished, SessionFinished)) and self.last is not None:
             self.pending.append(self.executor.submit(self._save_final, self.last))
 

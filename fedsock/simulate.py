@@ -6,7 +6,7 @@ A virtual client is a `ClientProxy` (fedsock/clients.py) that holds an id and th
 indices of its examples, nothing more: the training set is loaded once, normalised once
 and shared read-only, and only the clients picked for a round train, on a model that a
 worker keeps for whoever it trains next. So N can be far larger than the live models
-memory could hold. The rounds are `fl_server.RoundEngine`'s: the same sampling,
+memory could hold. The rounds are `fedsock.engine.RoundEngine`'s: the same sampling,
 strategies, retries and timeouts, the same console lines, metrics.csv, plot, model and
 checkpoint as a real federation, and, for the same seed and settings, the same numbers
 (each virtual client trains exactly as fl_client.py would on the same share).
@@ -44,7 +44,11 @@ from fedsock.compression import compress_update, decoded_update, scratch_for
 from fedsock.secagg import MASKED, ClientSession
 from fedsock.config import ServerConfig, setting
 from fedsock.console import ArgumentParser, HelpFormatter, UsageError, run_main, say
+from fedsock.engine import RoundEngine
 from fedsock.events import Console, Events
+from fedsock.flag_checks import check_config
+from fedsock.prepare import compression_of, make_output_dir, prepare_training, run_title
+from fedsock.run_control import stop_on_signals
 from fedsock.run_files import RunFiles, read_checkpoint
 from fedsock.transport import Traffic
 from socket_methods import decode_weights, encode_weights
@@ -94,8 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None):
-    import fl_server
-
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     args.pop("traceback")
@@ -104,7 +106,7 @@ def parse_config(argv: list[str] | None):
     if config.resume:
         checkpoint = read_checkpoint(config.resume)
         config = settings.resumed(config, checkpoint.config, given, args)
-    fl_server.check_config(config, given, parser)
+    check_config(config, given, parser)
     if config.backend != "ray" and any(name in given for name in ("ray_address", "client_cpus", "client_gpus")):
         parser.error("--ray-address, --client-cpus and --client-gpus apply to --backend ray")
     if config.backend == "ray" and "workers" in given:
@@ -370,23 +372,21 @@ def make_backend(config: SimulationConfig, data: SharedData):
 
 
 async def simulate(config: SimulationConfig, setup, data: SharedData, backend, output_dir: Path) -> int:
-    import fl_server
-
-    files = RunFiles(output_dir, fl_server.run_title(config, "fedsock simulation"), setup.checkpoint)
+    files = RunFiles(output_dir, run_title(config, "fedsock simulation"), setup.checkpoint)
     events = Events([Console(config.quiet, WHO), files])
     pool = ClientPool(config.num_clients)
     faults = Faults(config.seed, config.drop_rate, config.straggler_rate, config.straggler_delay_s)
     codec = None
     if config.compression != "none":
-        codec = UpdateCodec(fl_server.compression_of(config), setup.model.tensors, config.seed)
+        codec = UpdateCodec(compression_of(config), setup.model.tensors, config.seed)
     for client_id in range(1, config.num_clients + 1):
         client = VirtualClient(client_id, data.num_examples(client_id), backend, faults, codec,
                                setup.secure.length if setup.secure is not None else None)
         pool.joined(client)
         pool.add(client)
-    engine = fl_server.RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),
-                                   setup.checkpoint, str(output_dir), setup.secure)
-    fl_server.stop_on_signals(engine)
+    engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),
+                         setup.checkpoint, setup.secure, output_dir=str(output_dir))
+    stop_on_signals(engine.control, WHO)
     try:
         return await engine.run()
     finally:
@@ -394,21 +394,19 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
 
 
 def main(argv: list[str] | None = None) -> int:
-    import fl_server
-
     config, checkpoint = parse_config(argv)
     if config.transport == "sockets":
         from fedsock.simulate_sockets import run_over_sockets
 
         return run_over_sockets(config, argv)
-    setup = fl_server.prepare_training(config, checkpoint, keep_train=True, who=WHO)
+    setup = prepare_training(config, checkpoint, keep_train=True, who=WHO)
     if checkpoint is not None:
         say(WHO, f"resuming from {config.resume}: round {checkpoint.round} of {config.num_rounds} was the last completed")
         if checkpoint.round >= config.num_rounds:
             raise UsageError(f"the checkpoint already has all {config.num_rounds} rounds; raise --num-rounds to go on")
     data = SharedData(setup.train, setup.info, setup.partitions, config.seed)
     setup.train = None
-    output_dir = fl_server.make_output_dir(config.output_dir)
+    output_dir = make_output_dir(config.output_dir)
     (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     backend = make_backend(config, data)
     workers = f", {config.workers} worker(s)" if config.backend != "ray" else ""

@@ -204,7 +204,7 @@ def test_cross_site_and_rebinding_requests_are_refused(tmp_path):
     assert [status for status, _ in answers] == [403, 403, 403, 403, 403, 409, 404, 404, 200]
     assert "may not act on this run" in answers[0][1]["error"]
     assert "only to loopback addresses" in answers[4][1]["error"]
-    assert engine.stopping.is_set() and engine.stop_reason == "the Stop button on the dashboard"
+    assert engine.control.stopping.is_set() and engine.control.stop_reason == "the Stop button on the dashboard"
     assert answers[8][1]["message"].startswith("dashboard: stopping")
 
 

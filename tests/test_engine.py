@@ -20,7 +20,8 @@ from fedsock.console import ExitStatus
 from fedsock.events import ClientDropped, Event, Events, Observer, RoundFailed, RoundFinished, RoundSaved, RoundStarted
 from fedsock.strategies import Strategy
 from fedsock.transport import Traffic
-from fl_server import RoundEngine, RunFailed, strategy_settings
+from fedsock.engine import RoundEngine, RunFailed
+from fedsock.prepare import strategy_settings
 
 RUN_TIMEOUT_S = 20  # a bound on every run below (each takes milliseconds)
 
@@ -199,7 +200,7 @@ def test_a_stop_during_a_round_ends_the_run_and_nobody_is_called_dropped():
 
     def stall_and_stop() -> None:  # the fits of round 2 start after this event: client 2 stalls in it
         clients[1].gate = asyncio.Event()
-        engine.request_stop("SIGINT")
+        engine.control.request_stop("SIGINT")
 
     recorder.on(lambda e: isinstance(e, RoundStarted) and e.number == 2, stall_and_stop)
     assert run(engine) == ExitStatus.INTERRUPTED
@@ -213,7 +214,7 @@ def test_a_stop_before_any_round_says_there_is_nothing_to_resume():
     clients = [FakeClient(1)]
     clients[0].gate = asyncio.Event()
     engine, recorder = engine_for(clients, round_timeout_s=30.0)
-    recorder.on(lambda e: isinstance(e, RoundStarted), lambda: engine.request_stop("SIGTERM"))
+    recorder.on(lambda e: isinstance(e, RoundStarted), lambda: engine.control.request_stop("SIGTERM"))
     assert run(engine) == ExitStatus.TERMINATED
     assert "before any round completed; there is no checkpoint to resume from" in clients[0].finished[2]
 
@@ -259,36 +260,36 @@ def test_a_manual_start_waits_for_the_launch_and_applies_its_settings():
 
     def launch() -> None:
         with pytest.raises(ValueError, match="lr 50 is outside"):
-            engine.request_launch({"lr": 50})
+            engine.control.request_launch({"lr": 50})
         with pytest.raises(ValueError, match="num_rounds must be a whole number"):
-            engine.request_launch({"num_rounds": 2.5})
+            engine.control.request_launch({"num_rounds": 2.5})
         with pytest.raises(ValueError, match="cannot be set from the dashboard"):
-            engine.request_launch({"strategy": "krum"})
+            engine.control.request_launch({"strategy": "krum"})
         assert engine.config.lr == 0.05  # a refused launch changes nothing
         engine.rounds_done = 3  # as a resumed run's
         with pytest.raises(ValueError, match="num_rounds must be more than the 3 round"):
-            engine.request_launch({"num_rounds": 3})
+            engine.control.request_launch({"num_rounds": 3})
         engine.rounds_done = 0
-        assert engine.request_launch({"num_rounds": 2, "lr": 0.1, "batch_size": 8}) == \
+        assert engine.control.request_launch({"num_rounds": 2, "lr": 0.1, "batch_size": 8}) == \
             "training starts; num rounds 2; lr 0.1; batch size 8"
 
     recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"), launch)
     assert run(engine) == ExitStatus.OK
     assert len(recorder.rows()) == 2 and engine.config.num_rounds == 2
     with pytest.raises(ValueError, match="already started"):
-        engine.request_launch({})
+        engine.control.request_launch({})
 
 
 def test_a_launch_with_too_few_ready_clients_is_refused():
     engine, recorder = engine_for([FakeClient(1)], start="manual", min_clients=1, num_rounds=1)
-    engine.needed = 2
+    engine.control.needed = 2
     refusals = []
 
     def launch() -> None:
         with pytest.raises(ValueError, match="1 client\\(s\\) ready, 2 needed") as caught:
-            engine.request_launch({})
+            engine.control.request_launch({})
         refusals.append(str(caught.value))
-        engine.request_stop("the Stop button on the dashboard")
+        engine.control.request_stop("the Stop button on the dashboard")
 
     recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"), launch)
     assert run(engine) == ExitStatus.INTERRUPTED  # stopped in the lobby, as Ctrl-C would
@@ -297,7 +298,7 @@ def test_a_launch_with_too_few_ready_clients_is_refused():
 
 def test_sigusr1_starts_a_manual_run():
     engine, recorder = engine_for([FakeClient(1)], start="manual", num_rounds=1)
-    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"), engine.signal_go)
+    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"), engine.control.signal_go)
     assert run(engine) == ExitStatus.OK
     assert len(recorder.rows()) == 1
 
@@ -310,19 +311,19 @@ def test_stay_keeps_the_clients_for_more_sessions_from_the_last_model():
     sessions = []
 
     def between() -> None:
-        sessions.append(engine.phase)
+        sessions.append(engine.control.phase)
         if len(sessions) == 1:
             with pytest.raises(ValueError, match="rounds 0 is outside 1..100000"):
-                engine.request_more(0)
-            assert engine.request_more(3) == "3 more round(s)"
+                engine.control.request_more(0)
+            assert engine.control.request_more(3) == "3 more round(s)"
         elif len(sessions) == 2:
-            engine.signal_go()  # SIGUSR1: another session as long as the last (3 rounds)
+            engine.control.signal_go()  # SIGUSR1: another session as long as the last (3 rounds)
         else:
-            engine.request_stop("the Stop button on the dashboard")
+            engine.control.request_stop("the Stop button on the dashboard")
 
     recorder.on(lambda e: isinstance(e, SessionFinished), between)
     with pytest.raises(ValueError, match="only when a session has ended"):
-        engine.request_more(3)
+        engine.control.request_more(3)
     assert run(engine) == ExitStatus.OK  # stopped between sessions: every round asked for was done
     assert sessions == ["between sessions"] * 3
     assert [row["round"] for row in recorder.rows()] == list(range(1, 9))
@@ -340,10 +341,10 @@ def test_a_launch_setting_from_the_command_line_stands_even_beyond_the_pages_lim
 
     def launch() -> None:
         with pytest.raises(ValueError, match="already"):
-            engine.launch.set()
-            engine.request_launch({})
-        engine.launch.clear()
-        answers.append(engine.request_launch({"lr": 20.0, "batch_size": 8192, "num_rounds": 1}))  # the page's form
+            engine.control.launch.set()
+            engine.control.request_launch({})
+        engine.control.launch.clear()
+        answers.append(engine.control.request_launch({"lr": 20.0, "batch_size": 8192, "num_rounds": 1}))  # the page's form
 
     recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"), launch)
     assert run(engine) == ExitStatus.OK

@@ -199,7 +199,8 @@ def test_bad_task_flags_on_the_server_are_one_line(cluster, args, message):
 
 
 def test_the_plot_title_names_the_data_the_run_trains_on():
-    from fl_server import ServerConfig, run_title
+    from fedsock.config import ServerConfig
+    from fedsock.prepare import run_title
 
     own = ServerConfig(task="image", classes="NORMAL,PNEUMONIA", augment="affine", num_clients=5)
     assert run_title(own) == ("fedsock: cnn on the clients' own data (NORMAL, PNEUMONIA), 5 clients, fedavg, "

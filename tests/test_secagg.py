@@ -23,7 +23,8 @@ from fedsock.console import ExitStatus
 from fedsock.events import ClientDropped, Events, RoundFailed
 from fedsock.strategies import Strategy
 from fedsock.transport import Traffic
-from fl_server import RoundEngine, RunFailed, strategy_settings
+from fedsock.engine import RoundEngine, RunFailed
+from fedsock.prepare import strategy_settings
 from test_engine import Recorder
 
 # --------------------------------------------------------------------------- Shamir

@@ -1,0 +1,100 @@
+"""Flags that make no sense together: one line each, before anything starts.
+
+The server's and the simulation's parsers both end with `check_config`; each check names
+the flags and says why, e.g. "--compression does not go with --secure-aggregation: ...".
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import neural_net_helper as nnh
+from fedsock.config import ServerConfig
+from fedsock.strategies import ROBUST
+
+# Flags that only one kind of strategy reads: given with another, they would silently do nothing.
+STRATEGY_FLAGS = {
+    "proximal_mu": ("fedprox",), "server_momentum": ("fedavgm",), "server_lr": ("fedavgm", "fedadam", "fedyogi", "fedadagrad"),
+    "beta1": ("fedadam", "fedyogi", "fedadagrad"), "beta2": ("fedadam", "fedyogi"), "tau": ("fedadam", "fedyogi", "fedadagrad"),
+    "trim_fraction": ("trimmed-mean",), "byzantine_clients": ("krum", "multi-krum"),
+}
+
+
+def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.ArgumentParser) -> None:
+    """Flags that make no sense together are one line each, before anything starts."""
+    if config.min_clients > config.num_clients:
+        parser.error(f"--min-clients {config.min_clients} is more than --num-clients {config.num_clients}")
+    if config.clients_per_round is not None and config.fraction_fit is not None:
+        parser.error("use --clients-per-round or --fraction-fit, not both")
+    if config.clients_per_round is not None:
+        if config.clients_per_round > config.num_clients:
+            parser.error(f"--clients-per-round {config.clients_per_round} is more than --num-clients {config.num_clients}")
+        if config.clients_per_round < config.min_clients:
+            parser.error(f"--clients-per-round {config.clients_per_round} is below --min-clients {config.min_clients}: "
+                         f"no round could get enough updates")
+    for name, strategies in STRATEGY_FLAGS.items():
+        if name in given and config.strategy not in strategies:
+            parser.error(f"--{name.replace('_', '-')} applies to --strategy {' or '.join(strategies)}, "
+                         f"not {config.strategy}")
+    task_flags = [name for name in ("classes", "positive_class", "image_size", "channels", "image_mean", "image_std",
+                                    "max_tokens", "buckets", "test_data", "max_client_examples") if name in given]
+    kind = "text" if config.task == "text" else "image"
+    if config.task == "dataset":
+        if task_flags:
+            parser.error(f"--{task_flags[0].replace('_', '-')} applies to --task image or text (clients with their "
+                         f"own data), not to --task dataset")
+    else:
+        if not config.classes:
+            parser.error(f"--task {config.task} needs --classes, e.g. --classes ham,spam")
+        wrong = [name for name in ("dataset", "partition", "alpha", "data_root") if name in given]
+        if wrong:
+            parser.error(f"--{wrong[0].replace('_', '-')} applies to --task dataset; with --task {config.task} each "
+                         f"client brings its own data")
+    if not nnh.model_fits(config.model, kind):
+        parser.error(f"--model {config.model} is for {'text' if kind == 'image' else 'images'}; a {kind} task needs "
+                     f"{' or '.join(nnh.TEXT_MODELS if kind == 'text' else nnh.IMAGE_MODELS)}")
+    if config.augment != "none" and kind == "text":
+        parser.error(f"--augment {config.augment} is for images; a text task has none to turn")
+    dp_flags = [name for name in ("dp_noise_multiplier", "dp_epsilon", "dp_delta", "dp_mode") if name in given]
+    if config.dp_clip is None and dp_flags:
+        parser.error(f"--{dp_flags[0].replace('_', '-')} needs --dp-clip S, which turns client-level DP on")
+    if config.dp_clip is not None:
+        if (config.dp_noise_multiplier is None) == (config.dp_epsilon is None):
+            parser.error("client-level DP needs either --dp-noise-multiplier Z or a budget --dp-epsilon E (one of them)")
+        if config.strategy in ROBUST:
+            parser.error(f"--strategy {config.strategy} does not go with --dp-clip: the DP guarantee is for the "
+                         f"noised mean of clipped updates, and {config.strategy} is not a mean")
+        if config.dp_delta is not None and config.dp_delta >= 1 / config.num_clients:
+            parser.error(f"--dp-delta {config.dp_delta:g} is not below 1/N = {1 / config.num_clients:g}: a guarantee "
+                         f"that may fail for one client in N protects no one")
+    if config.dashboard is not None:
+        from fedsock.dashboard import parse_address
+
+        try:
+            parse_address(config.dashboard)
+        except ValueError as exc:
+            parser.error(f"--dashboard {exc}")
+    secagg_flags = [name for name in ("secagg_threshold", "secagg_clip") if name in given]
+    if secagg_flags and not config.secure_aggregation:
+        parser.error(f"--{secagg_flags[0].replace('_', '-')} needs --secure-aggregation")
+    if config.dp_mode == "distributed" and not config.secure_aggregation:
+        parser.error("--dp-mode distributed needs --secure-aggregation: the clients' shares of the noise protect "
+                     "only a sum the server cannot see into")
+    if config.secure_aggregation:
+        if config.strategy in ROBUST:
+            parser.error(f"--strategy {config.strategy} does not go with --secure-aggregation: it needs each "
+                         f"client's update, and secure aggregation shows the server only their sum")
+        if config.compression != "none":
+            parser.error("--compression does not go with --secure-aggregation: a masked update is uniform 32-bit "
+                         "words, which no encoding shrinks")
+        if config.sampling == "poisson":
+            parser.error("--sampling poisson does not go with --secure-aggregation: a Poisson round may pick fewer "
+                         "clients than the threshold t; use --sampling fixed")
+    if config.sampling == "poisson" and config.clients_per_round is None and config.fraction_fit is None:
+        parser.error("--sampling poisson needs --fraction-fit C (or --clients-per-round K: a rate of K/N)")
+    if config.strategy in ("krum", "multi-krum"):
+        needed = 2 * config.byzantine_clients + 3
+        if max(config.min_clients, needed) > min(config.clients_per_round or config.num_clients, config.num_clients):
+            parser.error(f"{config.strategy} with --byzantine-clients {config.byzantine_clients} needs at least "
+                         f"{needed} updates a round (n >= 2f + 3, Blanchard et al. 2017): raise the clients per round")
