@@ -18,18 +18,16 @@ Where the clients train (--backend):
   machine or a cluster (--ray-address). Ray is an optional extra: pip install -e '.[ray]'.
 
 `--transport sockets` instead starts a real fl_server.py and runs the virtual clients
-against it over TCP with the normal protocol (their training still on the backend).
+against it over TCP with the normal protocol (their training still on the backend):
+fedsock/simulate_sockets.py. The command line is fl_simulate.py's.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,13 +41,12 @@ from fedsock.clients import ClientPool, Dropped, FitIns, FitRes
 from fedsock.compression import compress_update, decoded_update, scratch_for
 from fedsock.secagg import MASKED, ClientSession
 from fedsock.config import ServerConfig, setting
-from fedsock.console import ArgumentParser, HelpFormatter, UsageError, run_main, say
+from fedsock.console import UsageError
 from fedsock.engine import RoundEngine
 from fedsock.events import Console, Events
-from fedsock.flag_checks import check_config
-from fedsock.prepare import compression_of, make_output_dir, prepare_training, run_title
+from fedsock.prepare import compression_of, run_title
 from fedsock.run_control import stop_on_signals
-from fedsock.run_files import RunFiles, read_checkpoint
+from fedsock.run_files import RunFiles
 from fedsock.transport import Traffic
 from socket_methods import decode_weights, encode_weights
 
@@ -88,30 +85,6 @@ NOT_SIMULATED = {"host", "server_port", "time_to_wait_s", "handshake_timeout_s",
                  "stall_timeout_s",
                  "max_pending", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "auth_tokens_file",
                  "dashboard", "start", "stay"}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="fl_simulate.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    settings.add_settings(parser, SimulationConfig, exclude=NOT_SIMULATED)
-    parser.add_argument("--traceback", action="store_true", help="show a full traceback on errors (for bug reports)")
-    return parser
-
-
-def parse_config(argv: list[str] | None):
-    parser = build_parser()
-    args = vars(parser.parse_args(argv))
-    args.pop("traceback")
-    given = settings.given_flags(build_parser, argv)
-    config, checkpoint = SimulationConfig(**args), None
-    if config.resume:
-        checkpoint = read_checkpoint(config.resume)
-        config = settings.resumed(config, checkpoint.config, given, args)
-    check_config(config, given, parser)
-    if config.backend != "ray" and any(name in given for name in ("ray_address", "client_cpus", "client_gpus")):
-        parser.error("--ray-address, --client-cpus and --client-gpus apply to --backend ray")
-    if config.backend == "ray" and "workers" in given:
-        parser.error("--workers applies to --backend inprocess and processes; Ray places tasks by --client-cpus")
-    return config, checkpoint
 
 
 # --------------------------------------------------------------------------- the data, once
@@ -391,35 +364,3 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
         return await engine.run()
     finally:
         files.close()
-
-
-def main(argv: list[str] | None = None) -> int:
-    config, checkpoint = parse_config(argv)
-    if config.transport == "sockets":
-        from fedsock.simulate_sockets import run_over_sockets
-
-        return run_over_sockets(config, argv)
-    setup = prepare_training(config, checkpoint, keep_train=True, who=WHO)
-    if checkpoint is not None:
-        say(WHO, f"resuming from {config.resume}: round {checkpoint.round} of {config.num_rounds} was the last completed")
-        if checkpoint.round >= config.num_rounds:
-            raise UsageError(f"the checkpoint already has all {config.num_rounds} rounds; raise --num-rounds to go on")
-    data = SharedData(setup.train, setup.info, setup.partitions, config.seed)
-    setup.train = None
-    output_dir = make_output_dir(config.output_dir)
-    (output_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    backend = make_backend(config, data)
-    workers = f", {config.workers} worker(s)" if config.backend != "ray" else ""
-    say(WHO, f"{config.num_clients} virtual clients on the {backend.name} backend{workers}; output in {output_dir}")
-    try:
-        return asyncio.run(simulate(config, setup, data, backend, output_dir))
-    finally:
-        backend.close()
-
-
-def cli() -> int:
-    return run_main("fl_simulate.py", main)
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

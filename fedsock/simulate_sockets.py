@@ -20,9 +20,12 @@ import threading
 
 import torch
 
+import client_helper
+import neural_net_helper as nnh
 from fedsock.clients import FitIns, GlobalModel
 from fedsock.console import FedsockError, UsageError, say
 from fedsock.secagg import FEATURE, MASKED, ClientSession
+from fedsock.simulate import SharedData, make_backend
 from fedsock.transport import AsyncConnection, Traffic, tune_socket
 from socket_methods import (
     PROTOCOL_VERSION,
@@ -124,10 +127,6 @@ class SocketClient:
 
 
 def run_over_sockets(config, argv: list[str] | None) -> int:
-    import client_helper
-    import neural_net_helper as nnh
-    from fedsock.simulate import SharedData, make_backend
-
     if config.drop_rate or config.straggler_rate:
         raise UsageError("--drop-rate and --straggler-rate apply to --transport inprocess; over sockets, kill or "
                          "stop client processes instead (a real fault)")
