@@ -137,11 +137,17 @@ NETWORK, FEDERATION, TRAINING, STRATEGY, PRIVACY, SECAGG, COMPRESSION, DATA, TAS
 
 
 @dataclass
-class ServerConfig:
-    """Every setting of a server run (saved as config.json and in every checkpoint)."""
+class NetworkSettings:
+    """Where the server listens."""
 
     host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 for every interface)", group=NETWORK)
     server_port: int = setting(50052, "TCP port; 0 picks a free one", group=NETWORK, type=port, metavar="PORT")
+
+
+@dataclass
+class FederationSettings:
+    """Who takes part: the clients, how many a round picks, and for how many rounds."""
+
     num_clients: int = setting(5, "N: clients have ids 1..N, one data partition each", group=FEDERATION, type=positive_int,
                                metavar="N")
     min_clients: int = setting(1, "fewest ready clients to start with, and fewest updates a round needs",
@@ -158,6 +164,12 @@ class ServerConfig:
     sampling: str = setting("fixed", "how --clients-per-round/--fraction-fit pick: fixed (exactly K of the ready "
                                      "clients) or poisson (each ready client with probability C, or K/N)",
                             group=FEDERATION, choices=("fixed", "poisson"))
+
+
+@dataclass
+class TrainingSettings:
+    """How the clients train (sent to them in every <MODEL>)."""
+
     model: str = setting("cnn", "logreg, mlp (2NN) or cnn (McMahan et al. 2017) for images; textcnn or textgru "
                                 "for text", group=TRAINING, choices=("logreg", "mlp", "cnn", "textcnn", "textgru"))
     local_epochs: int = setting(1, "epochs each client trains per round", group=TRAINING, type=positive_int, metavar="E")
@@ -168,6 +180,12 @@ class ServerConfig:
     augment: str = setting("none", "image tasks: affine (each client turns, shifts and zooms each training image at "
                                    "random, every batch: up to 10 degrees, 10%% of its size and 10%% of zoom) or none", group=TRAINING,
                            choices=AUGMENTATIONS)
+
+
+@dataclass
+class StrategySettings:
+    """How updates become the next global model (fedsock/strategies.py)."""
+
     strategy: str = setting("fedavg", "how updates become the next global model (see the README's strategy table)",
                             group=STRATEGY, choices=("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                                                      "median", "trimmed-mean", "krum", "multi-krum"))
@@ -188,6 +206,12 @@ class ServerConfig:
                                    group=STRATEGY, type=number(float, 0, 0.5), metavar="BETA")
     byzantine_clients: int = setting(1, "krum/multi-krum: f, the malicious clients to tolerate per round",
                                      group=STRATEGY, type=non_negative_int, metavar="F")
+
+
+@dataclass
+class DPSettings:
+    """Client-level differential privacy (fedsock/privacy.py)."""
+
     dp_clip: float | None = setting(None, "S: clip each client's update (its model delta) to L2 norm S; turns "
                                           "client-level DP on", group=PRIVACY, type=positive_float, metavar="S")
     dp_noise_multiplier: float | None = setting(None, "z: Gaussian noise of std z*S on each round's sum of clipped "
@@ -201,6 +225,12 @@ class ServerConfig:
                                       "(each client clips and noises its own update) or distributed (with "
                                       "--secure-aggregation: each client adds its share of the noise)", group=PRIVACY,
                            choices=("central", "local", "distributed"))
+
+
+@dataclass
+class SecAggSettings:
+    """Secure aggregation (fedsock/secagg.py)."""
+
     secure_aggregation: bool = setting(False, "the server learns only the sum of each round's updates: masked "
                                               "updates, X25519 keys and Shamir shares among the round's clients",
                                        group=SECAGG)
@@ -210,6 +240,12 @@ class ServerConfig:
     secagg_clip: float = setting(10.0, "each coordinate of a client's delta is clipped to [-C, C] before it is "
                                        "quantised (with DP: S·(1 + 8z), from --dp-clip)", group=SECAGG,
                                  type=positive_float, metavar="C")
+
+
+@dataclass
+class CompressionSettings:
+    """What crosses the network, and how small (fedsock/compression.py)."""
+
     compression: str = setting("none", "how clients send their updates: none, or the delta from the global model as "
                                        "fp16, int8 (stochastic rounding) or topk (--topk-fraction, error feedback)",
                                group=COMPRESSION, choices=("none", "fp16", "int8", "topk"))
@@ -218,6 +254,12 @@ class ServerConfig:
     compress_broadcast: str = setting("none", "how the server sends the global model: none, fp16 or int8 (the "
                                               "clients and the server then use the rounded weights)",
                                       group=COMPRESSION, choices=("none", "fp16", "int8"))
+
+
+@dataclass
+class DataSettings:
+    """The data a --task dataset run splits among its clients, the starting model, the device."""
+
     dataset: str = setting("mnist", "dataset (MNIST ships with fedsock)", group=DATA,
                            choices=("mnist", "fashion-mnist", "cifar10"))
     data_root: str | None = setting(None, "folder with the dataset files (default: the one shipped in fedsock/data/)",
@@ -231,6 +273,16 @@ class ServerConfig:
                         group=DATA, type=seed, metavar="SEED")
     initial_model: str | None = setting(None, "start from this saved model.pt instead of random weights",
                                         group=DATA, metavar="MODEL_PT")
+    device: str = setting("auto", "where the server evaluates the global model", group=DATA,
+                          choices=("auto", "cpu", "cuda"))
+    threads: int = setting(1, "PyTorch CPU threads for evaluation; 0 keeps PyTorch's default. 1 leaves the cores "
+                              "to local clients", group=DATA, type=non_negative_int, metavar="N")
+
+
+@dataclass
+class TaskSettings:
+    """Clients with their own data (--task image or text)."""
+
     task: str = setting("dataset", "dataset: the server splits --dataset among the clients; image or text: each "
                                    "client trains on its own files (fl_client.py --data)", group=TASK,
                         choices=("dataset", "image", "text"))
@@ -257,18 +309,32 @@ class ServerConfig:
                                          group=TASK)
     max_client_examples: int = setting(10**6, "own data: the most training examples a client may say it holds",
                                        group=TASK, type=positive_int, metavar="N")
-    device: str = setting("auto", "where the server evaluates the global model", group=DATA,
-                          choices=("auto", "cpu", "cuda"))
-    threads: int = setting(1, "PyTorch CPU threads for evaluation; 0 keeps PyTorch's default. 1 leaves the cores "
-                              "to local clients", group=DATA, type=non_negative_int, metavar="N")
+
+
+@dataclass
+class OutputSettings:
+    """The run's files."""
+
     output_dir: str | None = setting(None, "where metrics.csv, the model, the plot and checkpoints go "
                                            "(default: runs/<timestamp>/)", group=OUTPUT, metavar="DIR")
     resume: str | None = setting(None, "continue a run from its checkpoint.fsck", group=OUTPUT, metavar="CHECKPOINT")
     quiet: bool = setting(False, "print only the round lines, warnings and errors", group=OUTPUT)
+
+
+@dataclass
+class FaultSettings:
+    """What a round does when clients are late or gone."""
+
     round_timeout_s: float = setting(600.0, "seconds a round waits for updates; late clients are left out of it",
                                      group=FAULTS, flag="--round-timeout", type=positive_float)
     round_retries: int = setting(3, "times a round that got too few updates is retried before the run stops",
                                  group=FAULTS, type=non_negative_int, metavar="N")
+
+
+@dataclass
+class ConnectionSettings:
+    """Limits and timeouts of every connection (fedsock/transport.py, fedsock/lobby.py)."""
+
     handshake_timeout_s: float = setting(10.0, "seconds a new connection has to complete TLS, hello and "
                                                "authentication", group=CONNECTIONS, flag="--handshake-timeout",
                                          type=positive_float)
@@ -282,6 +348,12 @@ class ServerConfig:
                                     type=positive_float, metavar="MB")
     max_pending: int = setting(64, "most connections in their handshake at once; a new one evicts the oldest silent "
                                    "one", group=CONNECTIONS, type=positive_int, metavar="N")
+
+
+@dataclass
+class SecuritySettings:
+    """TLS and authentication (fedsock/security.py)."""
+
     tls_cert: str | None = setting(None, "server certificate (PEM); enables TLS", group=SECURITY, metavar="PEM")
     tls_key: str | None = setting(None, "private key of --tls-cert (PEM)", group=SECURITY, metavar="PEM")
     tls_client_ca: str | None = setting(None, "require client certificates signed by this CA (mutual TLS)",
@@ -290,6 +362,11 @@ class ServerConfig:
                                           metavar="FILE")
     auth_tokens_file: str | None = setting(None, "per-client secrets, lines of 'CLIENT_ID SECRET'", group=SECURITY,
                                            metavar="FILE")
+
+
+@dataclass
+class DashboardSettings:
+    """The live page, manual starts and sessions (fedsock/dashboard.py)."""
 
     dashboard: str | None = setting(None, "serve a live web page of the run at [HOST:]PORT (host 127.0.0.1 unless "
                                           "given; port 0 picks a free one): lobby, rounds, charts, Start and Stop. "
@@ -301,6 +378,12 @@ class ServerConfig:
     stay: bool = setting(False, "when the rounds are done, keep the clients connected: Train N more rounds on the "
                                 "dashboard (or SIGUSR1: as many as the last session) continues from the last model; "
                                 "Stop or SIGINT ends the run", group=DASHBOARD)
+
+
+@dataclass
+class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, FaultSettings, OutputSettings, TaskSettings, DataSettings, CompressionSettings, SecAggSettings, DPSettings, StrategySettings, TrainingSettings, FederationSettings, NetworkSettings):
+    """Every setting of a server run (saved as config.json and in every checkpoint), one concern a
+    base class; their fields come in the order above (a dataclass collects a base's fields first)."""
 
     def round_lr(self, number: int) -> float:
         """The clients' lr in round `number` (1-based): lr·lr_decay^(number-1). Never 0, which <MODEL>

@@ -28,7 +28,7 @@ from fedsock.own_data import load_own_data
 from fedsock.privacy import Accountant, Privacy, PrivacySettings, default_delta, plan_noise_multiplier
 from fedsock.run_files import Checkpoint
 from fedsock.secagg import SecureAggregation
-from fedsock.strategies import Strategy, StrategySettings
+from fedsock.strategies import Strategy
 from fedsock.tasks import Task, make_task, task_of_dataset
 from socket_methods import ProtocolError, check_finite, check_layout, weights_layout
 
@@ -51,11 +51,6 @@ class Setup:
     train: client_helper.Split | None = None
     task: Task | None = None
     secure: SecureAggregation | None = None
-
-
-def strategy_settings(config: ServerConfig) -> StrategySettings:
-    names = StrategySettings.__dataclass_fields__
-    return StrategySettings(**{name: getattr(config, name) for name in names})
 
 
 def federated_evaluation(config: ServerConfig) -> bool:
@@ -137,7 +132,7 @@ def prepare_training(config: ServerConfig, checkpoint: Checkpoint | None, keep_t
     if model_bytes > config.max_message_mb * 2**20:
         raise UsageError(f"the {config.model} model has {model_bytes / 2**20:.1f} MB of weights, over "
                          f"--max-message-mb {config.max_message_mb:g}")
-    strategy = Strategy(strategy_settings(config), make_privacy(config, checkpoint, who))
+    strategy = Strategy(config, make_privacy(config, checkpoint, who))
     if checkpoint is not None:
         strategy.load_state(checkpoint.strategy_state)
     if train is not None:
@@ -194,7 +189,7 @@ def make_privacy(config: ServerConfig, checkpoint: Checkpoint | None, who: str =
     if config.dp_clip is None:
         return None
     delta = config.dp_delta if config.dp_delta is not None else default_delta(config.num_clients)
-    probe = Strategy(strategy_settings(config))
+    probe = Strategy(config)
     sampling = config.sampling if probe.sampled else "none"
     saved = checkpoint.extra.get("privacy") if checkpoint is not None else None
     accountant = Accountant.from_json(saved["accountant"]) if saved else Accountant(delta, sampling)

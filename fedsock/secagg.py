@@ -50,6 +50,7 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from fedsock.config import SecAggSettings
 from socket_methods import BadMessage
 
 FEATURE = "secagg"
@@ -537,8 +538,10 @@ class ClientSession:
 
 @dataclass
 class Settings:
-    threshold_fraction: float = 2 / 3
-    clip: float = 10.0
+    """The server's secure aggregation of one run (made from the run's SecAggSettings by fedsock.prepare)."""
+
+    threshold_fraction: float = SecAggSettings.secagg_threshold  # the flags' defaults, written once there
+    clip: float = SecAggSettings.secagg_clip
     weight_bound: int = 60000  # W: the most examples a client of this run may hold
     weighted: bool = True  # False with DP: every client weighted 1
     noise_std: float = 0.0  # central DP: the server's noise on the unmasked sum (std per coordinate)

@@ -22,11 +22,12 @@ optimiser state (momentum, moments) is saved in every checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 import torch
+
+from fedsock.config import ServerConfig
 
 Weights = dict[str, torch.Tensor]
 Result = tuple[Mapping[str, torch.Tensor], int]  # (weights, num_examples)
@@ -231,27 +232,6 @@ class CollectingAggregator:
 # --------------------------------------------------------------------------- strategies
 
 
-@dataclass
-class StrategySettings:
-    """The strategy's part of the server's settings (see fedsock.config.ServerConfig)."""
-
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    server_lr: float | None = None
-    server_momentum: float = 0.7
-    beta1: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-    trim_fraction: float = 0.2
-    byzantine_clients: int = 1
-    clients_per_round: int | None = None
-    fraction_fit: float | None = None
-    sampling: str = "fixed"  # fixed: exactly K; poisson: each with probability C (or K/N)
-    min_clients: int = 1
-    num_clients: int = 1
-    seed: int = 0
-
-
 # name: (what it does, where it comes from, what it costs) -- for --help and the README
 STRATEGIES = {
     "fedavg": "example-weighted mean of the updates (McMahan et al. 2017); streams",
@@ -272,9 +252,10 @@ ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")
 
 
 class Strategy:
-    """Sampling, fit settings, aggregation and the server step of one run's strategy."""
+    """Sampling, fit settings, aggregation and the server step of one run's strategy. It reads its
+    settings (fedsock.config.StrategySettings, and the federation's sampling) from the run's config."""
 
-    def __init__(self, settings: StrategySettings, privacy=None):
+    def __init__(self, settings: ServerConfig, privacy=None):
         self.settings = settings
         self.name = settings.strategy
         if self.name not in STRATEGIES:

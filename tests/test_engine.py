@@ -21,7 +21,6 @@ from fedsock.events import ClientDropped, Event, Events, Observer, RoundFailed, 
 from fedsock.strategies import Strategy
 from fedsock.transport import Traffic
 from fedsock.engine import RoundEngine, RunFailed
-from fedsock.prepare import strategy_settings
 
 RUN_TIMEOUT_S = 20  # a bound on every run below (each takes milliseconds)
 
@@ -94,7 +93,7 @@ def engine_for(clients: list[FakeClient], **changes) -> tuple[RoundEngine, Recor
         pool.joined(client)
         pool.add(client)
     recorder = Recorder()
-    engine = RoundEngine(config, Strategy(strategy_settings(config)), pool, GlobalModel.of({"w": torch.zeros(2)}),
+    engine = RoundEngine(config, Strategy(config), pool, GlobalModel.of({"w": torch.zeros(2)}),
                          lambda tensors: {"test_accuracy": float(tensors["w"][0]), "test_loss": 0.0},
                          Events([recorder]), Traffic())
     return engine, recorder

@@ -24,7 +24,6 @@ from fedsock.events import ClientDropped, Events, RoundFailed
 from fedsock.strategies import Strategy
 from fedsock.transport import Traffic
 from fedsock.engine import RoundEngine, RunFailed
-from fedsock.prepare import strategy_settings
 from test_engine import Recorder
 
 # --------------------------------------------------------------------------- Shamir
@@ -341,7 +340,7 @@ def secure_engine(clients: list[SecureFake], template: dict, **changes):
         client.pool = pool
     recorder = Recorder()
     secure = sa.SecureAggregation(sa.Settings(weight_bound=100, stage_timeout_s=5), template)
-    engine = RoundEngine(config, Strategy(strategy_settings(config)), pool, GlobalModel.of(template),
+    engine = RoundEngine(config, Strategy(config), pool, GlobalModel.of(template),
                          lambda tensors: {"test_accuracy": float(tensors["w"].reshape(-1)[0]), "test_loss": 0.0},
                          Events([recorder]), Traffic(), secure=secure)
     return engine, recorder

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
+from fedsock.config import ServerConfig
 from fedsock.strategies import (
     RunningMean,
     Strategy,
-    StrategySettings,
     coordinate_median,
     fedavgm_step,
     fedopt_step,
@@ -116,7 +116,7 @@ def test_adaptive_server_steps_follow_reddi_et_al(kind, v_after, x_after):
 
 
 def test_a_strategy_keeps_its_state_for_the_checkpoint_and_continues_exactly_from_it():
-    settings = StrategySettings(strategy="fedadam", server_lr=0.1, tau=0.01)
+    settings = ServerConfig(strategy="fedadam", server_lr=0.1, tau=0.01)
     straight, resumed = Strategy(settings), Strategy(settings)
     x = w(0.5, -0.5)
     x1 = straight.step(x, w(1.0, -1.0))
@@ -127,26 +127,26 @@ def test_a_strategy_keeps_its_state_for_the_checkpoint_and_continues_exactly_fro
 
 
 def test_sampling_is_seeded_by_round_and_attempt_and_respects_the_counts():
-    strategy = Strategy(StrategySettings(clients_per_round=10, seed=3))
+    strategy = Strategy(ServerConfig(clients_per_round=10, seed=3))
     ids = list(range(1, 101))
     first = strategy.sample(ids, round_number=1, attempt=0)
     assert len(first) == 10 and len(set(first)) == 10 and set(first) <= set(ids)
     assert strategy.sample(ids, 1, 0) == first  # a resumed run picks the same ones
     assert strategy.sample(ids, 2, 0) != first and strategy.sample(ids, 1, 1) != first
     assert strategy.sample(ids[:4], 5, 0) == ids[:4]  # fewer ready than K: all of them
-    fraction = Strategy(StrategySettings(fraction_fit=0.1, min_clients=3))
+    fraction = Strategy(ServerConfig(fraction_fit=0.1, min_clients=3))
     assert len(fraction.sample(ids, 1, 0)) == 10 and len(fraction.sample(ids[:20], 1, 0)) == 3
-    assert Strategy(StrategySettings()).sample(ids, 1, 0) == ids  # no sampling: everyone
+    assert Strategy(ServerConfig()).sample(ids, 1, 0) == ids  # no sampling: everyone
 
 
 def test_only_fedprox_tells_clients_a_proximal_term():
-    assert Strategy(StrategySettings(strategy="fedprox", proximal_mu=0.1)).fit_settings() == {"proximal_mu": 0.1}
-    assert Strategy(StrategySettings(strategy="fedavg", proximal_mu=0.1)).fit_settings() == {"proximal_mu": 0.0}
+    assert Strategy(ServerConfig(strategy="fedprox", proximal_mu=0.1)).fit_settings() == {"proximal_mu": 0.1}
+    assert Strategy(ServerConfig(strategy="fedavg", proximal_mu=0.1)).fit_settings() == {"proximal_mu": 0.0}
 
 
 @pytest.mark.parametrize("name, collects", [("fedavg", False), ("fedadam", False), ("median", True), ("krum", True)])
 def test_mean_based_strategies_stream_and_robust_ones_collect(name, collects):
-    strategy = Strategy(StrategySettings(strategy=name))
+    strategy = Strategy(ServerConfig(strategy=name))
     aggregator = strategy.aggregator(w(0.0, 0.0))
     assert strategy.collects is collects and aggregator.streaming is (not collects)
     buffer = w(1.0, 2.0)
