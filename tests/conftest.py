@@ -15,19 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "bench"))  # netlab.py and pki.py: the namespaces and CAs some tests make
 
-import common  # noqa: E402  (bench/common.py: processes, free ports, metrics files)
-from common import free_port, read_metrics  # noqa: E402,F401  (re-exported for the tests)
+from support import Proc, free_port, read_metrics  # noqa: E402,F401  (re-exported for the tests)
 
 # Small, fast federations: logistic regression trains an MNIST round in about a second.
 FAST = ["--model", "logreg", "--time-to-wait", "30"]
-
-
-class Proc(common.Proc):
-    """A running fedsock process whose merged stdout/stderr is read line by line."""
-
-    error = AssertionError  # a wait that fails is a failed test
 
 
 class Cluster:
