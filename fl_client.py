@@ -24,10 +24,25 @@ from fedsock import config as settings
 from fedsock import security
 from fedsock.config import setting
 from fedsock.console import ArgumentParser, FedsockError, HelpFormatter, RefusedError, UsageError, number, run_main, say, warn
+from fedsock.order import ROLE_CLIENT, SECAGG_REQUESTS, Order
 from fedsock.transport import BlockingConnection, tune_socket
 from socket_methods import (
+    AUTH,
+    CHALLENGE,
+    ERROR,
+    EVALUATE,
+    EVALUATION,
+    FINISHED,
+    HELLO,
     MAX_CONTROL_BYTES,
+    MODEL,
     PROTOCOL_VERSION,
+    READY,
+    SECAGG_UNMASK,
+    SESSION_END,
+    SUCCESS,
+    UPDATE,
+    WAITING,
     BadMessage,
     ConnectionClosed,
     ProtocolError,
@@ -184,35 +199,39 @@ def connect(config: ClientConfig, tls: ssl.SSLContext | None, timeout_s: float) 
     return BlockingConnection(sock, idle_timeout_s=max(config.connect_timeout_s, 10.0))
 
 
-def expect(conn: BlockingConnection, allowed: set[str], limit: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
+def expect(conn: BlockingConnection, order: Order, limit: int = MAX_CONTROL_BYTES) -> dict[str, Any]:
+    """The server's next message, if the order allows it now (fedsock.order); its <ERROR> as RefusedError."""
     message = conn.recv_message(limit)
-    if message["header"] == "<ERROR>":
+    if message["header"] == ERROR:  # the server's last word, whatever the state: say it
         raise RefusedError(f"the server says: {message['message'][:300]}")
-    if message["header"] not in allowed:
-        raise BadMessage(f"the server sent {message['header']} where {' or '.join(sorted(allowed))} belongs")
+    order.receive(message["header"])
     return message
 
 
-def hello(conn: BlockingConnection, config: ClientConfig, token: bytes | None) -> dict[str, Any]:
-    """<HELLO>, the optional challenge, then the run's <METADATA>."""
-    conn.send([encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=config.client_id, features=FEATURES)])
-    message = expect(conn, {"<CHALLENGE>", "<METADATA>"})
-    if message["header"] == "<CHALLENGE>":
+def hello(conn: BlockingConnection, config: ClientConfig, token: bytes | None) -> tuple[Order, dict[str, Any]]:
+    """<HELLO>, the optional challenge, then the run's <METADATA>; and where the connection stands."""
+    order = Order(ROLE_CLIENT)
+    order.send(HELLO)
+    conn.send([encode_message(HELLO, protocol_version=PROTOCOL_VERSION, client_id=config.client_id, features=FEATURES)])
+    message = expect(conn, order)
+    if message["header"] == CHALLENGE:
         if token is None:
-            conn.send([encode_message("<ERROR>", message="this client has no token")])
+            conn.send([encode_message(ERROR, message="this client has no token")])
             raise UsageError(f"the server requires authentication: pass --auth-token-file or set ${security.TOKEN_ENV}")
         try:
             nonce = bytes.fromhex(message["nonce"])
         except ValueError:
             raise BadMessage("the server's challenge nonce is not hex") from None
-        conn.send([encode_message("<AUTH>", mac=security.auth_mac(token, nonce, config.client_id))])
-        message = expect(conn, {"<METADATA>"})
+        order.send(AUTH)
+        conn.send([encode_message(AUTH, mac=security.auth_mac(token, nonce, config.client_id))])
+        message = expect(conn, order)
     if message["client_id"] != config.client_id:
         raise BadMessage(f"the server welcomed client {message['client_id']}, not {config.client_id}")
-    return message
+    return order, message
 
 
-def join(config: ClientConfig, tls: ssl.SSLContext | None, token: bytes | None) -> tuple[BlockingConnection, dict]:
+def join(config: ClientConfig, tls: ssl.SSLContext | None,
+         token: bytes | None) -> tuple[BlockingConnection, Order, dict]:
     """Connect and be welcomed, trying again with backoff for --connect-timeout seconds: while no
     server listens, and while a busy one refuses or resets the connection before its welcome."""
     deadline = time.monotonic() + config.connect_timeout_s
@@ -221,7 +240,7 @@ def join(config: ClientConfig, tls: ssl.SSLContext | None, token: bytes | None) 
         conn = None
         try:
             conn = connect(config, tls, deadline - time.monotonic())
-            return conn, hello(conn, config, token)
+            return conn, *hello(conn, config, token)
         except (TryAgain, ConnectionClosed, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError) as exc:
             if conn is not None:
                 conn.close()
@@ -397,7 +416,7 @@ class LocalTrainer:
             reason = ("this client trains with --dp-sgd, which it cannot combine with the run's "
                       + ("FedProx proximal term" if message["proximal_mu"] > 0 else
                          "augmentation" if augment != "none" else "client-side update noise"))
-            conn.send([encode_message("<ERROR>", message=reason)])
+            conn.send([encode_message(ERROR, message=reason)])
             raise FedsockError(reason)
         tensors = self.receive_model(conn, message)
         evaluation = {}
@@ -438,7 +457,7 @@ class LocalTrainer:
             weights, params = self.compress.compress_update(tensors, weights, self.compression, self.residual, rounding)
             extra = {"compression_params": params} if params else {}
         return self.sender.frames(
-            "<UPDATE>", weights, out=self.send_buffer, round=number, client_id=self.config.client_id,
+            UPDATE, weights, out=self.send_buffer, round=number, client_id=self.config.client_id,
             num_examples=self.num_examples, **metrics, **evaluation, **extra,
         )
 
@@ -461,7 +480,7 @@ class LocalTrainer:
         if self.secagg is None:
             raise BadMessage(f"{message['header']} in a run without secure aggregation")
         answer = self.secagg.answer(message)
-        if message["header"] == "<SECAGG_UNMASK>" and not self.config.quiet:
+        if message["header"] == SECAGG_UNMASK and not self.config.quiet:
             say(self.config.who, f"round {message['round']}: revealed the shares to unmask {len(message['survivors'])} "
                                  f"updates ({len(message['dropped'])} dropped)")
         return answer
@@ -474,7 +493,7 @@ class LocalTrainer:
         accuracy = float(confusion.trace()) / max(int(confusion.sum()), 1)
         say(self.config.who, f"evaluated round {message['round']}'s model on {int(confusion.sum())} test examples: "
                              f"acc {100 * accuracy:.2f}%")
-        return [encode_message("<EVALUATION>", round=message["round"], eval_loss_sum=loss_sum,
+        return [encode_message(EVALUATION, round=message["round"], eval_loss_sum=loss_sum,
                                eval_confusion=confusion.tolist())]
 
 
@@ -495,22 +514,18 @@ class Status:
 
     def finished(self, message: dict[str, Any]) -> bool:
         header = message["header"]
-        if header == "<FINISHED>":
+        if header == FINISHED:
             say(self.config.who, f"server: {message['message']}")
             return True
-        if header == "<SESSION_END>":
+        if header == SESSION_END:
             say(self.config.who, f"server: {message['message']}")
             return False
-        if header == "<SUCCESS>" and not message["accepted"]:
+        if header == SUCCESS and not message["accepted"]:
             warn(self.config.who, f"round {message['round']}: {message['message']}")
-        if header == "<WAITING>" and message["message"] != self.last_waiting and not self.config.quiet:
+        if header == WAITING and message["message"] != self.last_waiting and not self.config.quiet:
             self.last_waiting = message["message"]
             say(self.config.who, f"server: {self.last_waiting}")
         return False
-
-
-CONTROL = {"<SUCCESS>", "<WAITING>", "<FINISHED>", "<SESSION_END>"}
-SECAGG = {"<SECAGG_SETUP>", "<SECAGG_PEERS>", "<SECAGG_ROUTED>", "<SECAGG_UNMASK>"}
 
 
 def send_or_give_up(conn: BlockingConnection, frames: list, config: ClientConfig) -> None:
@@ -526,7 +541,7 @@ def run_client(config: ClientConfig) -> int:
     token = security.load_token(config.auth_token_file, config.who)
     conn, told_server, joined = None, False, False
     try:
-        conn, meta = join(config, tls, token)
+        conn, order, meta = join(config, tls, token)
         joined = True
         where = (f"{meta['dataset']}, {meta['partition']} partition {config.client_id} of {meta['num_clients']}"
                  if meta["dataset"] else "its own data")
@@ -535,34 +550,37 @@ def run_client(config: ClientConfig) -> int:
             trainer = LocalTrainer(config, meta)
         except (FedsockError, KeyboardInterrupt) as exc:  # tell the server why this client leaves
             reason = str(exc) if isinstance(exc, FedsockError) else "interrupted"
-            conn.send([encode_message("<ERROR>", message=f"client setup failed: {reason}")])
+            conn.send([encode_message(ERROR, message=f"client setup failed: {reason}")])
             told_server = True
             raise
-        conn.send([encode_message("<READY>", num_examples=trainer.num_examples, test_examples=len(trainer.data.test_y))])
+        order.send(READY)
+        conn.send([encode_message(READY, num_examples=trainer.num_examples, test_examples=len(trainer.data.test_y))])
         # The server sends <WAITING> every heartbeat while we wait: three missed ones and it is gone.
         # The same bound holds for each send: a server that takes no byte for that long is gone
         # (a slow link moves bytes all the time; only a dead one stops).
         conn.sock.settimeout(3 * meta["heartbeat_s"] + 2)
         status = Status(config)
-        while True:
-            message = expect(conn, CONTROL | {"<MODEL>", "<EVALUATE>"} | SECAGG)
-            if message["header"] in SECAGG:
+        while True:  # what may come when is the order's to say; here each message is answered
+            message = expect(conn, order)
+            header = message["header"]
+            if header in SECAGG_REQUESTS:
                 answer = trainer.secure_aggregation(message)
                 if answer is not None:
+                    order.send(answer[0])
                     send_or_give_up(conn, [encode_message(answer[0], **answer[1])], config)
-                continue
-            if message["header"] == "<EVALUATE>":
-                send_or_give_up(conn, trainer.evaluate(conn, message), config)
-                continue
-            if message["header"] != "<MODEL>":
-                if status.finished(message):
-                    return 0
-                continue
-            update = trainer.fit(conn, message)
-            while server_spoke(conn):  # a stopped server's <FINISHED> is read, not answered
-                if status.finished(expect(conn, CONTROL)):
-                    return 0
-            send_or_give_up(conn, update, config)
+            elif header == EVALUATE:
+                evaluation = trainer.evaluate(conn, message)
+                order.send(EVALUATION)
+                send_or_give_up(conn, evaluation, config)
+            elif header == MODEL:
+                update = trainer.fit(conn, message)
+                while server_spoke(conn):  # a stopped server's <FINISHED> is read, not answered
+                    if status.finished(expect(conn, order)):
+                        return 0
+                order.send(UPDATE)
+                send_or_give_up(conn, update, config)
+            elif status.finished(message):
+                return 0
     except socket.timeout as exc:
         waited = f" for {conn.sock.gettimeout():g} s" if conn is not None else ""
         raise FedsockError(f"the server at {config.address} sent nothing{waited}; giving up") from exc
@@ -571,7 +589,7 @@ def run_client(config: ClientConfig) -> int:
     except ProtocolError as exc:
         if conn is not None and not told_server and not isinstance(exc, ConnectionClosed):
             try:  # tell the server what was wrong with what it sent, as it would tell us
-                conn.send([encode_message("<ERROR>", message=f"bad data from the server: {exc}"[:4000])], timeout_s=5)
+                conn.send([encode_message(ERROR, message=f"bad data from the server: {exc}"[:4000])], timeout_s=5)
             except OSError:
                 pass
         raise FedsockError(f"bad data from the server at {config.address}: {exc}") from exc

@@ -96,18 +96,42 @@ ROUND = Field(int, 1, 10**6, meaning="a round number, from 1")
 SECONDS = Field(float, 0, meaning="seconds, >= 0")
 TEXT = Field(str, max_len=4096, meaning="a sentence for people")
 
+# Every message's header, written once: the code names a message by its constant. Which one may
+# come when is fedsock/order.py's business; the fields each one carries are MESSAGES', below.
+HELLO = "<HELLO>"
+CHALLENGE = "<CHALLENGE>"
+AUTH = "<AUTH>"
+METADATA = "<METADATA>"
+READY = "<READY>"
+MODEL = "<MODEL>"
+UPDATE = "<UPDATE>"
+EVALUATE = "<EVALUATE>"
+EVALUATION = "<EVALUATION>"
+SECAGG_SETUP = "<SECAGG_SETUP>"
+SECAGG_KEYS = "<SECAGG_KEYS>"
+SECAGG_PEERS = "<SECAGG_PEERS>"
+SECAGG_SHARES = "<SECAGG_SHARES>"
+SECAGG_ROUTED = "<SECAGG_ROUTED>"
+SECAGG_UNMASK = "<SECAGG_UNMASK>"
+SECAGG_REVEAL = "<SECAGG_REVEAL>"
+SUCCESS = "<SUCCESS>"
+WAITING = "<WAITING>"
+FINISHED = "<FINISHED>"
+SESSION_END = "<SESSION_END>"
+ERROR = "<ERROR>"
+
 # Every message, its required fields and what a receiver accepts in them. Fields not
 # listed are ignored, so that newer peers can add information. The README's protocol
 # table is checked against this (tests/test_protocol_doc.py).
 MESSAGES: dict[str, dict[str, Field]] = {
-    "<HELLO>": {
+    HELLO: {
         "protocol_version": Field(int, meaning=f"{PROTOCOL_VERSION}; any other is refused"),
         "client_id": ID,
         "features": Field(list, max_len=64, items=str, meaning="the optional features this client supports"),
     },
-    "<CHALLENGE>": {"nonce": Field(str, max_len=64, meaning="32 random bytes as 64 lower-case hex digits")},
-    "<AUTH>": {"mac": Field(str, max_len=64, meaning="HMAC-SHA256 as 64 hex digits (either case)")},
-    "<METADATA>": {
+    CHALLENGE: {"nonce": Field(str, max_len=64, meaning="32 random bytes as 64 lower-case hex digits")},
+    AUTH: {"mac": Field(str, max_len=64, meaning="HMAC-SHA256 as 64 hex digits (either case)")},
+    METADATA: {
         "client_id": ID,
         "num_clients": Field(int, 1, 10**6, meaning="N"),
         "dataset": Field(str, max_len=64, meaning="the dataset's name; empty when the clients bring their own data"),
@@ -130,11 +154,11 @@ MESSAGES: dict[str, dict[str, Field]] = {
                                            "encoded (see Compressed updates)"),
         "secure_aggregation": Field(bool, meaning="each round begins with <SECAGG_SETUP> (see Secure aggregation)"),
     },
-    "<READY>": {
+    READY: {
         "num_examples": Field(int, 1, 10**9, meaning="training examples this client holds"),
         "test_examples": Field(int, 0, 10**9, meaning="examples in its local test split"),
     },
-    "<MODEL>": {
+    MODEL: {
         "round": ROUND,
         "local_epochs": Field(int, 1, 1000, meaning="epochs to train"),
         "batch_size": Field(int, 1, 10**7, meaning="minibatch size"),
@@ -150,7 +174,7 @@ MESSAGES: dict[str, dict[str, Field]] = {
                                        "broadcast's encoding)"),
         "broadcast_params": Field(dict, optional=True, meaning="broadcast int8: [scale, lo] per float tensor"),
     },
-    "<UPDATE>": {
+    UPDATE: {
         "round": ROUND,
         "client_id": ID,
         "num_examples": Field(int, 1, 10**9, meaning="examples trained on; at most the <READY> count"),
@@ -168,18 +192,18 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "weights": Field(dict, meaning="the layout: exactly the model's, or its compressed one (see Compressed "
                                        "updates)"),
     },
-    "<EVALUATE>": {
+    EVALUATE: {
         "round": Field(int, 0, 10**6, meaning="the round whose model this is"),
         "weights": Field(dict, meaning="the layout of the weights frame that follows (as in <MODEL>)"),
         "broadcast_params": Field(dict, optional=True, meaning="broadcast int8: [scale, lo] per float tensor"),
     },
-    "<EVALUATION>": {
+    EVALUATION: {
         "round": Field(int, 0, 10**6, meaning="the round of the model evaluated"),
         "eval_loss_sum": Field(float, 0, meaning="summed cross-entropy on the local test split"),
         "eval_confusion": Field(list, max_len=1000, items=list, meaning="confusion matrix: row = true, column = predicted"),
     },
-    # Secure aggregation, in this order each round (see the README's Secure aggregation section).
-    "<SECAGG_SETUP>": {
+    # Secure aggregation, in this order each round (fedsock/order.py's SECURE_STAGES).
+    SECAGG_SETUP: {
         "round": ROUND,
         "participants": Field(list, max_len=10**5, items=int, meaning="the ids of the round's clients, n of them"),
         "threshold": Field(int, 2, 10**5, meaning="t: shares needed to rebuild a secret; > n/2"),
@@ -189,37 +213,37 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "weighted": Field(bool, meaning="false (with DP): every client's weight and count are 1"),
         "length": Field(int, 1, 2**31, meaning="m: the model's coordinates; the vector has m + 1"),
     },
-    "<SECAGG_KEYS>": {
+    SECAGG_KEYS: {
         "round": ROUND,
         "c_public": Field(str, max_len=64, meaning="X25519 public key for the share encryption, base64 of 32 bytes"),
         "s_public": Field(str, max_len=64, meaning="X25519 public key for the pairwise masks, base64 of 32 bytes"),
     },
-    "<SECAGG_PEERS>": {"round": ROUND, "keys": Field(dict, meaning='{"ID": [c_public, s_public]} of U1')},
-    "<SECAGG_SHARES>": {"round": ROUND, "shares": Field(dict, meaning='{"ID": ciphertext} for each other client of U1')},
-    "<SECAGG_ROUTED>": {"round": ROUND, "shares": Field(dict, meaning='{"ID": ciphertext} addressed to this client')},
-    "<SECAGG_UNMASK>": {
+    SECAGG_PEERS: {"round": ROUND, "keys": Field(dict, meaning='{"ID": [c_public, s_public]} of U1')},
+    SECAGG_SHARES: {"round": ROUND, "shares": Field(dict, meaning='{"ID": ciphertext} for each other client of U1')},
+    SECAGG_ROUTED: {"round": ROUND, "shares": Field(dict, meaning='{"ID": ciphertext} addressed to this client')},
+    SECAGG_UNMASK: {
         "round": ROUND,
         "survivors": Field(list, max_len=10**5, items=int, meaning="U3: the clients whose masked update arrived"),
         "dropped": Field(list, max_len=10**5, items=int, meaning="U2 minus U3: those that shared keys, then left"),
     },
-    "<SECAGG_REVEAL>": {
+    SECAGG_REVEAL: {
         "round": ROUND,
         "seed_shares": Field(dict, meaning='{"ID": share} of each survivor\'s self-mask seed, base64 of 66 bytes'),
         "key_shares": Field(dict, meaning='{"ID": share} of each dropped client\'s mask key, base64 of 66 bytes'),
     },
-    "<SUCCESS>": {"round": ROUND, "accepted": Field(bool, meaning="false: the round had closed"), "message": TEXT},
-    "<WAITING>": {"message": TEXT},
-    "<FINISHED>": {
+    SUCCESS: {"round": ROUND, "accepted": Field(bool, meaning="false: the round had closed"), "message": TEXT},
+    WAITING: {"message": TEXT},
+    FINISHED: {
         "completed": Field(bool, meaning="false: stopped or gave up"),
         "rounds_completed": Field(int, 0, 10**6, meaning="rounds aggregated in this run"),
         "message": TEXT,
     },
-    "<SESSION_END>": {  # feature sessions (the server's --stay): the client stays connected
+    SESSION_END: {  # feature sessions (the server's --stay): the client stays connected
         "session": Field(int, 1, 10**6, meaning="the session that ended (1, 2, ...)"),
         "rounds_completed": Field(int, 0, 10**6, meaning="rounds aggregated so far in this run"),
         "message": TEXT,
     },
-    "<ERROR>": {"message": TEXT},
+    ERROR: {"message": TEXT},
 }
 # The same, as JSON types only.
 MESSAGE_FIELDS: dict[str, dict[str, type]] = {h: {n: f.kind for n, f in fs.items()} for h, fs in MESSAGES.items()}

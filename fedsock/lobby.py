@@ -38,10 +38,23 @@ from fedsock.clients import ClientPool, Dropped, EvalRes, FitIns, FitRes, Global
 from fedsock.compression import Compression, decoded_update, scratch_for
 from fedsock.events import (ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events, UpdateArriving,
                             UpdateDiscarded)
+from fedsock.order import ROLE_SERVER, Order
 from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_plain_error
 from socket_methods import (
+    CHALLENGE,
+    ERROR,
+    EVALUATE,
+    EVALUATION,
+    FINISHED,
+    METADATA,
+    MODEL,
     PRE_AUTH_CONTROL_BYTES,
     PROTOCOL_VERSION,
+    READY,
+    SESSION_END,
+    SUCCESS,
+    UPDATE,
+    WAITING,
     BadMessage,
     ConnectionClosed,
     ProtocolError,
@@ -246,16 +259,15 @@ class Pending:
 class RemoteClient:
     """A joined client at the end of a socket: the engine's ClientProxy, and its reader."""
 
-    def __init__(self, lobby: "Lobby", client_id: int, conn: AsyncConnection, max_examples: int):
+    def __init__(self, lobby: "Lobby", client_id: int, conn: AsyncConnection, max_examples: int, order: Order):
         self.lobby, self.client_id, self.conn = lobby, client_id, conn
         self.max_examples = max_examples
         self.num_examples = 0  # said in its <READY>
-        self.expecting: int | None = None  # the round whose model it was sent and has not answered
-        self.sent: GlobalModel | None = None  # that model: a compressed update is a delta from it
-        self.result: asyncio.Future[FitRes] | None = None
-        self.evaluation: tuple[int, asyncio.Future[EvalRes]] | None = None  # an <EVALUATE> sent, not answered
-        self.secagg_reply: tuple[str, int, asyncio.Future[dict]] | None = None  # (header, round, waiter) awaited
-        self.secagg_late: tuple[str, int] | None = None  # a reply given up on at its stage's timeout
+        self.order = order  # what it may send now (fedsock.order), moved by every message either side sends
+        self.asked_round = 0  # the round of the model, evaluation or secure-aggregation stage it was last sent
+        self.sent: GlobalModel | None = None  # the model it was last sent: a compressed update is a delta from it
+        self.result: asyncio.Future[FitRes] | None = None  # fit() waits here for its update
+        self.answer: asyncio.Future | None = None  # evaluate() or a secure-aggregation stage waits here
         self.gone: str | None = None
         self.finished = False  # told <FINISHED>: its leaving is no news
 
@@ -263,74 +275,62 @@ class RemoteClient:
     async def fit(self, ins: FitIns) -> FitRes:
         if self.gone:
             raise Dropped(self.gone)
-        frames = ins.cache.get("<MODEL>")
+        frames = ins.cache.get(MODEL)
         if frames is None:  # framed once per round, for every client
             blob, described = ins.model.wire_fields()
-            frames = ins.cache["<MODEL>"] = frame_weights("<MODEL>", blob, round=ins.round, **described, **ins.settings)
-        self.expecting, self.sent = ins.round, ins.model
+            frames = ins.cache[MODEL] = frame_weights(MODEL, blob, round=ins.round, **described, **ins.settings)
+        self.order.send(MODEL)
+        self.asked_round, self.sent = ins.round, ins.model
         self.result = asyncio.get_running_loop().create_future()
-        try:
-            await self.conn.send(frames)
-        except ProtocolError:
-            pass  # the reader sees the same closed connection, and drops the client
+        await self.send(frames)
         try:
             return await self.result
         finally:
             self.result = None  # the update's buffer must not stay referenced from here
 
     def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
-        self.lobby.send_soon(self, [encode_message("<SUCCESS>", round=result.round, accepted=accepted, message=note)])
+        self.lobby.send_soon(self, [encode_message(SUCCESS, round=result.round, accepted=accepted, message=note)])
 
     async def evaluate(self, round_number: int, model: GlobalModel) -> EvalRes:
         if self.gone:
             raise Dropped(self.gone)
-        waiter = asyncio.get_running_loop().create_future()
-        self.evaluation = (round_number, waiter)
-        try:
-            blob, described = model.wire_fields()
-            await self.conn.send(frame_weights("<EVALUATE>", blob, round=round_number, **described))
-        except ProtocolError:
-            pass  # the reader sees it, and fails the waiter
-        try:
-            return await waiter
-        finally:
-            self.evaluation = None
+        blob, described = model.wire_fields()
+        return await self.ask(EVALUATE, round_number, frame_weights(EVALUATE, blob, round=round_number, **described))
 
     async def secagg(self, header: str, fields: dict[str, Any], reply: str | None) -> dict[str, Any] | None:
         """Send one secure-aggregation message; with `reply`, wait for the client's answer of that kind."""
         if self.gone:
             raise Dropped(self.gone)
-        waiter = None
-        if reply is not None:
-            waiter = asyncio.get_running_loop().create_future()
-            self.secagg_reply = (reply, fields["round"], waiter)
-        try:
-            await self.conn.send([encode_message(header, **fields)])
-        except ProtocolError:
-            pass  # the reader sees it, and fails the waiter
-        if waiter is None:
+        frames = [encode_message(header, **fields)]
+        if reply is None:
+            self.order.send(header)
+            await self.send(frames)
             return None
+        return await self.ask(header, fields["round"], frames)
+
+    async def ask(self, header: str, round_number: int, frames: list) -> Any:
+        """Send a request that the client answers (<EVALUATE>, a secure-aggregation stage), and wait for
+        the answer. If the caller stops waiting first (its timeout), the order says what a late answer gets."""
+        self.order.send(header)
+        self.asked_round = round_number
+        waiter = self.answer = asyncio.get_running_loop().create_future()
         try:
+            await self.send(frames)
             return await waiter
         finally:
-            self.secagg_reply = None
-            if waiter.cancelled():  # the stage timed out: its reply may still come, and is no fault
-                self.secagg_late = (reply, fields["round"])
+            self.answer = None
+            if not waiter.done() or waiter.cancelled():
+                self.order.time_out(round_number)
 
-    def receive_secagg(self, message: dict[str, Any]) -> None:
-        if self.secagg_late == (message["header"], message["round"]):
-            self.secagg_late = None  # a slow client: it left that round only, not the run
-            return
-        expected = self.secagg_reply
-        if expected is None or message["header"] != expected[0] or message["round"] != expected[1]:
-            wanted = f"{expected[0]} of round {expected[1]}" if expected else "nothing"
-            raise BadMessage(f"{message['header']} of round {message['round']}, but this client was asked for {wanted}")
-        if not expected[2].done():
-            expected[2].set_result(message)
+    async def send(self, frames: list) -> None:
+        try:
+            await self.conn.send(frames)
+        except ProtocolError:
+            pass  # the reader sees the same closed connection, drops the client and fails what waits
 
     async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
         self.finished = True
-        finished = encode_message("<FINISHED>", completed=completed, rounds_completed=rounds_completed, message=message)
+        finished = encode_message(FINISHED, completed=completed, rounds_completed=rounds_completed, message=message)
         try:
             await asyncio.wait_for(self.conn.send([finished]), 5)
         except (ProtocolError, asyncio.TimeoutError):
@@ -338,7 +338,7 @@ class RemoteClient:
         await self.conn.close()
 
     async def end_session(self, session: int, rounds_completed: int, message: str) -> None:
-        frame = encode_message("<SESSION_END>", session=session, rounds_completed=rounds_completed, message=message)
+        frame = encode_message(SESSION_END, session=session, rounds_completed=rounds_completed, message=message)
         try:
             await asyncio.wait_for(self.conn.send([frame]), 5)
         except (ProtocolError, asyncio.TimeoutError):
@@ -346,25 +346,24 @@ class RemoteClient:
 
     # ---- the reader
     async def serve(self) -> None:
-        """Read everything the client sends, for as long as it stays."""
+        """Read everything the client sends, for as long as it stays. Whether a message may come now
+        is the order's to say (fedsock.order); here each one is checked and handed on."""
         reason = "connection closed"
         try:
             while True:
                 message = await self.conn.recv_message()
                 header = message["header"]
-                if header == "<UPDATE>":
+                if not self.order.receive(header, message.get("round")):
+                    continue  # a slow client's answer to a stage that timed out: no fault, and no use
+                if header == UPDATE:
                     await self.receive_update(message)
-                elif header == "<READY>":
+                elif header == READY:
                     self.become_ready(message)
-                elif header == "<EVALUATION>":
-                    self.receive_evaluation(message)
-                elif header in ("<SECAGG_KEYS>", "<SECAGG_SHARES>", "<SECAGG_REVEAL>"):
-                    self.receive_secagg(message)
-                elif header == "<ERROR>":
+                elif header == ERROR:
                     reason = f"it reported an error: {message['message'][:200]}"
                     break
-                else:
-                    raise BadMessage(f"unexpected {header} from a joined client")
+                else:  # <EVALUATION> or a secure-aggregation answer
+                    self.receive_answer(message)
         except ConnectionClosed as exc:
             reason = str(exc)  # "connection closed", or why it was aborted ("stalled: ...")
         except ProtocolError as exc:
@@ -379,20 +378,21 @@ class RemoteClient:
     def num_classes(self) -> int:
         return self.lobby.welcome.setup.task.num_classes
 
-    def receive_evaluation(self, message: dict[str, Any]) -> None:
-        if self.evaluation is None or message["round"] != self.evaluation[0]:
-            raise BadMessage(f"an <EVALUATION> of round {message['round']}, but this client was asked for "
-                             f"{'none' if self.evaluation is None else 'round ' + str(self.evaluation[0])}")
-        confusion = check_confusion(message["eval_confusion"], self.num_classes())
-        waiter = self.evaluation[1]
-        if not waiter.done():
-            waiter.set_result(EvalRes(self.client_id, message["round"], message["eval_loss_sum"], confusion))
+    def receive_answer(self, message: dict[str, Any]) -> None:
+        """An <EVALUATION> or a secure-aggregation answer: for the round asked, to the one waiting."""
+        header, number = message["header"], message["round"]
+        if number != self.asked_round:
+            raise BadMessage(f"{header} of round {number}, but this client was asked for round {self.asked_round}")
+        answer: Any = message
+        if header == EVALUATION:
+            confusion = check_confusion(message["eval_confusion"], self.num_classes())
+            answer = EvalRes(self.client_id, number, message["eval_loss_sum"], confusion)
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_result(answer)
 
     def become_ready(self, message: dict[str, Any]) -> None:
-        if self.num_examples:
-            raise BadMessage("a second <READY>")
         if message["num_examples"] > self.max_examples:
-            raise BadMessage(f"<READY> num_examples {message['num_examples']} is more than this client's "
+            raise BadMessage(f"{READY} num_examples {message['num_examples']} is more than this client's "
                              f"{self.max_examples}")
         self.num_examples = message["num_examples"]
         pool = self.lobby.pool
@@ -401,9 +401,8 @@ class RemoteClient:
 
     async def receive_update(self, update: dict[str, Any]) -> None:
         number = update["round"]
-        if self.expecting is None or number != self.expecting:
-            sent = f"round {self.expecting}" if self.expecting else "no model"
-            raise BadMessage(f"update for round {number}, but this client was sent {sent}")
+        if number != self.asked_round:
+            raise BadMessage(f"update for round {number}, but this client was sent round {self.asked_round}")
         if update["client_id"] != self.client_id:
             raise BadMessage(f"update carries client id {update['client_id']}, but this connection is client {self.client_id}")
         if update["num_examples"] > self.num_examples:
@@ -435,12 +434,11 @@ class RemoteClient:
         except BaseException:
             buffers.give_back(buffer)
             raise
-        self.expecting = None
         metrics = {k: update[k] for k in ("train_loss", "local_test_accuracy", "fit_seconds", "dp_sgd_epsilon")
                    if k in update}
         if "eval_confusion" in update:  # its federated evaluation of the model it was sent
             if update.get("eval_round", number - 1) != number - 1 or "eval_loss_sum" not in update:
-                raise BadMessage(f"an <UPDATE> for round {number} evaluates round {update.get('eval_round')}'s model "
+                raise BadMessage(f"an {UPDATE} for round {number} evaluates round {update.get('eval_round')}'s model "
                                  f"(it must be {number - 1}'s, with eval_loss_sum)")
             metrics.update(eval_round=number - 1, eval_loss_sum=update.get("eval_loss_sum", 0.0),
                            eval_confusion=check_confusion(update["eval_confusion"], self.num_classes()))
@@ -448,14 +446,13 @@ class RemoteClient:
                         release=lambda: buffers.give_back(buffer))
         if self.result is not None and not self.result.done():
             self.result.set_result(result)
-        else:  # nobody waits (cannot happen while `expecting` was set): do not keep the buffer
+        else:  # nobody waits any more (its fit was cancelled): do not keep the buffer
             result.release()
 
     def lost_update(self, number: int, reason: str) -> None:
         """An update the server could not keep: the round goes on without it, the client stays."""
-        self.expecting = None
         self.lobby.events.emit(UpdateDiscarded(number, self.client_id, reason, warning=True))
-        self.lobby.send_soon(self, [encode_message("<SUCCESS>", round=number, accepted=False, message=reason)])
+        self.lobby.send_soon(self, [encode_message(SUCCESS, round=number, accepted=False, message=reason)])
         if self.result is not None and not self.result.done():
             self.result.set_exception(Dropped(reason))
 
@@ -464,10 +461,8 @@ class RemoteClient:
             return
         self.gone = reason
         self.lobby.pool.remove(self.client_id)
-        if self.evaluation is not None and not self.evaluation[1].done():
-            self.evaluation[1].set_exception(Dropped(reason))
-        if self.secagg_reply is not None and not self.secagg_reply[2].done():
-            self.secagg_reply[2].set_exception(Dropped(reason))
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(Dropped(reason))
         if self.result is not None and not self.result.done():
             self.result.set_exception(Dropped(reason))  # the engine reports it as a drop
         elif not self.finished and not self.lobby.closing:
@@ -521,13 +516,7 @@ class Lobby:
                                warning=True)
 
     def send_soon(self, client: RemoteClient, frames: list) -> None:
-        self.spawn(self._send_or_drop(client, frames))
-
-    async def _send_or_drop(self, client: RemoteClient, frames: list) -> None:
-        try:
-            await client.conn.send(frames)
-        except ProtocolError:
-            pass  # the client's reader sees the same closed connection and drops it
+        self.spawn(client.send(frames))
 
     # ---- connections
     async def accept_loop(self) -> None:
@@ -604,20 +593,22 @@ class Lobby:
         return None
 
     async def handshake(self, conn: AsyncConnection) -> RemoteClient | None:
+        order = Order(ROLE_SERVER)
         hello = await conn.recv_message(PRE_AUTH_CONTROL_BYTES)
-        if hello["header"] != "<HELLO>":
-            raise BadMessage(f"expected <HELLO> first, got {hello['header']}")
+        order.receive(hello["header"])
         if hello["protocol_version"] != PROTOCOL_VERSION:
             raise BadMessage(f"protocol version {hello['protocol_version']} is not supported; this server speaks "
                              f"{PROTOCOL_VERSION} (update the client)")
         client_id = hello["client_id"]
         if self.auth.required:
             nonce = security.new_nonce()
-            await conn.send([encode_message("<CHALLENGE>", nonce=nonce.hex())])
+            order.send(CHALLENGE)
+            await conn.send([encode_message(CHALLENGE, nonce=nonce.hex())])
             answer = await conn.recv_message(PRE_AUTH_CONTROL_BYTES)
-            if answer["header"] == "<ERROR>":
+            order.receive(answer["header"])
+            if answer["header"] == ERROR:
                 raise ConnectionClosed(f"client {client_id} gave up at the challenge: {answer['message'][:200]}")
-            if answer["header"] != "<AUTH>" or not self.auth.verify(client_id, nonce, answer["mac"]):
+            if not self.auth.verify(client_id, nonce, answer["mac"]):
                 raise BadMessage(f"authentication failed for client id {client_id}")
         missing = [f for f in self.required_features if f not in hello["features"]]
         refusal = self.pool.refusal(client_id, self.welcome.next_round(), self.welcome.num_rounds)
@@ -629,10 +620,11 @@ class Lobby:
             await conn.send_error(refusal)
             await conn.close()
             return None
-        client = RemoteClient(self, client_id, conn, self.welcome.max_examples(client_id))
+        order.send(METADATA)
+        client = RemoteClient(self, client_id, conn, self.welcome.max_examples(client_id), order)
         rejoined = self.pool.training_started
         self.pool.joined(client)
-        await conn.send([encode_message("<METADATA>", **self.welcome.fields(client_id))])
+        await conn.send([encode_message(METADATA, **self.welcome.fields(client_id))])
         self.events.emit(ClientJoined(client_id, conn.peer, rejoined))
         return client
 
@@ -645,7 +637,7 @@ class Lobby:
             status = self.status()
             if self.buffers.receiving:
                 status += f"; {self.buffers.receiving} update(s) arriving"
-            frame = encode_message("<WAITING>", message=status)
+            frame = encode_message(WAITING, message=status)
             for client in list(self.pool.connected.values()):
                 if not client.conn.sending:  # a model on its way says the same
                     self.send_soon(client, [frame])

@@ -35,6 +35,7 @@ METRIC_COLUMNS = (
     "fed_clients", "fed_examples", "confusion",
 )
 CHECKPOINT_NAME = "checkpoint.fsck"
+CHECKPOINT_HEADER = "<CHECKPOINT>"  # framed as a protocol message, but only ever a file's: not in MESSAGES
 CHECKPOINT_FORMAT = 2  # 1: no checksum, no strategy state (fedsock before the round engine)
 # A checkpoint's JSON part holds the metrics of every round so far: generous room.
 MAX_CHECKPOINT_JSON_BYTES = 64 << 20
@@ -101,7 +102,7 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 def checkpoint_buffers(state: Checkpoint) -> list[bytes | bytearray | memoryview]:
     tensors = {**state.model, **{f"strategy/{k}": v for k, v in state.strategy_state.items()}}
     layout, blob = encode_weights(tensors)
-    header = encode_message("<CHECKPOINT>", format=CHECKPOINT_FORMAT, config=state.config, round=state.round,
+    header = encode_message(CHECKPOINT_HEADER, format=CHECKPOINT_FORMAT, config=state.config, round=state.round,
                             metrics=state.metrics, weights=layout, extra=state.extra)
     body = [header, frame_header(len(blob)), memoryview(blob)]
     digest = hashlib.sha256()
@@ -207,7 +208,7 @@ def _read_checkpoint(path: Path) -> Checkpoint:
         state = json.loads(bytes(reader.payload))
     except (ProtocolError, ValueError) as exc:
         raise ValueError(f"not a fedsock checkpoint ({exc})") from None
-    if not isinstance(state, dict) or state.get("header") != "<CHECKPOINT>":
+    if not isinstance(state, dict) or state.get("header") != CHECKPOINT_HEADER:
         raise ValueError("not a fedsock checkpoint")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"it was written by another version of fedsock (format {state.get('format', 1)!r}, "

@@ -51,7 +51,18 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from fedsock.config import SecAggSettings
-from socket_methods import BadMessage
+from fedsock.order import ROLE_SECURE_CLIENT, SECAGG_REQUESTS, Order
+from socket_methods import (
+    MODEL,
+    SECAGG_KEYS,
+    SECAGG_PEERS,
+    SECAGG_REVEAL,
+    SECAGG_ROUTED,
+    SECAGG_SETUP,
+    SECAGG_SHARES,
+    SECAGG_UNMASK,
+    BadMessage,
+)
 
 FEATURE = "secagg"
 PRIME = 2**521 - 1  # a Mersenne prime: every 32-byte secret is below it
@@ -279,7 +290,6 @@ class ClientRound:
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # U1: id -> (c public, s public)
     held: dict[int, tuple[int, int]] = field(default_factory=dict)  # u -> (share of s_u's key, share of b_u)
     senders: frozenset = frozenset()  # U2 as this client knows it
-    revealed: bool = False
 
     def advertise(self) -> dict[str, str]:
         self.c_private, c_public = new_keypair()
@@ -360,9 +370,6 @@ class ClientRound:
     def reveal(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[str, dict[str, str]]:
         """<SECAGG_UNMASK> in; the shares it asks for out, after every check an honest client makes."""
         survivors, dropped = set(survivors), set(dropped)
-        if self.revealed:
-            raise SecAggError("the server asked this client to unmask round "
-                              f"{self.params.round} a second time; refused (one reveal a round)")
         both = survivors & dropped
         if both:
             raise SecAggError(f"the server asked for both kinds of share of client {min(both)} (listed as survivor "
@@ -375,7 +382,6 @@ class ClientRound:
         if len(survivors) < self.params.threshold:
             raise SecAggError(f"only {len(survivors)} survivors, below the threshold {self.params.threshold}: "
                               f"revealing self-mask shares then could expose an update; refused")
-        self.revealed = True
         enc = lambda value: b64(value.to_bytes(SHARE_BYTES, "big"))  # noqa: E731
         return {"seed_shares": {str(u): enc(self.held[u][1]) for u in sorted(survivors)},
                 "key_shares": {str(u): enc(self.held[u][0]) for u in sorted(dropped)}}
@@ -492,10 +498,12 @@ def masked_layout(length: int) -> dict[str, Any]:
 
 class ClientSession:
     """What a client does for secure aggregation, message by message (fl_client.py, a simulation's
-    virtual client and the tests' fakes all use it): each answer is (header, fields) or None."""
+    virtual client and the tests' fakes all use it): each answer is (header, fields) or None. Its
+    stages follow fedsock.order's SECURE_STAGES: a message out of that order is refused (OutOfOrder)."""
 
     def __init__(self, client_id: int, length: int):
         self.client_id, self.length = client_id, length
+        self.stage = Order(ROLE_SECURE_CLIENT)
         self.current: ClientRound | None = None
         self.weighted = True
 
@@ -506,26 +514,26 @@ class ClientSession:
 
     def answer(self, message: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
         header, number = message["header"], message["round"]
-        if header == "<SECAGG_SETUP>":
+        if header not in SECAGG_REQUESTS:
+            raise SecAggError(f"{header} is not a secure-aggregation message")
+        self.stage.receive(header)
+        if header == SECAGG_SETUP:
             self.current = ClientRound(self.client_id, Params.from_json(message, self.client_id, self.length))
             self.weighted = message["weighted"]
-            return "<SECAGG_KEYS>", {"round": number, **self.current.advertise()}
-        if header == "<SECAGG_PEERS>":
-            return "<SECAGG_SHARES>", {"round": number, "shares": self._round(number).share(message["keys"])}
-        if header == "<SECAGG_ROUTED>":
+            return SECAGG_KEYS, {"round": number, **self.current.advertise()}
+        if header == SECAGG_PEERS:
+            return SECAGG_SHARES, {"round": number, "shares": self._round(number).share(message["keys"])}
+        if header == SECAGG_ROUTED:
             self._round(number).receive(message["shares"])
             return None
-        if header == "<SECAGG_UNMASK>":
-            return "<SECAGG_REVEAL>", {"round": number, **self._round(number).reveal(message["survivors"],
-                                                                                     message["dropped"])}
-        raise SecAggError(f"{header} is not a secure-aggregation message")
+        return SECAGG_REVEAL, {"round": number, **self._round(number).reveal(message["survivors"], message["dropped"])}
 
     def masked_update(self, number: int, start: Mapping[str, Any], trained: Mapping[str, Any],
                       num_examples: int) -> np.ndarray:
-        """This round's update as it is sent: the delta, weighted, quantised and masked."""
+        """Round `number`'s update as it is sent (its <MODEL> is the stage's event): the delta, weighted,
+        quantised and masked."""
+        self.stage.receive(MODEL)
         current = self._round(number)
-        if not current.senders:
-            raise SecAggError(f"round {number}'s model came before the shares of its secure aggregation")
         if self.weighted and num_examples > current.params.weight_bound:
             raise SecAggError(f"this client trains on {num_examples} examples, more than the round's weight bound "
                               f"{current.params.weight_bound}")
@@ -598,19 +606,18 @@ class SecureAggregation:
         self.server = server = ServerRound(params)
         self.proxies = dict(proxies)
         setup = {**params.to_json(), "weighted": s.weighted}
-        keys = await self._ask(proxies, "<SECAGG_SETUP>", lambda _: setup, "<SECAGG_KEYS>")
+        keys = await self._ask(proxies, SECAGG_SETUP, lambda _: setup, SECAGG_KEYS)
         for client_id, message in keys.items():
             self._take(client_id, lambda: server.take_keys(client_id, message))
         if len(server.keys) < t:
             return []
         peers = {"round": number, "keys": server.peers()}
-        shares = await self._ask({i: proxies[i] for i in server.keys}, "<SECAGG_PEERS>", lambda _: peers,
-                                 "<SECAGG_SHARES>")
+        shares = await self._ask({i: proxies[i] for i in server.keys}, SECAGG_PEERS, lambda _: peers, SECAGG_SHARES)
         for client_id, message in shares.items():
             self._take(client_id, lambda: server.take_shares(client_id, message["shares"]))
         if len(server.outbox) < t:
             return []
-        await self._ask({i: proxies[i] for i in server.sharers}, "<SECAGG_ROUTED>",
+        await self._ask({i: proxies[i] for i in server.sharers}, SECAGG_ROUTED,
                         lambda v: {"round": number, "shares": server.routed(v)}, None)
         return server.sharers
 
@@ -635,8 +642,8 @@ class SecureAggregation:
         if len(survivors) < server.params.threshold:
             return f"{len(survivors)} masked updates, below the threshold {server.params.threshold}"
         ask = {"round": server.params.round, "survivors": survivors, "dropped": dropped}
-        reveals = await self._ask({i: self.proxies[i] for i in survivors if i in self.proxies}, "<SECAGG_UNMASK>",
-                                  lambda _: ask, "<SECAGG_REVEAL>")
+        reveals = await self._ask({i: self.proxies[i] for i in survivors if i in self.proxies}, SECAGG_UNMASK,
+                                  lambda _: ask, SECAGG_REVEAL)
         try:
             weighted, total = server.unmask(reveals)
         except (SecAggError, KeyError, TypeError, AttributeError) as exc:

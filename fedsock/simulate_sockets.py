@@ -24,11 +24,20 @@ import client_helper
 import neural_net_helper as nnh
 from fedsock.clients import FitIns, GlobalModel
 from fedsock.console import FedsockError, UsageError, say
+from fedsock.order import ROLE_CLIENT, SECAGG_REQUESTS, Order
 from fedsock.secagg import FEATURE, MASKED, ClientSession
 from fedsock.simulate import SharedData, make_backend
 from fedsock.transport import AsyncConnection, Traffic, tune_socket
 from socket_methods import (
+    ERROR,
+    EVALUATE,
+    FINISHED,
+    HELLO,
+    METADATA,
+    MODEL,
     PROTOCOL_VERSION,
+    READY,
+    UPDATE,
     WeightsBuffer,
     check_layout,
     decode_bitmap,
@@ -39,7 +48,6 @@ from socket_methods import (
 
 WHO = "simulation"
 SERVER_START_TIMEOUT_S = 300
-SECAGG = {"<SECAGG_SETUP>", "<SECAGG_PEERS>", "<SECAGG_ROUTED>", "<SECAGG_UNMASK>"}
 # Flags of fl_simulate.py that are the simulation's own, not the server's.
 SIMULATION_FLAGS = ("--backend", "--workers", "--ray-address", "--client-cpus", "--client-gpus", "--transport",
                     "--drop-rate", "--straggler-rate", "--straggler-delay")
@@ -75,27 +83,38 @@ class SocketClient:
         await loop.sock_connect(sock, ("127.0.0.1", self.port))
         tune_socket(sock)
         _, conn = await loop.create_connection(lambda: AsyncConnection(Traffic()), sock=sock)
+        order = Order(ROLE_CLIENT)  # what the server may send now, kept as fl_client.py keeps it
         try:
-            await conn.send([encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=self.client_id,
+            order.send(HELLO)
+            await conn.send([encode_message(HELLO, protocol_version=PROTOCOL_VERSION, client_id=self.client_id,
                                             features=[FEATURE, "augment"])])
-            meta = await self.next(conn, {"<METADATA>"})
+            meta = await self.next(conn, order)
+            if meta["header"] != METADATA:
+                raise FedsockError(f"client {self.client_id}: the server sent {meta['header']}, but a virtual client "
+                                   f"has no token to authenticate with")
             # secure aggregation: the client's side of it, as fl_client.py runs it
             session = ClientSession(self.client_id, self.model_length) if meta["secure_aggregation"] else None
             indices = decode_bitmap(meta["partition_bitmap"], meta["train_size"])
             self.data.set_share(self.client_id, indices, meta["seed"])
-            await conn.send([encode_message("<READY>", num_examples=self.data.num_examples(self.client_id),
+            order.send(READY)
+            await conn.send([encode_message(READY, num_examples=self.data.num_examples(self.client_id),
                                             test_examples=len(self.data.shares[self.client_id][1]))])
             received, layout = None, None
             while True:
-                message = await self.next(conn, {"<MODEL>", "<SUCCESS>", "<WAITING>", "<FINISHED>", *SECAGG})
-                if message["header"] == "<FINISHED>":
+                message = await self.next(conn, order)
+                header = message["header"]
+                if header == FINISHED:
                     return
-                if message["header"] in SECAGG:
+                if header == EVALUATE or (header in SECAGG_REQUESTS and session is None):
+                    raise FedsockError(f"client {self.client_id}: the server sent {header}, which a virtual client "
+                                       f"of this run does not take")
+                if header in SECAGG_REQUESTS:
                     answer = session.answer(message)
                     if answer is not None:
+                        order.send(answer[0])
                         await conn.send([encode_message(answer[0], **answer[1])])
                     continue
-                if message["header"] != "<MODEL>":
+                if header != MODEL:
                     continue
                 if received is None:  # the first model: its layout is this run's
                     layout = message["weights"]
@@ -110,19 +129,20 @@ class SocketClient:
                     tensors = {MASKED: torch.from_numpy(session.masked_update(
                         message["round"], received.tensors, tensors, self.data.num_examples(self.client_id)))}
                 update_layout, blob = encode_weights(tensors)
-                await conn.send(frame_weights("<UPDATE>", blob, round=message["round"], client_id=self.client_id,
+                order.send(UPDATE)
+                await conn.send(frame_weights(UPDATE, blob, round=message["round"], client_id=self.client_id,
                                               num_examples=self.data.num_examples(self.client_id),
                                               weights=update_layout, **metrics))
                 self.rounds += 1
         finally:
             await conn.close()
 
-    async def next(self, conn: AsyncConnection, allowed: set[str]) -> dict:
+    async def next(self, conn: AsyncConnection, order: Order) -> dict:
+        """The server's next message, if the order allows it now (fedsock.order)."""
         message = await conn.recv_message()
-        if message["header"] == "<ERROR>":
+        if message["header"] == ERROR:
             raise FedsockError(f"client {self.client_id}: the server says: {message['message']}")
-        if message["header"] not in allowed:
-            raise FedsockError(f"client {self.client_id}: the server sent {message['header']}")
+        order.receive(message["header"])
         return message
 
 

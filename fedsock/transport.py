@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from socket_methods import (
+    ERROR,
     MAX_CONTROL_BYTES,
     ConnectionClosed,
     FrameReader,
@@ -289,7 +290,7 @@ class AsyncConnection(asyncio.BufferedProtocol):
     async def send_error(self, message: str) -> None:
         """Tell the peer why it is being dropped, if the connection still allows it."""
         try:
-            await asyncio.wait_for(self.send([encode_message("<ERROR>", message=message)]), 5)
+            await asyncio.wait_for(self.send([encode_message(ERROR, message=message)]), 5)
         except (ProtocolError, OSError, asyncio.TimeoutError):
             pass
 
@@ -335,7 +336,7 @@ async def _wait_readable(sock: socket.socket) -> None:
 
 def send_plain_error(sock: socket.socket, message: str) -> None:
     try:  # a fresh socket's send buffer takes this small frame at once
-        sock.send(encode_message("<ERROR>", message=message))
+        sock.send(encode_message(ERROR, message=message))
     except OSError:
         pass
 
