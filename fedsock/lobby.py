@@ -39,7 +39,7 @@ from fedsock.compression import Compression, decoded_update, scratch_for
 from fedsock.events import (ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events, UpdateArriving,
                             UpdateDiscarded)
 from fedsock.order import ROLE_SERVER, Order
-from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_plain_error
+from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_error, send_plain_error
 from socket_methods import (
     CHALLENGE,
     ERROR,
@@ -371,7 +371,7 @@ class RemoteClient:
             if not self.finished:
                 self.lobby.events.notice(f"client {self.client_id} ({self.conn.peer}): {exc}; disconnected", warning=True)
             self.leave(reason)  # before the await: no new round may pick this client
-            await self.conn.send_error(str(exc))
+            await send_error(self.conn, str(exc))
         self.leave(reason)
         await self.conn.close()
 
@@ -581,13 +581,13 @@ class Lobby:
             message = f"no complete handshake within {self.handshake_timeout_s:g} s"
             self.events.emit(ConnectionRefused(peer, f"{message}; disconnected"))
             if state.conn is not None:
-                await state.conn.send_error(message)
+                await send_error(state.conn, message)
             elif self.tls is None:  # before TLS we can only answer in plain frames
                 send_plain_error(sock, message)
         except ProtocolError as exc:  # SilentPeer included
             self.events.emit(ConnectionRefused(peer, f"{exc}; disconnected"))
             if state.conn is not None and not isinstance(exc, ConnectionClosed):
-                await state.conn.send_error(str(exc))
+                await send_error(state.conn, str(exc))
         except OSError as exc:
             self.events.emit(ConnectionRefused(peer, f"{exc}; disconnected"))
         return None
@@ -617,7 +617,7 @@ class Lobby:
                        f"(update it)")
         if refusal:
             self.events.emit(ConnectionRefused(conn.peer, refusal, client_id))
-            await conn.send_error(refusal)
+            await send_error(conn, refusal)
             await conn.close()
             return None
         order.send(METADATA)

@@ -287,13 +287,6 @@ class AsyncConnection(asyncio.BufferedProtocol):
         self.traffic.sent += sent
         return after_sent(views, sent)
 
-    async def send_error(self, message: str) -> None:
-        """Tell the peer why it is being dropped, if the connection still allows it."""
-        try:
-            await asyncio.wait_for(self.send([encode_message(ERROR, message=message)]), 5)
-        except (ProtocolError, OSError, asyncio.TimeoutError):
-            pass
-
     async def close(self, timeout_s: float = 5.0) -> None:
         """Close gracefully, or abort if the peer takes more than `timeout_s`.
 
@@ -332,6 +325,14 @@ async def _wait_readable(sock: socket.socket) -> None:
         await ready
     finally:
         loop.remove_reader(sock.fileno())
+
+
+async def send_error(conn: AsyncConnection, message: str) -> None:
+    """Tell the peer why it is being dropped, if the connection still allows it (for at most 5 s)."""
+    try:
+        await asyncio.wait_for(conn.send([encode_message(ERROR, message=message)]), 5)
+    except (ProtocolError, OSError, asyncio.TimeoutError):
+        pass
 
 
 def send_plain_error(sock: socket.socket, message: str) -> None:
@@ -399,7 +400,7 @@ async def open_accepted(
     # a certificate that is sent is still verified there), so that a client which has none
     # is told why here, in a frame it can read, instead of by a silently closed connection.
     if require_client_cert and not transport.get_extra_info("peercert"):
-        await conn.send_error("this server requires a client certificate: start the client with --tls-cert and --tls-key")
+        await send_error(conn, "this server requires a client certificate: start the client with --tls-cert and --tls-key")
         await conn.close()
         raise ProtocolError("a client without a certificate connected to this mutual-TLS server; told it to use --tls-cert")
     return conn

@@ -27,7 +27,7 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return done
 
 
-def test_a_wheel_installs_five_modules_and_one_package_and_runs_from_anywhere(tmp_path):
+def test_a_wheel_installs_six_modules_and_one_package_and_runs_from_anywhere(tmp_path):
     dist, venv, elsewhere = tmp_path / "dist", tmp_path / "venv", tmp_path / "elsewhere"
     elsewhere.mkdir()
     source = tmp_path / "source"  # a copy, so that the build's own folders stay out of the checkout
@@ -38,8 +38,8 @@ def test_a_wheel_installs_five_modules_and_one_package_and_runs_from_anywhere(tm
     (wheel,) = dist.glob("fedsock-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     top = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))})
-    assert top == ["client_helper.py", "fedsock", "fl_client.py", "fl_server.py", "neural_net_helper.py",
-                   "socket_methods.py"], top
+    assert top == ["client_helper.py", "fedsock", "fl_client.py", "fl_server.py", "fl_simulate.py",
+                   "neural_net_helper.py", "socket_methods.py"], top
     assert "fedsock/data/mnist/train-images-idx3-ubyte.gz" in names
     assert {"fedsock/data/sms-spam/README.md", "fedsock/data/pneumonia-mnist/pneumoniamnist.npz"} <= set(names)
     assert {"fedsock/static/dashboard.html", "fedsock/static/uPlot.iife.min.js", "fedsock/static/uPlot-LICENSE.txt"} \
@@ -65,6 +65,9 @@ def test_a_wheel_installs_five_modules_and_one_package_and_runs_from_anywhere(tm
                       "installed client", cwd=elsewhere, interpreter=None)
         assert client.finish(timeout=180) == 0, client.output
         assert server.finish(timeout=60) == 0, server.output
+        simulate = Proc([str(venv / "bin" / "fl-simulate"), "--help"], "installed simulation", cwd=elsewhere,
+                        interpreter=None)
+        assert simulate.finish(timeout=60) == 0 and "--backend" in simulate.output, simulate.output
     finally:
         server.kill()
         if client is not None:
