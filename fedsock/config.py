@@ -13,6 +13,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from fedsock import security
 from fedsock.console import UsageError, number
 
 AUGMENTATIONS = ("none", "affine")  # what a client may be asked to do to its training images, each batch
@@ -395,3 +396,69 @@ class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, Faul
         """Settings that decide each client's data and the model: a resumed run must keep them."""
         return ("model", "dataset", "num_clients", "partition", "alpha", "seed", "strategy", "task", "classes",
                 "image_size", "channels", "max_tokens", "buckets")
+
+
+# --------------------------------------------------------------------------- a client
+
+CLIENT_DATA, DP_SGD = "data and device", "example-level privacy (DP-SGD)"
+
+
+@dataclass
+class ClientConfig:
+    """Every setting of a client (fl_client.py's flags). The run's own settings come from the server's
+    <METADATA>: a client says only who it is, where the server is, and what it brings."""
+
+    client_id: int = setting(None, "this client's id, 1..N (N is the server's --num-clients)", group=NETWORK,
+                             type=number(int, 1), required=True, metavar="K")
+    server_host: str = setting(NetworkSettings.host, "server address (checked against its TLS certificate)", group=NETWORK,
+                               metavar="HOST")
+    server_port: int = setting(NetworkSettings.server_port, "server TCP port", group=NETWORK, type=number(int, 1, 65535), metavar="PORT")
+    connect_timeout_s: float = setting(
+        30.0, "seconds to keep trying to join: while no server listens, or a busy one closes the connection before "
+              "welcoming this client (start clients before the server if you like)", group=NETWORK,
+        flag="--connect-timeout", type=positive_float)
+    data: str | None = setting(None, "this client's own data, for a server started with --task image or text: an image "
+                                     "folder (PATH/train/<class>/...), a .tsv/.csv of label and text, or an .npz",
+                               group=CLIENT_DATA, metavar="PATH")
+    data_format: str | None = setting(None, "what --data is, when its name does not say", group=CLIENT_DATA,
+                                      choices=("imagefolder", "table", "npz"))
+    label_column: str | None = setting(None, "text table: the label's column, a name or a 0-based index (default: "
+                                             "found by name, else the first)", group=CLIENT_DATA, metavar="COLUMN")
+    text_column: str | None = setting(None, "text table: the text's column (default: found by name, else the second)",
+                                      group=CLIENT_DATA, metavar="COLUMN")
+    device: str = setting("auto", "where this client trains", group=CLIENT_DATA, choices=("auto", "cpu", "cuda"))
+    data_root: str | None = setting(None, "folder with the dataset files (default: the one shipped in fedsock/data/)",
+                                    group=CLIENT_DATA, metavar="DIR")
+    threads: int = setting(1, "PyTorch CPU threads; 0 keeps PyTorch's default (one per core). Several clients on one "
+                              "machine run fastest with 1 each: more oversubscribes the cores", group=CLIENT_DATA,
+                           type=non_negative_int, metavar="N")
+    max_message_mb: float = setting(ConnectionSettings.max_message_mb, "largest model this client accepts, in MB of weights", group=CLIENT_DATA,
+                                    type=positive_float, metavar="MB")
+    dp_sgd: bool = setting(False, "train with DP-SGD (Opacus): per-example clipping and noise, and this client's own "
+                                  "epsilon for its examples in every round line", group=DP_SGD)
+    dp_sgd_noise_multiplier: float = setting(1.0, "DP-SGD: noise std as a multiple of --dp-sgd-clip", group=DP_SGD,
+                                             type=positive_float, metavar="Z")
+    dp_sgd_clip: float = setting(1.0, "DP-SGD: clip each example's gradient to this L2 norm", group=DP_SGD,
+                                 type=positive_float, metavar="C")
+    dp_sgd_delta: float = setting(1e-5, "DP-SGD: delta of this client's guarantee (below 1/its examples)",
+                                  group=DP_SGD, type=number(float, 0, 1, positive=True), metavar="DELTA")
+    quiet: bool = setting(False, "no progress bar and no <WAITING> lines, only a line per round", group=OUTPUT)
+    progress_every: int | None = setting(
+        None, "a progress line each time this many percent of a round's training is done (for logs and demos, "
+              "where a bar cannot be drawn)", group=OUTPUT, type=number(int, 1, 100), metavar="PERCENT")
+    tls: bool = setting(False, "use TLS, trusting the system's certificate authorities", group=SECURITY)
+    tls_ca: str | None = setting(None, "use TLS, trusting the server certificate's CA in this PEM file", group=SECURITY,
+                                 metavar="PEM")
+    tls_cert: str | None = setting(None, "client certificate for mutual TLS (PEM)", group=SECURITY, metavar="PEM")
+    tls_key: str | None = setting(None, "private key of --tls-cert (PEM)", group=SECURITY, metavar="PEM")
+    tls_insecure: bool = setting(False, "use TLS without checking the server's certificate (unsafe)", group=SECURITY)
+    auth_token_file: str | None = setting(None, f"enrolment secret file (or set ${security.TOKEN_ENV})", group=SECURITY,
+                                          metavar="FILE")
+
+    @property
+    def who(self) -> str:
+        return f"client {self.client_id}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.server_host}:{self.server_port}"

@@ -23,7 +23,7 @@ from fedsock.events import Events, Notice, Observer
 from fedsock.lobby import RemoteClient
 from fedsock.order import (CLOSED, CONNECTED, CONVERSATION, FROM_CLIENT, FROM_SERVER, IDLE, NO_ANSWER, ROLE_CLIENT,
                            ROLE_SECURE_CLIENT, ROLE_SERVER, SECURE_STAGES, Order, OutOfOrder)
-from socket_methods import (AUTH, CHALLENGE, ERROR, EVALUATE, EVALUATION, FINISHED, HELLO, MESSAGES, METADATA, MODEL,
+from socket_methods import (AUTH, decode_message, CHALLENGE, ERROR, EVALUATE, EVALUATION, FINISHED, HELLO, MESSAGES, METADATA, MODEL,
                             READY, SECAGG_KEYS, SECAGG_PEERS, SECAGG_REVEAL, SECAGG_ROUTED, SECAGG_SETUP,
                             SECAGG_SHARES, SECAGG_UNMASK, SESSION_END, SUCCESS, UPDATE, WAITING, ConnectionClosed)
 
@@ -290,9 +290,10 @@ class FakeConnection:
 
     async def send(self, frames: list) -> None:
         self.sent.append(frames)
-
-    async def send_error(self, text: str) -> None:
-        self.errors.append(text)
+        for frame in frames:  # the <ERROR>s that fedsock.transport.send_error sends
+            message = decode_message(bytes(frame)[8:])
+            if message["header"] == ERROR:
+                self.errors.append(message["message"])
 
     async def close(self) -> None:
         pass
@@ -360,7 +361,7 @@ class BlockingFake:
 
 
 def test_the_client_s_expect_follows_the_table():
-    from fl_client import expect
+    from fedsock.client import expect
 
     _, client = walk(TRAINING_AT)
     conn = BlockingFake([{"header": WAITING, "message": "x"}, {"header": MODEL, "round": 2}])
@@ -370,7 +371,7 @@ def test_the_client_s_expect_follows_the_table():
 
 
 def test_the_client_s_expect_says_the_server_s_error_in_any_state():
-    from fl_client import expect
+    from fedsock.client import expect
 
     _, client = walk(TRAINING_AT)
     with pytest.raises(RefusedError, match="the server says: full"):

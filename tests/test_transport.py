@@ -93,7 +93,7 @@ def test_models_and_messages_cross_small_socket_buffers_whole_and_in_order():
 
 
 def test_a_message_read_ahead_counts_as_the_server_having_spoken():
-    from fl_client import server_spoke
+    from fedsock.client import server_spoke
 
     layout, blob = encode_weights({"w": torch.ones(4)})
     model_frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=1, lr=0.1, proximal_mu=0.0, weights=layout)
