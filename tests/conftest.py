@@ -7,6 +7,9 @@ every wait is bounded and every process a test starts is ended by PID.
 
 from __future__ import annotations
 
+import multiprocessing.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +21,25 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))  # netlab.py and pki.py: the namespaces and CAs some tests make
 
 from support import Proc, free_port, read_metrics  # noqa: E402,F401  (re-exported for the tests)
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "processes: the test starts processes (servers, clients, a browser, a "
+                                       "namespace); the fast tier is `pytest -m 'not processes'`")
+
+
+@pytest.fixture(autouse=True)
+def processes_are_marked(request, monkeypatch):
+    """The fast tier stays fast: a test not marked `processes` that starts one fails, and says so."""
+    if request.node.get_closest_marker("processes") is not None:
+        return
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts a process: mark it @pytest.mark.processes")
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", refuse)
+    monkeypatch.setattr(os, "fork", refuse)
+
 
 # Small, fast federations: logistic regression trains an MNIST round in about a second.
 FAST = ["--model", "logreg", "--time-to-wait", "30"]

@@ -76,6 +76,7 @@ def test_augmentation_of_anything_but_images_is_refused():
                   seed=0, augment="mixup")
 
 
+@pytest.mark.processes
 def test_a_run_with_augmentation_refuses_a_client_without_the_feature(cluster, tmp_path):
     cluster.server(*FAST, "--num-clients", "1", "--augment", "affine", output_dir=tmp_path / "run")
     peer = RawPeer(cluster.port, client_id=1, features=["compression"])

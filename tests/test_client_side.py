@@ -29,6 +29,8 @@ from socket_methods import (
     frame_header,
 )
 
+pytestmark = pytest.mark.processes  # every test here starts real processes
+
 CLIENT_ID = 1
 IO_TIMEOUT_S = 60.0  # the client imports PyTorch and loads MNIST after <METADATA>: seconds on a busy machine
 CLIENT_EXIT_S = 120.0

@@ -214,6 +214,7 @@ def test_a_clients_check_of_what_the_server_announces(value, error):
 FLAGS = ["--num-clients", "2", "--num-rounds", "2", "--seed", "4", "--partition", "dirichlet", "--alpha", "1"]
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("modes", [["--compression", "int8", "--compress-broadcast", "int8"],
                                    ["--compression", "topk", "--topk-fraction", "0.05"],
                                    ["--compression", "fp16", "--compress-broadcast", "fp16"]],
@@ -244,6 +245,7 @@ def test_a_compressed_federation_equals_its_simulation_and_sends_fewer_bytes(clu
     assert runs["compressed"][-1]["test_accuracy"] > 0.8
 
 
+@pytest.mark.processes
 def test_a_client_without_compression_is_refused_with_a_reason(cluster, tmp_path):
     cluster.server(*FAST, "--num-clients", "1", "--compression", "int8", output_dir=tmp_path / "run")
     peer = RawPeer(cluster.port, client_id=1, features=[])

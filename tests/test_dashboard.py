@@ -60,6 +60,7 @@ def decoded(answer):
 # --------------------------------------------------------------------------- in the browser
 
 
+@pytest.mark.processes
 def test_the_page_shows_the_lobby_starts_the_run_trains_more_and_stops_it(cluster, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -127,6 +128,7 @@ def test_the_page_shows_the_lobby_starts_the_run_trains_more_and_stops_it(cluste
 # --------------------------------------------------------------------------- the HTTP checks
 
 
+@pytest.mark.processes
 def test_beyond_loopback_every_action_needs_the_runs_token(cluster, tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret-token-for-the-test\n")
@@ -168,6 +170,7 @@ def test_beyond_loopback_every_action_needs_the_runs_token(cluster, tmp_path):
     assert "stopped (the Stop button on the dashboard) before any round completed" in server.output
 
 
+@pytest.mark.processes
 def test_a_dashboard_beyond_loopback_without_a_token_is_refused_at_the_start(cluster, tmp_path):
     server = cluster.server(*FAST, "--dashboard", "0.0.0.0:0", wait=False)
     assert server.finish(timeout=60) == ExitStatus.USAGE
@@ -242,6 +245,7 @@ def test_dashboard_addresses(value, expected):
     assert parse_address(value) == expected
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("value", ["", "host:", "99999", ":80", "[::1]9000", "a:b"])
 def test_bad_dashboard_addresses_are_one_line_errors(value, cluster):
     server = cluster.server("--dashboard", value, wait=False)
@@ -250,6 +254,7 @@ def test_bad_dashboard_addresses_are_one_line_errors(value, cluster):
     assert "--dashboard" in server.output and len(lines) <= 3 and "Traceback" not in server.output
 
 
+@pytest.mark.processes
 def test_a_dashboard_port_in_use_is_a_one_line_error(cluster):
     import socket
 
@@ -266,6 +271,7 @@ def test_a_dashboard_port_in_use_is_a_one_line_error(cluster):
 # --------------------------------------------------------------------------- without a browser
 
 
+@pytest.mark.processes
 def test_sigusr1_starts_a_manual_run_without_a_browser(cluster, tmp_path):
     server = cluster.server(*FAST, "--num-clients", "1", "--num-rounds", "1", "--start", "manual")
     server.wait_for("waiting for SIGUSR1 to start training", timeout=30)
@@ -278,6 +284,7 @@ def test_sigusr1_starts_a_manual_run_without_a_browser(cluster, tmp_path):
     assert read_checkpoint(tmp_path / "run" / "checkpoint.fsck").round == 1
 
 
+@pytest.mark.processes
 def test_a_client_that_knows_no_sessions_is_refused_by_a_staying_server(cluster, tmp_path):
     cluster.server(*FAST, "--num-clients", "1", "--stay")
     peer = RawPeer(cluster.port, client_id=1, features=["dp-local", "compression", "secagg"])
@@ -287,6 +294,7 @@ def test_a_client_that_knows_no_sessions_is_refused_by_a_staying_server(cluster,
     peer.close()
 
 
+@pytest.mark.processes
 def test_the_demo_opens_a_dashboard_that_starts_and_stops_the_run(cluster, tmp_path):
     from conftest import free_port
 

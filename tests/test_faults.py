@@ -12,6 +12,8 @@ import pytest
 from conftest import FAST, read_metrics
 from fedsock.run_files import read_checkpoint
 
+pytestmark = pytest.mark.processes  # every test here starts real processes
+
 
 def test_client_killed_mid_round_the_rest_finish(cluster, tmp_path):
     # Three local epochs make each round last a few seconds: the kill lands inside round 2.

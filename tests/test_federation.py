@@ -20,6 +20,7 @@ def test_client_ids_are_printed_as_runs():
     assert id_ranges(range(1, 1001)) == "1-1000" and id_ranges([4]) == "4" and id_ranges([]) == ""
 
 
+@pytest.mark.processes
 def test_federation_trains_and_keeps_its_results(cluster, tmp_path):
     server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "3")
     clients = [cluster.client(1, "--progress-every", "50"), cluster.client(2)]
@@ -42,6 +43,7 @@ def test_federation_trains_and_keeps_its_results(cluster, tmp_path):
     assert_no_traceback(server)
 
 
+@pytest.mark.processes
 def test_late_joiner_duplicate_and_unknown_ids_are_refused(cluster, tmp_path):
     server = cluster.server(*FAST, "--num-clients", "3", "--min-clients", "2", "--time-to-wait", "0",
                             "--num-rounds", "4", "--local-epochs", "2")
@@ -63,6 +65,7 @@ def test_late_joiner_duplicate_and_unknown_ids_are_refused(cluster, tmp_path):
         assert_no_traceback(proc)
 
 
+@pytest.mark.processes
 def test_clients_may_start_before_the_server(cluster, tmp_path):
     port = free_port()
     clients = [cluster.client(k, port=port) for k in (1, 2)]
@@ -74,6 +77,7 @@ def test_clients_may_start_before_the_server(cluster, tmp_path):
     assert server.finish() == 0
 
 
+@pytest.mark.processes
 def test_no_server_is_one_line_and_non_zero(cluster):
     client = cluster.client(1, "--connect-timeout", "1", port=free_port())
     assert client.finish(timeout=30) == 1
@@ -82,6 +86,7 @@ def test_no_server_is_one_line_and_non_zero(cluster):
     assert_no_traceback(client)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -113,6 +118,7 @@ def test_bad_server_flags_are_one_line_errors(cluster, args, message):
     assert_no_traceback(server)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -129,6 +135,7 @@ def test_bad_client_flags_are_one_line_errors(cluster, args, message):
     assert_no_traceback(client)
 
 
+@pytest.mark.processes
 def test_help_names_each_setting_as_its_flag(cluster):
     """--help shows a flag's value by the flag's own name or unit, never an internal field name."""
     for program in ("fl_server.py", "fl_client.py"):
@@ -141,6 +148,7 @@ def test_help_names_each_setting_as_its_flag(cluster):
         assert flag in server_help, flag
 
 
+@pytest.mark.processes
 def test_port_in_use_and_missing_data(cluster, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -158,6 +166,7 @@ def test_port_in_use_and_missing_data(cluster, tmp_path):
         assert_no_traceback(proc)
 
 
+@pytest.mark.processes
 def test_use_cuda_switch(cluster):
     server = cluster.server("--use-cuda", "--model", "logreg", wait=False)
     if torch.cuda.is_available():
@@ -168,6 +177,7 @@ def test_use_cuda_switch(cluster):
     assert_no_traceback(server)
 
 
+@pytest.mark.processes
 def test_fashion_mnist_from_a_data_root(cluster, tmp_path):
     server = cluster.server(*FAST, "--dataset", "fashion-mnist", "--data-root", str(SHARED_DATA),
                             "--num-clients", "2", "--num-rounds", "2")
@@ -178,6 +188,7 @@ def test_fashion_mnist_from_a_data_root(cluster, tmp_path):
     assert rows[-1]["test_accuracy"] > 0.75
 
 
+@pytest.mark.processes
 def test_same_seed_same_results(cluster, tmp_path):
     results = []
     for attempt in range(2):
@@ -192,6 +203,7 @@ def test_same_seed_same_results(cluster, tmp_path):
     assert all(torch.equal(results[1][k], results[3][k]) for k in results[1])
 
 
+@pytest.mark.processes
 def test_client_without_data_says_so_and_the_server_hears_why(cluster, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

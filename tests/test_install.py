@@ -16,7 +16,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT, Proc, read_metrics
+
+pytestmark = pytest.mark.processes  # every test here starts real processes
 
 STEP_TIMEOUT_S = 300
 

@@ -10,9 +10,13 @@ import struct
 import threading
 import time
 
+import pytest
+
 from conftest import FAST, read_metrics
 from fedsock import security
 from socket_methods import PROTOCOL_VERSION, decode_message, encode_message, frame_header
+
+pytestmark = pytest.mark.processes  # every test here starts real processes
 
 IO_TIMEOUT_S = 60.0
 

@@ -20,7 +20,8 @@ from netlab import NetLab, unavailable
 from pki import Authority
 
 REASON = unavailable()
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"network namespaces: {REASON}")
+pytestmark = [pytest.mark.processes,
+              pytest.mark.skipif(REASON is not None, reason=f"network namespaces: {REASON}")]
 
 TOKEN = "netns-enrolment-token-5d1e"
 ROUNDS = 3

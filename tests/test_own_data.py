@@ -128,6 +128,7 @@ def test_the_shipped_demo_data_is_deduplicated_and_split_with_its_attribution(tm
     assert len(list((xray.test_data / "NORMAL").glob("*.png"))) == 234
 
 
+@pytest.mark.processes
 def test_a_federation_on_own_files_whose_server_reads_no_training_data(cluster, tmp_path):
     """Spam: each client its own .tsv; the server has only the held-out test set, and an empty data root."""
     prepared = prepare_spam(tmp_path / "data", 3)
@@ -148,6 +149,7 @@ def test_a_federation_on_own_files_whose_server_reads_no_training_data(cluster, 
     assert "Traceback" not in server.output
 
 
+@pytest.mark.processes
 def test_an_image_task_with_only_federated_evaluation(cluster, tmp_path):
     """Also the chest X-ray recipe's augmentation, through the wire: the clients augment their images."""
     prepared = prepare_chest_xray(tmp_path / "data", 2)
@@ -165,6 +167,7 @@ def test_an_image_task_with_only_federated_evaluation(cluster, tmp_path):
         client.wait_for(r"round 2: trained on \d+ examples \(affine augmentation\)")
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("client_args, pattern", [
     ([], r"this run's clients bring their own data \(texts of 30 hashed tokens, classes ham, spam\): pass --data PATH"),
     (["--data", "NOPE"], r"--data NOPE: no such file or folder"),
@@ -182,6 +185,7 @@ def test_a_client_whose_data_does_not_fit_says_so_and_tells_the_server(cluster, 
     server.kill()
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("args, message", [
     (["--task", "text"], "--task text needs --classes"),
     (["--task", "image", "--classes", "a"], "must name at least two distinct classes"),

@@ -130,6 +130,7 @@ def test_epsilon_grows_with_every_round_and_only_with_released_rounds():
 # --------------------------------------------------------------------------- real processes
 
 
+@pytest.mark.processes
 def test_local_mode_over_the_wire_and_a_client_without_the_feature_is_refused(cluster, tmp_path):
     import socket
 
@@ -151,6 +152,7 @@ def test_local_mode_over_the_wire_and_a_client_without_the_feature_is_refused(cl
     server.wait_for(r"round 2/2  clients 3/3  test acc \d+\.\d+%  loss \d\.\d+  \d+\.\d s  ε \d")
 
 
+@pytest.mark.processes
 def test_a_resumed_dp_run_continues_its_epsilon(cluster, tmp_path):
     common = ["fl_simulate.py", "--model", "logreg", "--num-clients", "50", "--clients-per-round", "10", "--dp-clip",
               "1", "--dp-noise-multiplier", "1.2", "--quiet"]
@@ -171,6 +173,7 @@ def test_a_resumed_dp_run_continues_its_epsilon(cluster, tmp_path):
     assert halves == pytest.approx(straight, rel=1e-12) and halves == sorted(halves)
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("args, message", [
     (["--dp-noise-multiplier", "1"], "--dp-noise-multiplier needs --dp-clip S"),
     (["--dp-clip", "1"], "needs either --dp-noise-multiplier Z or a budget --dp-epsilon E"),
@@ -186,6 +189,7 @@ def test_privacy_flags_that_make_no_sense_are_one_line(cluster, args, message):
     assert message in server.output and "Traceback" not in server.output
 
 
+@pytest.mark.processes
 def test_a_client_with_dp_sgd_reports_the_epsilon_opacus_computes(cluster, tmp_path):
     """Example-level DP on one client: Opacus's DP-SGD, Poisson batches of rate 1/844 (27,000 examples, B = 32,
     as 844 batches would have), 843 steps a round (Opacus's loader: int(1 / rate)); its epsilon after each

@@ -24,6 +24,8 @@ from conftest import FAST, read_metrics
 from fedsock import secagg as sa
 from socket_methods import PROTOCOL_VERSION, decode_message, decode_weights, encode_message, frame_header
 
+pytestmark = pytest.mark.processes  # every test here starts real processes
+
 IO_TIMEOUT_S = 30.0
 SECURE = [*FAST, "--secure-aggregation"]
 

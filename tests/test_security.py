@@ -29,6 +29,8 @@ from conftest import FAST, read_metrics
 from pki import Authority
 from socket_methods import FRAME_HEADER, PROTOCOL_VERSION, decode_message, encode_message, encode_weights
 
+pytestmark = pytest.mark.processes  # every test here starts real processes
+
 TOKEN = "s3cret-enrolment-token-7f2c9a"  # what the tests' servers and clients share
 FED = [*FAST, "--num-clients", "2", "--num-rounds", "1"]  # one round of logreg already reaches ~90%
 FED2 = [*FAST, "--num-clients", "2", "--num-rounds", "2"]

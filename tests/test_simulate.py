@@ -13,6 +13,8 @@ import torch
 
 from conftest import FAST, ROOT, Proc, read_metrics
 
+pytestmark = pytest.mark.processes  # every test here starts real processes
+
 LOGREG = ["--model", "logreg"]
 
 

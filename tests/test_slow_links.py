@@ -18,6 +18,8 @@ from conftest import FAST, Cluster
 from socket_methods import encode_message, frame_header
 from test_hostile import Peer
 
+pytestmark = pytest.mark.processes  # every test here starts real processes
+
 STALL_S = 1.0
 ROUND_TIMEOUT_S = 30.0
 

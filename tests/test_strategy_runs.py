@@ -15,6 +15,8 @@ from conftest import FAST, read_metrics
 from fedsock.run_files import read_checkpoint
 from fedsock.strategies import STRATEGIES, RunningMean
 
+pytestmark = pytest.mark.processes  # every test here starts real processes
+
 
 def both_finish(cluster) -> bool:
     """Start clients 1 and 2 together, and wait for both."""
