@@ -382,7 +382,9 @@ class DashboardSettings:
 
 
 @dataclass
-class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, FaultSettings, OutputSettings, TaskSettings, DataSettings, CompressionSettings, SecAggSettings, DPSettings, StrategySettings, TrainingSettings, FederationSettings, NetworkSettings):
+class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, FaultSettings, OutputSettings, TaskSettings,
+                   DataSettings, CompressionSettings, SecAggSettings, DPSettings, StrategySettings, TrainingSettings,
+                   FederationSettings, NetworkSettings):
     """Every setting of a server run (saved as config.json and in every checkpoint), one concern a
     base class; their fields come in the order above (a dataclass collects a base's fields first)."""
 

@@ -151,7 +151,7 @@ class RoundEngine:
                  resumed: Checkpoint | None = None, secure: SecureAggregation | None = None,
                  task: Task | None = None, federated_evaluation: bool = False, output_dir: str = ""):
         self.config, self.strategy, self.pool, self.model = config, strategy, pool, model
-        self.events, self.traffic, self.output_dir = events, traffic, output_dir
+        self.events, self.traffic, self.output_dir, self.task = events, traffic, output_dir, task
         self.rounds_done = resumed.round if resumed else 0
         self.secure = secure  # --secure-aggregation
         # Ready clients a round waits for; with secure aggregation at least 3, since with two,

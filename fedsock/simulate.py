@@ -125,7 +125,7 @@ class SharedData:
 
 def train_one(model: torch.nn.Module, data: nnh.LocalData, weights: dict, settings_: dict, seed: int, client_id: int,
               number: int) -> dict[str, float]:
-    """A virtual client's round: what fl_client.py's LocalTrainer.fit does, with the same seed."""
+    """A virtual client's round: what a real client's LocalTrainer.fit does (fedsock/local_training.py), with the same seed."""
     return nnh.local_round(model, data, weights, epochs=settings_["local_epochs"], batch_size=settings_["batch_size"],
                            lr=settings_["lr"], proximal_mu=settings_["proximal_mu"],
                            augment=settings_.get("augment", "none"), dp_clip=settings_.get("dp_clip"),
