@@ -2,7 +2,7 @@
 
 A real federation (logreg, 5 real fl_client.py processes). The server runs in a
 process of its own started from this file (`--serve`), where two thin wrappers
-record every call of `fl_server.encode_weights` and every <MODEL> that
+record every call of `encode_weights` (by `GlobalModel.of`, fedsock/clients.py) and every <MODEL> that
 `AsyncConnection.send` writes: which round it is for, and which buffer object
 holds its weights. Nothing else in the server changes.
 
@@ -29,11 +29,11 @@ SUMMARY = "broadcast summary: "
 def serve(argv: list[str]) -> int:
     """Run the real server with the two recording wrappers; print what they saw."""
     import fl_server
-    from fedsock import transport
+    from fedsock import clients, transport
 
     encoded: list[bytearray] = []  # every blob encode_weights returned (kept alive, so `is` is exact)
     sends: list[dict] = []
-    real_encode, real_send = fl_server.encode_weights, transport.AsyncConnection.send
+    real_encode, real_send = clients.encode_weights, transport.AsyncConnection.send
 
     def counting_encode(*args, **kwargs):
         layout, blob = real_encode(*args, **kwargs)
@@ -50,7 +50,7 @@ def serve(argv: list[str]) -> int:
                           "nbytes": len(blob)})
         return await real_send(self, buffers)
 
-    fl_server.encode_weights = counting_encode
+    clients.encode_weights = counting_encode  # GlobalModel.of encodes each round's model with it
     transport.AsyncConnection.send = recording_send
     try:
         code = fl_server.main(argv)

@@ -109,7 +109,7 @@ def peer(port: int, sizes: list[int], reps: list[int]) -> None:
     fs_sock = socket.create_connection(("127.0.0.1", port))
     tune_socket(fs_sock)
     fedsock = BlockingConnection(fs_sock, idle_timeout_s=120)
-    fedsock.send([encode_message("<HELLO>", protocol_version=1, client_id=1)])
+    fedsock.send([encode_message("<HELLO>", protocol_version=1, client_id=1, features=[])])
     bare, signal = (socket.create_connection(("127.0.0.1", port), timeout=120) for _ in range(2))
     for sock in (bare, signal):
         tune_socket(sock)
@@ -125,7 +125,7 @@ def peer(port: int, sizes: list[int], reps: list[int]) -> None:
                 for _ in range(models):
                     out_layout, pieces = weights_buffers(tensors)
                     fedsock.send(frame_weights(
-                        "<UPDATE>", pieces, round=rep, client_id=1, num_examples=100, train_loss=0.0,
+                        "<UPDATE>", pieces, round=rep + 1, client_id=1, num_examples=100, train_loss=0.0,
                         local_test_accuracy=0.0, fit_seconds=0.0, weights=out_layout,
                     ))
             elif (direction, mode) == ("upload", "bare"):
@@ -211,7 +211,8 @@ async def measure(sizes: list[int], reps: list[int]) -> dict:
             copies = encode_copy_check(tensors, layout, blob)
             del tensors
             nbytes = layout["nbytes"]
-            model_frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=32, lr=0.05, weights=layout)
+            model_frames = frame_weights("<MODEL>", blob, round=1, local_epochs=1, batch_size=32, lr=0.05, proximal_mu=0.0,
+                                         weights=layout)
             received = WeightsBuffer(layout)  # as fl_server: a pooled buffer, its tensors viewed once
             bare_buffer = memoryview(bytearray(nbytes))
             times: dict[tuple[str, str, int], list[float]] = {}
