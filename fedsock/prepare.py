@@ -173,7 +173,7 @@ def make_secure_aggregation(config: ServerConfig, strategy: Strategy, weights: d
         raise UsageError(str(exc)) from exc
     settings = secagg.Settings(threshold_fraction=config.secagg_threshold, clip=config.secagg_clip,
                                weight_bound=weight_bound, weighted=privacy is None,
-                               stage_timeout_s=min(60.0, config.round_timeout_s))
+                               stage_timeout_s=min(secagg.Settings.stage_timeout_s, config.round_timeout_s))
     if privacy is not None:
         s = privacy.settings
         settings.clip = s.clip * (1 + 8 * s.noise_multiplier)  # a clipped delta plus noise: |x| beyond this ~ never

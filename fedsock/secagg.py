@@ -554,7 +554,7 @@ class Settings:
     weighted: bool = True  # False with DP: every client weighted 1
     noise_std: float = 0.0  # central DP: the server's noise on the unmasked sum (std per coordinate)
     client_noise_std: float = 0.0  # DP: the noise each client adds (its share, in distributed mode)
-    stage_timeout_s: float = 60.0
+    stage_timeout_s: float = 60.0  # the longest a key or share stage waits (never longer than --round-timeout)
 
 
 class SecureAggregation:
