@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import time
 from enum import IntEnum
@@ -58,13 +59,24 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(ExitStatus.USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+# A peer's text (an <ERROR>'s message, a name) reaches the log inside our own lines. A control
+# character in it could forge a line ("...\n12:00:00 [server] client 1 is ready") or drive the
+# terminal (ANSI escapes, bidirectional overrides), so every line printed shows such characters
+# escaped, as \x1b or \u202e: one line in, one line out.
+UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    return UNPRINTABLE.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
 def say(who: str, message: str) -> None:
     """One log line, labelled and timestamped, so interleaved processes stay readable."""
-    print(f"{time.strftime('%H:%M:%S')} [{who}] {message}", flush=True)
+    print(f"{time.strftime('%H:%M:%S')} [{printable(who)}] {printable(message)}", flush=True)
 
 
 def warn(who: str, message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} [{who}] WARNING: {message}", file=sys.stderr, flush=True)
+    print(f"{time.strftime('%H:%M:%S')} [{printable(who)}] WARNING: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def run_main(prog: str, main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
@@ -78,12 +90,12 @@ def run_main(prog: str, main: Callable[[list[str] | None], int], argv: list[str]
     except FedsockError as exc:
         if show_traceback:
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {printable(str(exc))}", file=sys.stderr, flush=True)
         return exc.exit_status
     except OSError as exc:  # files and sockets not already wrapped with a better sentence
         if show_traceback:
             raise
-        print(f"{prog}: error: {exc}", file=sys.stderr, flush=True)
+        print(f"{prog}: error: {printable(str(exc))}", file=sys.stderr, flush=True)
         return ExitStatus.FAILURE
 
 

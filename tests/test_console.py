@@ -1,0 +1,45 @@
+"""What a person reads: a peer's text cannot forge a log line or drive the terminal.
+
+A hostile client's <ERROR> (or a hostile server's) carries a newline and a forged log line, ANSI
+escapes and a bidirectional override; the server's console and the client's error line show
+them escaped, on one line. In-process: the server's reader of test_order.py, and run_main.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fedsock.console import RefusedError, printable, run_main
+from fedsock.events import Console
+from socket_methods import ERROR
+from test_order import ready, reader
+
+FORGED = "bye\n12:00:00 [server] client 1 is ready (5/5 ready)\x1b[2J\x1b[31m\u202eevil"
+
+
+def test_control_characters_are_shown_escaped():
+    assert printable("a\nb\tc\x1b[0m\x7f\x9b\u2028\u202e\u2066 é ü 中") == \
+        "a\\x0ab\\x09c\\x1b[0m\\x7f\\x9b\\u2028\\u202e\\u2066 é ü 中"
+
+
+def test_a_clients_error_text_cannot_forge_a_server_log_line(capsys):
+    client, _, lines = reader([ready(), {"header": ERROR, "message": FORGED}])
+    asyncio.run(client.serve())
+    console = Console()
+    for event in lines.events:
+        console.notify(event)
+    out = capsys.readouterr()
+    printed = (out.out + out.err).splitlines()
+    assert any("it reported an error: bye\\x0a12:00:00 [server] client 1 is ready" in line for line in printed), printed
+    assert not any(line.startswith("12:00:00 [server] client 1") for line in printed)
+    assert "\x1b" not in out.out + out.err and "\u202e" not in out.out + out.err
+
+
+def test_a_servers_error_text_is_one_line_on_the_client(capsys):
+    def main(argv):
+        raise RefusedError(f"the server says: {FORGED}")
+
+    assert run_main("fl_client.py", main, []) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fl_client.py: error: the server says: bye\\x0a12:00:00")
+    assert "\x1b" not in err
