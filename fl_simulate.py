@@ -1,4 +1,4 @@
-"""fedsock simulation: many virtual clients on the server's own round engine.
+"""Many virtual clients, trained for real, on the server's own round engine.
 
     python fl_simulate.py --num-clients 100 --fraction-fit 0.1 --num-rounds 20 --model cnn
 

@@ -54,15 +54,17 @@ def attacked(client, attack: str, seed: int):
 
 
 def run_one(strategy: str, attack: str, rounds: int, workdir: Path) -> float:
-    import fl_server
+    import fl_simulate
     from fedsock import simulate as sim
     from fedsock.clients import ClientPool
+    from fedsock.engine import RoundEngine
+    from fedsock.prepare import prepare_training
     from fedsock.events import Events
     from fedsock.transport import Traffic
 
-    config, _ = sim.parse_config(["--model", "mlp", "--num-clients", "10", "--num-rounds", str(rounds), "--seed", "0",
+    config, _ = fl_simulate.parse_config(["--model", "mlp", "--num-clients", "10", "--num-rounds", str(rounds), "--seed", "0",
                                   "--strategy", strategy, *STRATEGIES[strategy], "--output-dir", str(workdir), "--quiet"])
-    setup = fl_server.prepare_training(config, None, keep_train=True, who="robust")
+    setup = prepare_training(config, None, keep_train=True, who="robust")
     data = sim.SharedData(setup.train, setup.info, setup.partitions, config.seed)
     backend = sim.InProcessBackend(data, config.model, config.seed, 2, sim.nnh.choose_device("cpu"))
     pool = ClientPool(config.num_clients)
@@ -73,7 +75,7 @@ def run_one(strategy: str, attack: str, rounds: int, workdir: Path) -> float:
             attacked(client, attack, config.seed)
         pool.joined(client)
         pool.add(client)
-    engine = fl_server.RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, Events(), Traffic())
+    engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, Events(), Traffic())
     try:
         asyncio.run(engine.run())
     finally:

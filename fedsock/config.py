@@ -274,10 +274,6 @@ class DataSettings:
                         group=DATA, type=seed, metavar="SEED")
     initial_model: str | None = setting(None, "start from this saved model.pt instead of random weights",
                                         group=DATA, metavar="MODEL_PT")
-    device: str = setting("auto", "where the server evaluates the global model", group=DATA,
-                          choices=("auto", "cpu", "cuda"))
-    threads: int = setting(1, "PyTorch CPU threads for evaluation; 0 keeps PyTorch's default. 1 leaves the cores "
-                              "to local clients", group=DATA, type=non_negative_int, metavar="N")
 
 
 @dataclass
@@ -310,6 +306,16 @@ class TaskSettings:
                                          group=TASK)
     max_client_examples: int = setting(10**6, "own data: the most training examples a client may say it holds",
                                        group=TASK, type=positive_int, metavar="N")
+
+
+@dataclass
+class DeviceSettings:
+    """Where the server computes (its evaluation of the global model)."""
+
+    device: str = setting("auto", "where the server evaluates the global model", group=DATA,
+                          choices=("auto", "cpu", "cuda"))
+    threads: int = setting(1, "PyTorch CPU threads for evaluation; 0 keeps PyTorch's default. 1 leaves the cores "
+                              "to local clients", group=DATA, type=non_negative_int, metavar="N")
 
 
 @dataclass
@@ -382,9 +388,9 @@ class DashboardSettings:
 
 
 @dataclass
-class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, FaultSettings, OutputSettings, TaskSettings,
-                   DataSettings, CompressionSettings, SecAggSettings, DPSettings, StrategySettings, TrainingSettings,
-                   FederationSettings, NetworkSettings):
+class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, FaultSettings, OutputSettings,
+                   DeviceSettings, TaskSettings, DataSettings, CompressionSettings, SecAggSettings, DPSettings,
+                   StrategySettings, TrainingSettings, FederationSettings, NetworkSettings):
     """Every setting of a server run (saved as config.json and in every checkpoint), one concern a
     base class; their fields come in the order above (a dataclass collects a base's fields first)."""
 
@@ -428,7 +434,8 @@ class ClientConfig:
                                              "found by name, else the first)", group=CLIENT_DATA, metavar="COLUMN")
     text_column: str | None = setting(None, "text table: the text's column (default: found by name, else the second)",
                                       group=CLIENT_DATA, metavar="COLUMN")
-    device: str = setting("auto", "where this client trains", group=CLIENT_DATA, choices=("auto", "cpu", "cuda"))
+    device: str = setting(DeviceSettings.device, "where this client trains", group=CLIENT_DATA,
+                          choices=("auto", "cpu", "cuda"))
     data_root: str | None = setting(None, "folder with the dataset files (default: the one shipped in fedsock/data/)",
                                     group=CLIENT_DATA, metavar="DIR")
     threads: int = setting(1, "PyTorch CPU threads; 0 keeps PyTorch's default (one per core). Several clients on one "

@@ -64,33 +64,45 @@ class Round:
     dropped: dict[int, str] = field(default_factory=dict)  # id -> why
     arrivals: asyncio.Queue = field(default_factory=asyncio.Queue)  # (proxy, finished fit)
     open: bool = True
+    deadline: float | None = None  # on the event loop's clock; None until `start_clock`
+    timeout_s: float = 0.0
     seconds: float = 0.0  # from the first byte of the model sent to the round's close
 
     def complete(self) -> bool:
         return self.expected <= self.reported.keys() | self.dropped.keys()
 
-    async def collect(self, timeout_s: float, stopping: asyncio.Event) -> None:
-        """Fold each update as it arrives, until every expected client has answered or dropped, or
-        `timeout_s` passes; then close the round. Raises Stopped on a stop request."""
+    def start_clock(self, timeout_s: float) -> None:
+        """The round's time runs from now (once the last round's report is done), for `timeout_s`."""
+        self.timeout_s = timeout_s
+        self.deadline = asyncio.get_running_loop().time() + timeout_s
+        self.arrivals.put_nowait(None)  # wakes `collect`, to look at the deadline
+
+    async def collect(self, stopping: asyncio.Event) -> None:
+        """Fold each update as it arrives, until every expected client has answered or dropped, or the
+        round's time is up (`start_clock`); then close the round. Raises Stopped on a stop request."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not self.complete() and not stopping.is_set():
-            arrival, stop = asyncio.ensure_future(self.arrivals.get()), asyncio.ensure_future(stopping.wait())
-            await asyncio.wait([arrival, stop], timeout=max(deadline - loop.time(), 0),
-                               return_when=asyncio.FIRST_COMPLETED)
-            stop.cancel()
-            if not arrival.done():
-                arrival.cancel()
-                break  # the round's time is up, or a stop was asked for
-            self.fold(*arrival.result())
+        try:
+            while not self.complete() and not stopping.is_set():
+                remaining = None if self.deadline is None else self.deadline - loop.time()
+                if remaining is not None and remaining <= 0:
+                    break
+                arrival, stop = asyncio.ensure_future(self.arrivals.get()), asyncio.ensure_future(stopping.wait())
+                await asyncio.wait([arrival, stop], timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not arrival.done():
+                    arrival.cancel()  # the time is up, or a stop was asked for: the loop's test says which
+                elif arrival.result() is not None:  # None: the clock started
+                    self.fold(*arrival.result())
+        finally:
+            while not self.arrivals.empty():  # arrived before the close (or the stop): still this round's
+                if (arrival := self.arrivals.get_nowait()) is not None:
+                    self.fold(*arrival)
         if stopping.is_set():
             raise Stopped
-        while not self.arrivals.empty():  # arrived before the close: still this round's
-            self.fold(*self.arrivals.get_nowait())
         self.open = False
         self.seconds = time.perf_counter() - self.started
         for client_id in sorted(self.expected - self.reported.keys() - self.dropped.keys()):
-            self.tell(ClientDropped(self.number, client_id, f"{timeout_s:g} s", timed_out=True))
+            self.tell(ClientDropped(self.number, client_id, f"{self.timeout_s:g} s", timed_out=True))
 
     def fold(self, proxy: ClientProxy, fit: asyncio.Future) -> None:
         """One client's finished fit: its update into the aggregate, or its drop into the round."""
@@ -125,6 +137,13 @@ class Round:
     def drop(self, client_id: int, reason: str) -> None:
         self.dropped[client_id] = reason
         self.tell(ClientDropped(self.number, client_id, reason))
+
+    def drop_noted(self, notes: list[tuple[int, str]]) -> None:
+        """The drops that secure aggregation's stages saw (a client gone at a key or share stage)."""
+        for client_id, reason in notes:
+            if client_id not in self.dropped:
+                self.drop(client_id, reason)
+        notes.clear()
 
     def row(self, traffic: Traffic) -> dict[str, Any]:
         """The round's line of metrics.csv, before its model is evaluated."""
@@ -273,7 +292,7 @@ class RoundEngine:
         if self.secure is not None:  # keys and shares first, among the picked; then the model to those still here
             threshold = self.secure.threshold(len(picked))
             picked = await self.secure.setup(number, proxies)
-            self.note_secure_drops(round_)
+            round_.drop_noted(self.secure.notes)
             picked = [i for i in picked if i not in round_.dropped]  # one gone at <SECAGG_ROUTED>: no model
             if stopping.is_set():
                 raise Stopped
@@ -291,9 +310,17 @@ class RoundEngine:
         for client_id in picked:
             self.start_fit(proxies[client_id], instructions)
         self.events.emit(RoundStarted(number, attempt, picked, sorted(round_.expected), len(idle) - len(picked)))
-        await self.reports.settle()  # the last round's evaluation ran while this model went out
-        # 3. collect (4. aggregate and 5. step follow in `train`)
-        await round_.collect(self.config.round_timeout_s, self.control.stopping)
+        # 3. collect, from now on (4. aggregate and 5. step follow in `train`). The round's time runs once
+        # the last round's evaluation and files, which ran while this model went out, are done.
+        collecting = asyncio.ensure_future(round_.collect(self.control.stopping))
+        try:
+            await self.reports.settle()
+        except BaseException:
+            collecting.cancel()  # what arrived is folded, then the failure ends the run
+            await asyncio.gather(collecting, return_exceptions=True)
+            raise
+        round_.start_clock(self.config.round_timeout_s)
+        await collecting
         self.current = None
         return round_
 
@@ -339,17 +366,11 @@ class RoundEngine:
             return round_.aggregator.result()
         result = await self.secure.finish(self.model.tensors, max(round_.planned, 1e-12))
         round_.seconds = time.perf_counter() - round_.started  # the unmasking is part of the round
-        self.note_secure_drops(round_)
+        round_.drop_noted(self.secure.notes)
         if isinstance(result, str):
             self.events.notice(f"round {round_.number}: secure aggregation failed: {result}", warning=True)
             return None
         return result
-
-    def note_secure_drops(self, round_: Round) -> None:
-        for client_id, reason in self.secure.notes:
-            if client_id not in round_.dropped:
-                round_.drop(client_id, reason)
-        self.secure.notes = []
 
     async def evaluate_final_model(self) -> None:
         """The clients' evaluation of the last model: no round follows to carry it, so ask for it."""

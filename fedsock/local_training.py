@@ -175,7 +175,7 @@ class LocalTrainer:
         if self.federated_evaluation:  # what the received model (last round's) scores on this client's test split
             nnh.set_weights(self.model, tensors)
             loss_sum, confusion = nnh.evaluate_counts(self.model, self.data.test_x, self.data.test_y,
-                                                           self.task.num_classes)
+                                                      self.task.num_classes)
             evaluation = dict(eval_round=number - 1, eval_loss_sum=loss_sum, eval_confusion=confusion.tolist())
         description = f"round {number}/{self.num_rounds}" if number <= self.num_rounds else f"round {number}"
         batches = nnh.batches_per_round(self.num_examples, message["local_epochs"], message["batch_size"])
@@ -239,7 +239,7 @@ class LocalTrainer:
         """<EVALUATE>: the model of the run's last round, on this client's test split; the <EVALUATION>."""
         nnh.set_weights(self.model, self.receive_model(conn, message))
         loss_sum, confusion = nnh.evaluate_counts(self.model, self.data.test_x, self.data.test_y,
-                                                       self.task.num_classes)
+                                                  self.task.num_classes)
         accuracy = float(confusion.trace()) / max(int(confusion.sum()), 1)
         say(self.config.who, f"evaluated round {message['round']}'s model on {int(confusion.sum())} test examples: "
                              f"acc {100 * accuracy:.2f}%")

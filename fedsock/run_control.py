@@ -99,7 +99,7 @@ class RunControl:
         except ValueError as exc:
             self.events.notice(f"SIGUSR1: {exc}", warning=True)
 
-    def status(self, round_) -> str:
+    def status(self, round_: Any) -> str:
         """What the server is waiting for, in words (the text of <WAITING>); `round_`: the one open."""
         pool = self.pool
         if round_ is not None:

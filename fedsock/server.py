@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsock import compression, secagg, security
+from fedsock.clients import ClientPool
 from fedsock.config import ServerConfig
 from fedsock.console import UsageError, say, warn
 from fedsock.engine import RoundEngine
@@ -27,7 +28,6 @@ from fedsock.prepare import (WHO, Setup, compression_of, federated_evaluation, m
                              required_features, run_title)
 from fedsock.run_control import stop_on_signals
 from fedsock.run_files import Checkpoint, RunFiles, save_config
-from fedsock.clients import ClientPool
 from fedsock.transport import Traffic
 from socket_methods import encode_bitmap
 
@@ -131,8 +131,6 @@ def raise_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-
-
 def update_layout(config: ServerConfig, setup: Setup) -> dict[str, Any]:
     """The layout every update must have: the model's, compressed, or one masked vector."""
     if setup.secure is not None:
@@ -160,7 +158,8 @@ async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
     )
     loop = asyncio.get_running_loop()
     stop_on_signals(engine.control, WHO)
-    loop.set_exception_handler(lambda _, context: warn(WHO, f"internal: {context.get('message')} {context.get('exception') or ''}"))
+    loop.set_exception_handler(
+        lambda _, context: warn(WHO, f"internal: {context.get('message')} {context.get('exception') or ''}"))
     transport = "TLS" + (" with client certificates" if config.tls_client_ca else "") if setup.tls else "plain TCP"
     auth = "token authentication" if setup.auth.required else "no authentication"
     if not is_loopback(config.host) and not (setup.tls and setup.auth.required):

@@ -9,18 +9,20 @@ never after a sleep.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Callable
 
 import pytest
 import torch
 
-from fedsock.clients import ClientPool, Dropped, FitIns, FitRes, GlobalModel
+from fedsock.clients import ClientPool, Dropped, FitIns, FitRes, GlobalModel, Stopped
 from fedsock.config import ServerConfig
 from fedsock.console import ExitStatus
 from fedsock.events import ClientDropped, Event, Events, Observer, RoundFailed, RoundFinished, RoundSaved, RoundStarted
 from fedsock.strategies import Strategy
 from fedsock.transport import Traffic
-from fedsock.engine import RoundEngine, RunFailed
+from fedsock.engine import Round, RoundEngine, RunFailed
 
 RUN_TIMEOUT_S = 20  # a bound on every run below (each takes milliseconds)
 
@@ -248,6 +250,56 @@ def test_a_bug_while_folding_an_update_ends_the_run_instead_of_hanging_it():
     engine, _ = engine_for([Broken(1), FakeClient(2)], round_timeout_s=600)
     with pytest.raises(KeyError, match="a bug"):
         run(engine)
+
+
+def test_updates_that_arrive_while_the_last_round_is_evaluated_are_folded_at_once():
+    """Round 2's updates come while round 1's model is still being evaluated (in the worker thread):
+    they are folded and acknowledged then, not held until the evaluation ends (a held update holds a
+    receive buffer, and a client waiting for its <SUCCESS>)."""
+    acked_round_2 = threading.Event()
+
+    class Acking(FakeClient):
+        def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
+            super().acknowledge(result, accepted, note)
+            if result.round == 2 and all((2, True) in c.acks for c in clients):
+                acked_round_2.set()
+
+    clients = [Acking(1), Acking(2)]
+    engine, recorder = engine_for(clients, num_rounds=2, round_timeout_s=30)
+    seen_during_evaluation = []
+
+    def slow_evaluate(tensors):
+        if not seen_during_evaluation:  # round 1's model: wait (bounded) for round 2's updates to be folded
+            seen_during_evaluation.append(acked_round_2.wait(timeout=10))
+        return {"test_accuracy": float(tensors["w"][0]), "test_loss": 0.0}
+
+    engine.reports.evaluate = slow_evaluate
+    assert run(engine) == ExitStatus.OK
+    assert seen_during_evaluation == [True]
+    assert [row["clients"] for row in recorder.rows()] == [2, 2]
+
+
+def test_a_stop_keeps_the_updates_that_had_arrived():
+    """A stop that comes with updates queued for the round: they are folded and acknowledged first."""
+
+    async def scenario():
+        clients = [FakeClient(1), FakeClient(2)]
+        round_ = Round(1, 0, time.perf_counter(), (0, 0), lambda event: None, expected={1, 2})
+        round_.aggregator = Strategy(ServerConfig()).aggregator({"w": torch.zeros(2)}, 2)
+        model = GlobalModel.of({"w": torch.zeros(2)})
+        for client in clients:
+            fit = asyncio.get_running_loop().create_future()
+            fit.set_result(await client.fit(FitIns(1, model, {"lr": 0.1})))
+            round_.arrivals.put_nowait((client, fit))
+        stopping = asyncio.Event()
+        stopping.set()
+        with pytest.raises(Stopped):
+            await round_.collect(stopping)
+        return clients, round_
+
+    clients, round_ = asyncio.run(scenario())
+    assert sorted(round_.reported) == [1, 2]
+    assert [c.acks for c in clients] == [[(1, True)], [(1, True)]]
 
 
 # ---- --start manual and --stay: what the dashboard and SIGUSR1 ask of the engine
