@@ -106,6 +106,14 @@ def build_model(name: str, spec, seed: int = 0) -> nn.Module:
     return {"logreg": LogReg, "mlp": MLP, "cnn": CNN}[name](spec.input_shape, spec.num_classes)
 
 
+def model_nbytes(name: str, spec) -> int:
+    """The bytes of a model's weights, counted on PyTorch's meta device (shapes, no memory): a peer that
+    describes a huge model is refused before anything of it is allocated."""
+    with torch.device("meta"):
+        model = build_model(name, spec)
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
 def model_fits(name: str, kind: str) -> bool:
     return (name in TEXT_MODELS) == (kind == "text")
 

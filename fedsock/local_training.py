@@ -119,6 +119,10 @@ class LocalTrainer:
         self.task = task = Task.from_json(meta["task"])
         if not nnh.model_fits(meta["model"], task.kind):
             raise BadMessage(f"the server asks for model {meta['model']!r} for a {task.kind} task")
+        nbytes = nnh.model_nbytes(meta["model"], task)  # before the data or the model takes any memory
+        if nbytes > config.max_message_mb * 2**20:
+            raise BadMessage(f"the {meta['model']} model has {nbytes / 2**20:.1f} MB of weights, over this "
+                             f"client's --max-message-mb {config.max_message_mb:g}")
         self.device = nnh.choose_device(config.device)
         xs, ys, test_x, test_y = load_examples(config, meta, task)
         self.data = nnh.LocalData(*nnh.to_tensors(xs, ys, task, self.device),
@@ -126,9 +130,6 @@ class LocalTrainer:
         self.model = nnh.build_model(meta["model"], task, meta["seed"]).to(self.device)
         self.federated_evaluation = meta["federated_evaluation"]
         self.layout = weights_layout(nnh.get_weights(self.model))
-        if self.layout["nbytes"] > config.max_message_mb * 2**20:
-            raise BadMessage(f"the {meta['model']} model has {self.layout['nbytes'] / 2**20:.1f} MB of weights, over "
-                             f"this client's --max-message-mb {config.max_message_mb:g}")
         self.compression = compression.Compression.from_json(meta["compression"])
         self.secagg = None  # secure aggregation: this client's side of each round's protocol
         if meta["secure_aggregation"]:
