@@ -8,6 +8,7 @@ appears for a real bug (or with --traceback).
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
 import sys
@@ -53,9 +54,22 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line (not the whole usage) and exit status 2."""
+    """argparse, but a bad flag is one line (not the whole usage) with the closest flag suggested, and
+    exit status 2. Abbreviations are off: argparse would silently read `--mode async` as `--model async`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown and unknown[1].startswith("--"):
+            flag = unknown[1].split("=", 1)[0]
+            flags = [option for action in self._actions for option in action.option_strings if option.startswith("--")]
+            # `--port` is one word of `--server-port`; else the nearest spelling (`--num-client`, `--mode`)
+            close = [f for f in flags if f.endswith("-" + flag[2:]) or f.startswith(flag + "-")][:1]
+            close = close or difflib.get_close_matches(flag, flags, n=1, cutoff=0.75)
+            if close:
+                message = f"{message}: did you mean {close[0]}?"
         self.exit(ExitStatus.USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 

@@ -1,4 +1,5 @@
-"""What a person reads: a peer's text cannot forge a log line or drive the terminal.
+"""What a person reads: a peer's text cannot forge a log line or drive the terminal; a mistyped flag is
+refused with the closest one.
 
 A hostile client's <ERROR> (or a hostile server's) carries a newline and a forged log line, ANSI
 escapes and a bidirectional override; the server's console and the client's error line show
@@ -8,6 +9,9 @@ them escaped, on one line. In-process: the server's reader of test_order.py, and
 from __future__ import annotations
 
 import asyncio
+import importlib
+
+import pytest
 
 from fedsock.console import RefusedError, printable, run_main
 from fedsock.events import Console
@@ -43,3 +47,19 @@ def test_a_servers_error_text_is_one_line_on_the_client(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("fl_client.py: error: the server says: bye\\x0a12:00:00")
     assert "\x1b" not in err
+
+
+@pytest.mark.parametrize("program, argv, said", [
+    ("fl_server", ["--port", "5"], "unrecognized arguments: --port 5: did you mean --server-port?"),
+    ("fl_server", ["--mode", "async"], "unrecognized arguments: --mode async"),  # not --model async
+    ("fl_server", ["--num-round", "3"], "unrecognized arguments: --num-round 3: did you mean --num-rounds?"),
+    ("fl_client", ["--client-id", "1", "--port", "4"], "did you mean --server-port?"),
+    ("fl_simulate", ["--backen", "ray"], "unrecognized arguments: --backen ray: did you mean --backend?"),
+])
+def test_an_abbreviated_or_mistyped_flag_is_refused_with_the_closest_one(capsys, program, argv, said):
+    parse_config = importlib.import_module(program).parse_config
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert said in err and err.count("\n") == 1, err
