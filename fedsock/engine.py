@@ -209,7 +209,9 @@ class RoundEngine:
         except Stopped:
             then = (f"after round {self.rounds_done}; it can resume from its checkpoint" if self.rounds_done else
                     "before any round completed; there is no checkpoint to resume from")
-            self.events.notice(f"{control.stop_reason}: stopping after round {self.rounds_done}")
+            when = f"after round {self.rounds_done}" if self.rounds_done else (
+                "before training started" if control.phase == "lobby" else "before its first round completed")
+            self.events.notice(f"{control.stop_reason}: stopping {when}")
             await self.finish(False, f"the server was stopped ({control.stop_reason}) {then}")
             return ExitStatus.TERMINATED if control.stop_reason == "SIGTERM" else ExitStatus.INTERRUPTED
         except (RunFailed, OutputFailed) as exc:

@@ -46,7 +46,8 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
                          f"own data), not to --task dataset")
     else:
         if not config.classes:
-            parser.error(f"--task {config.task} needs --classes, e.g. --classes ham,spam")
+            example = "ham,spam" if config.task == "text" else "NORMAL,PNEUMONIA"
+            parser.error(f"--task {config.task} needs --classes, e.g. --classes {example}")
         wrong = [name for name in ("dataset", "partition", "alpha", "data_root") if name in given]
         if wrong:
             parser.error(f"--{wrong[0].replace('_', '-')} applies to --task dataset; with --task {config.task} each "

@@ -76,7 +76,8 @@ def load_initial_model(path: str, template: dict[str, torch.Tensor]) -> dict[str
         # weights_only: PyTorch's restricted unpickler, which loads tensors and nothing that runs code.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch.load raises many kinds (UnpicklingError, RuntimeError, EOFError, ...) for a bad file
-        raise UsageError(f"cannot read --initial-model {path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
+        why = str(exc).splitlines()[0] if str(exc).strip() else "the file ends before the model does"
+        raise UsageError(f"cannot read --initial-model {path}: {type(exc).__name__}: {why}") from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UsageError(f"--initial-model {path} is not a model.pt (a state_dict of tensors)")
     try:

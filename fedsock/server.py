@@ -40,9 +40,14 @@ def run_server(config: ServerConfig, checkpoint: Checkpoint | None) -> int:
         say(WHO, f"resuming from {config.resume}: round {checkpoint.round} of {config.num_rounds} was the last completed")
         if checkpoint.round >= config.num_rounds:
             raise UsageError(f"the checkpoint already has all {config.num_rounds} rounds; raise --num-rounds to go on")
-    output_dir = make_output_dir(config.output_dir)
-    save_config(config, output_dir)
-    return asyncio.run(serve(config, setup, output_dir))
+    listener = open_listener(config.host, config.server_port)  # a port in use fails before any file is made
+    try:
+        output_dir = make_output_dir(config.output_dir)
+        save_config(config, output_dir)
+    except BaseException:
+        listener.close()
+        raise
+    return asyncio.run(serve(config, setup, listener, output_dir))
 
 
 class Welcome:
@@ -138,8 +143,7 @@ def update_layout(config: ServerConfig, setup: Setup) -> dict[str, Any]:
     return compression.update_layout(setup.model.layout, config.compression, config.topk_fraction)
 
 
-async def serve(config: ServerConfig, setup: Setup, output_dir: Path) -> int:
-    listener = open_listener(config.host, config.server_port)
+async def serve(config: ServerConfig, setup: Setup, listener: socket.socket, output_dir: Path) -> int:
     host, port = listener.getsockname()[:2]
     title = run_title(config)
     files = RunFiles(output_dir, title, setup.checkpoint)

@@ -19,7 +19,8 @@ import torch
 from fedsock.clients import ClientPool, Dropped, FitIns, FitRes, GlobalModel, Stopped
 from fedsock.config import ServerConfig
 from fedsock.console import ExitStatus
-from fedsock.events import ClientDropped, Event, Events, Observer, RoundFailed, RoundFinished, RoundSaved, RoundStarted
+from fedsock.events import (ClientDropped, Event, Events, Notice, Observer, RoundFailed, RoundFinished, RoundSaved,
+                            RoundStarted)
 from fedsock.strategies import Strategy
 from fedsock.transport import Traffic
 from fedsock.engine import Round, RoundEngine, RunFailed
@@ -218,6 +219,15 @@ def test_a_stop_before_any_round_says_there_is_nothing_to_resume():
     recorder.on(lambda e: isinstance(e, RoundStarted), lambda: engine.control.request_stop("SIGTERM"))
     assert run(engine) == ExitStatus.TERMINATED
     assert "before any round completed; there is no checkpoint to resume from" in clients[0].finished[2]
+    assert "SIGTERM: stopping before its first round completed" in [e.message for e in recorder.of(Notice)]
+
+
+def test_a_stop_in_the_lobby_says_training_had_not_started():
+    engine, recorder = engine_for([FakeClient(1)], start="manual")
+    recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"),
+                lambda: engine.control.request_stop("SIGINT"))
+    assert run(engine) == ExitStatus.INTERRUPTED
+    assert "SIGINT: stopping before training started" in [e.message for e in recorder.of(Notice)]
 
 
 def test_the_server_optimiser_state_goes_into_every_checkpoint():

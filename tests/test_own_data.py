@@ -187,7 +187,8 @@ def test_a_client_whose_data_does_not_fit_says_so_and_tells_the_server(cluster, 
 
 @pytest.mark.processes
 @pytest.mark.parametrize("args, message", [
-    (["--task", "text"], "--task text needs --classes"),
+    (["--task", "text"], "--task text needs --classes, e.g. --classes ham,spam"),
+    (["--task", "image"], "--task image needs --classes, e.g. --classes NORMAL,PNEUMONIA"),
     (["--task", "image", "--classes", "a"], "must name at least two distinct classes"),
     (["--task", "text", "--classes", "ham,spam", "--model", "cnn"], "--model cnn is for images; a text task needs"),
     (["--task", "text", "--classes", "ham,spam", "--augment", "affine"], "--augment affine is for images"),
