@@ -27,7 +27,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedsock.console import FedsockError
+from fedsock.console import ArgumentParser, FedsockError, HelpFormatter
 
 
 def program(module: str) -> str:
@@ -53,8 +53,9 @@ TASKS = {
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+                            usage="%(prog)s [options] [-- FLAGS for fl_server.py]",
+                            epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2])
     parser.add_argument("--task", choices=tuple(TASKS), default="mnist",
                         help="mnist: the server splits MNIST; spam: each client its own SMS messages (a .tsv); "
                              "chest-xray: each client its own chest_xray/ image folders")

@@ -63,3 +63,15 @@ def test_an_abbreviated_or_mistyped_flag_is_refused_with_the_closest_one(capsys,
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert said in err and err.count("\n") == 1, err
+
+
+def test_the_demos_help_names_the_pass_through_and_each_default_once(capsys):
+    from fedsock.demo import parse_args
+
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "[-- FLAGS for fl_server.py]" in out and "anything after -- goes to fl_server.py" in out
+    assert "(default: None)" not in out and "(default: False)" not in out
+    assert "rounds (default: 3 for mnist, 10 for spam, 20 for chest-xray) --model" in out  # once, not twice
