@@ -38,7 +38,7 @@ from fedsock.clients import ClientPool, Dropped, EvalRes, FitIns, FitRes, Global
 from fedsock.compression import Compression, decoded_update, scratch_for
 from fedsock.events import (ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events, UpdateArriving,
                             UpdateDiscarded)
-from fedsock.order import ROLE_SERVER, TRAINING, WELCOMED, Order
+from fedsock.order import ROLE_SERVER, Order
 from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_error, send_plain_error
 from socket_methods import (
     CHALLENGE,
@@ -639,8 +639,5 @@ class Lobby:
                 status += f"; {self.buffers.receiving} update(s) arriving"
             frame = encode_message(WAITING, message=status)
             for client in list(self.pool.connected.values()):
-                # A model on its way says the same; and a client that is setting itself up or training
-                # reads nothing until it is done, when the news would be old ("0 of 5 ready" after it
-                # is ready itself, "0 of 2 updates in" after it sent its own).
-                if not client.conn.sending and client.order.state not in (WELCOMED, TRAINING):
+                if not client.conn.sending:  # a model on its way says the same
                     self.send_soon(client, [frame])

@@ -66,18 +66,6 @@ def test_late_joiner_duplicate_and_unknown_ids_are_refused(cluster, tmp_path):
 
 
 @pytest.mark.processes
-def test_a_client_shows_only_status_that_is_still_true(cluster):
-    """Heartbeats every 0.2 s: a client that sets itself up or trains reads none of them until it is
-    done, so the server sends it none then (issue 27: "0 of 2 ready" after it was ready itself)."""
-    server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "2", "--heartbeat-interval", "0.2")
-    clients = [cluster.client(k, quiet=False) for k in (1, 2)]
-    assert [c.finish() for c in clients] == [0, 0] and server.finish() == 0
-    for client in clients:
-        stale = [line for line in client.lines if re.search(r"server: (waiting for clients: 0 of|round \d+: 0 of)", line)]
-        assert stale == [], client.output
-
-
-@pytest.mark.processes
 def test_clients_may_start_before_the_server(cluster, tmp_path):
     port = free_port()
     clients = [cluster.client(k, port=port) for k in (1, 2)]
