@@ -30,7 +30,7 @@ def pytest_configure(config):
 # Process tests first, the longest modules first (seconds, from `pytest --durations=0` on 2 cores): with
 # `-n` (pytest-xdist, as .ci/run runs), the workers then end together instead of waiting on one long tail.
 SLOW_MODULES = {"test_simulate.py": 180, "test_lobby.py": 140, "test_netns.py": 120, "test_faults.py": 110,
-                "test_secagg_processes.py": 150, "test_federation.py": 100, "test_client_side.py": 100,
+                "test_secagg_processes.py": 150, "test_federation.py": 100,
                 "test_security.py": 95, "test_compression.py": 74, "test_privacy.py": 71}
 
 

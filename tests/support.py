@@ -132,3 +132,58 @@ def read_metrics(path: Path) -> list[dict]:
     """metrics.csv's rows, numbers as floats (a blank cell is None; the confusion matrix stays text)."""
     with open(path) as f:
         return [{k: _cell(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+class InProcessClient:
+    """fl_client.py's `main`, run in a thread of this process against a real socket, with the same
+    reading interface as Proc (finish, output, lines, wait_for): for tests of what a client does with
+    a server's bytes, where a process of its own would only add PyTorch's import to every case. Its
+    stdout and stderr are captured while it runs (one client at a time in a process)."""
+
+    error: type[Exception] = AssertionError
+
+    def __init__(self, args: list[str]):
+        import fl_client
+        from fedsock.console import run_main
+
+        self.lines: list[str] = []
+        self.code: int | None = None
+        self._run = lambda: run_main("fl_client.py", fl_client.main, args)
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        import contextlib
+        import io
+
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+                try:
+                    self.code = self._run()
+                except SystemExit as exc:  # argparse's exit on a bad flag
+                    self.code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            self.lines = captured.getvalue().splitlines()
+
+    def finish(self, timeout: float = 120.0) -> int:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise self.error(f"the client did not end within {timeout:g} s")
+        return self.code
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        """After finish(): the first line matching `pattern`."""
+        self.finish(timeout)
+        regex = re.compile(pattern)
+        for line in self.lines:
+            if match := regex.search(line):
+                return match
+        raise self.error(f"no line matching {pattern!r}; output:\n{self.output}")
+
+    def kill(self) -> None:
+        pass  # a thread ends with its connection: the tests' fake server closes it

@@ -1,5 +1,7 @@
 """The client against a hostile or broken server: a fake server written here (a raw listening
-socket in a thread) that real fl_client.py processes connect to.
+socket in a thread) that fl_client.py's main connects to over a real socket, running in another
+thread of this process (tests/support.py's InProcessClient: the same exit status and lines as a
+process, without importing PyTorch again for every case).
 
 Whatever the server sends, the client must exit non-zero with ONE line that says what went
 wrong (`fl_client.py: error: ...`), no traceback, and never train on garbage. A valid
@@ -19,6 +21,8 @@ from typing import Callable
 
 import pytest
 
+from support import InProcessClient
+
 from socket_methods import (
     MAX_CONTROL_BYTES,
     MESSAGE_FIELDS,
@@ -29,7 +33,6 @@ from socket_methods import (
     frame_header,
 )
 
-pytestmark = pytest.mark.processes  # every test here starts real processes
 
 CLIENT_ID = 1
 IO_TIMEOUT_S = 60.0  # the client imports PyTorch and loads MNIST after <METADATA>: seconds on a busy machine
@@ -174,10 +177,14 @@ def assert_one_line_error(proc, status: int, pattern: str) -> str:
     return errors[0]
 
 
-def run_against(cluster, script, *args: str) -> tuple[FakeServer, object]:
+def run_against(script, *args: str) -> tuple[FakeServer, InProcessClient]:
     server = FakeServer(script)
-    client = cluster.client(CLIENT_ID, "--connect-timeout", "10", *args, port=server.port)
-    return server, client
+    return server, client_of(server, "--connect-timeout", "10", *args)
+
+
+def client_of(server: FakeServer, *args: str) -> InProcessClient:
+    """fl_client.py's main in a thread of this process, against the fake server's real socket."""
+    return InProcessClient(["--client-id", str(CLIENT_ID), "--server-port", str(server.port), "--quiet", *args])
 
 
 # --------------------------------------------------------------------------- the control case
@@ -186,7 +193,7 @@ def run_against(cluster, script, *args: str) -> tuple[FakeServer, object]:
 @pytest.mark.parametrize("changes, settings", [({}, {}), (dict(num_clients=10**6, partition="dirichlet", alpha=0.01), {}),
                                                (dict(required_features=["augment"]), dict(augment="affine"))],
                          ids=["two clients", "a million clients", "augmented"])
-def test_a_valid_exchange_with_the_fake_server_trains_and_finishes(cluster, changes, settings):
+def test_a_valid_exchange_with_the_fake_server_trains_and_finishes(changes, settings):
     """The control case. With a million clients announced, the client's work is the same: the server
     says which examples are its own, so nothing the client computes grows with what is announced.
     An augmented round is trained the same way (the client knows the feature)."""
@@ -205,7 +212,7 @@ def test_a_valid_exchange_with_the_fake_server_trains_and_finishes(cluster, chan
         sock.sendall(encode_message("<SUCCESS>", round=1, accepted=True, message="update accepted")
                      + encode_message("<FINISHED>", completed=True, rounds_completed=1, message="training finished"))
 
-    server, client = run_against(cluster, script)
+    server, client = run_against(script)
     assert client.finish(timeout=CLIENT_EXIT_S) == 0, client.output
     server.finish()
     client.wait_for(r"round 1: trained on \d+ examples")
@@ -246,18 +253,18 @@ CLOSE_AFTER = {"a truncated <METADATA>, then close"}  # the fake server closes r
 
 
 @pytest.mark.parametrize("case, sent, status, error", BEFORE_METADATA, ids=[c[0] for c in BEFORE_METADATA])
-def test_bad_first_answer(cluster, case, sent, status, error):
-    server, client = run_against(cluster, send(sent, close=case in CLOSE_AFTER))
+def test_bad_first_answer(case, sent, status, error):
+    server, client = run_against(send(sent, close=case in CLOSE_AFTER))
     assert_one_line_error(client, status, error)
     server.finish()
     assert server.headers() == ["<HELLO>"], "the client sent something after a bad first answer"
 
 
-def test_server_closes_after_hello(cluster):
+def test_server_closes_after_hello():
     """A connection closed before the welcome may be a busy server's: the client tries again until
     --connect-timeout, then says what happened."""
     server = FakeServer(send(close=True))
-    client = cluster.client(CLIENT_ID, "--connect-timeout", "2", port=server.port)
+    client = client_of(server, "--connect-timeout", "2")
     assert_one_line_error(client, 1, r"the server at 127\.0\.0\.1:\d+ closed the connection before welcoming this "
                                      r"client, every time \(tried for 2 s")
     server.finish()
@@ -307,8 +314,8 @@ MODEL_CASES = model_cases()
 
 
 @pytest.mark.parametrize("sent, close, error", [c[1:] for c in MODEL_CASES], ids=[c[0] for c in MODEL_CASES])
-def test_bad_model_after_metadata(cluster, sent, close, error):
-    server, client = run_against(cluster, send(metadata_frame(), sent, close=close))
+def test_bad_model_after_metadata(sent, close, error):
+    server, client = run_against(send(metadata_frame(), sent, close=close))
     assert_one_line_error(client, 1, error)
     client.wait_for(r"joined the server")
     server.finish()
@@ -319,18 +326,18 @@ def test_bad_model_after_metadata(cluster, sent, close, error):
                                             (dict(augment="affine"), "augmentation"),
                                             (dict(dp_clip=1.0, dp_noise_std=0.1), "client-side update noise")],
                          ids=["fedprox", "augmentation", "local DP"])
-def test_a_dp_sgd_client_refuses_a_setting_it_cannot_train_with(cluster, settings, what):
+def test_a_dp_sgd_client_refuses_a_setting_it_cannot_train_with(settings, what):
     """A client must refuse a setting it cannot apply, never train without it."""
     layout, blob = logreg_weights()
     frames = encode_message("<MODEL>", **{"round": 1, "local_epochs": 1, "batch_size": 32, "lr": 0.05,
                                           "proximal_mu": 0.0, "weights": layout, **settings}) + frame(blob)
-    server, client = run_against(cluster, send(metadata_frame(), frames), "--dp-sgd")
+    server, client = run_against(send(metadata_frame(), frames), "--dp-sgd")
     assert_one_line_error(client, 1, rf"this client trains with --dp-sgd, which it cannot combine with the run's {what}")
     server.finish()
     assert server.headers()[-1] == "<ERROR>"
 
 
-def test_a_text_client_refuses_augmentation(cluster, tmp_path):
+def test_a_text_client_refuses_augmentation(tmp_path):
     """Augmentation is for images: a <MODEL> that asks a text client for it is refused, not half-applied."""
     data = tmp_path / "mine.tsv"
     data.write_text("".join(f"{'spam' if i % 4 == 0 else 'ham'}\tmessage number {i}\n" for i in range(40)))
@@ -338,16 +345,16 @@ def test_a_text_client_refuses_augmentation(cluster, tmp_path):
     own = dict(dataset="", partition="own", train_size=0, partition_bitmap=None, model="textcnn", task=task)
     frames = encode_message("<MODEL>", round=1, local_epochs=1, batch_size=32, lr=0.05, proximal_mu=0.0,
                             augment="affine", weights={})
-    server, client = run_against(cluster, send(metadata_frame(**own), frames), "--data", str(data))
+    server, client = run_against(send(metadata_frame(**own), frames), "--data", str(data))
     assert_one_line_error(client, 1, r"<MODEL> asks for augmentation 'affine', which this client does not know for "
                                      r"text examples")
     server.finish()
     assert server.headers()[-1] == "<ERROR>"
 
 
-def test_a_dp_sgd_client_refuses_an_augmented_run_before_it_is_ready(cluster):
+def test_a_dp_sgd_client_refuses_an_augmented_run_before_it_is_ready():
     """The run requires the feature augment: every round will ask for it, so the client says so at once."""
-    server, client = run_against(cluster, send(metadata_frame(required_features=["augment"])), "--dp-sgd")
+    server, client = run_against(send(metadata_frame(required_features=["augment"])), "--dp-sgd")
     assert_one_line_error(client, 2, r"this client trains with --dp-sgd, which it cannot combine with the run's "
                                      r"augmentation \(the server's --augment\)")
     server.finish()
@@ -369,8 +376,8 @@ EMPTY_PARTITION = encode_bitmap([], 60000)
     (dict(partition_bitmap="not base64!"), r"partition_bitmap is not base64"),
 ], ids=["unknown model", "unknown dataset", "a task of another kind", "a model for another task", "empty partition",
         "another dataset", "short bitmap", "not base64"])
-def test_metadata_the_client_cannot_use(cluster, changes, error):
-    server, client = run_against(cluster, send(metadata_frame(**changes)))
+def test_metadata_the_client_cannot_use(changes, error):
+    server, client = run_against(send(metadata_frame(**changes)))
     assert_one_line_error(client, 1, error)
     server.finish()
     assert server.headers()[-1] == "<ERROR>" and "client setup failed" in server.received[-1]["message"], (
@@ -387,11 +394,11 @@ def test_metadata_the_client_cannot_use(cluster, changes, error):
     (dict(alpha=-1.0), r"<METADATA> field 'alpha' is -1.0, outside > 0"),
 ], ids=["negative seed", "negative heartbeat", "absurd heartbeat", "negative round timeout", "a day's heartbeat",
         "no clients", "negative alpha"])
-def test_metadata_numbers_out_of_range(cluster, changes, error):
+def test_metadata_numbers_out_of_range(changes, error):
     """Numbers of the right JSON type but out of range are refused in one line that names
     them, before any training, rather than crashing the client with a traceback."""
     layout, blob = logreg_weights()
-    server, client = run_against(cluster, send(metadata_frame(**changes), model_frames(layout, blob)))
+    server, client = run_against(send(metadata_frame(**changes), model_frames(layout, blob)))
     assert_one_line_error(client, 1, error)
     server.finish()
     assert server.headers() == ["<HELLO>"], "the client sent something after a bad first answer"
