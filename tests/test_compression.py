@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from conftest import FAST, Proc, read_metrics
+from conftest import FAST, read_metrics
 from fedsock import compression as c
 from socket_methods import (
     PROTOCOL_VERSION,
@@ -214,23 +214,38 @@ def test_a_clients_check_of_what_the_server_announces(value, error):
 FLAGS = ["--num-clients", "2", "--num-rounds", "2", "--seed", "4", "--partition", "dirichlet", "--alpha", "1"]
 
 
+def federation(cluster, output_dir, *flags: str) -> list[dict]:
+    """A real federation (server and 2 client processes); its metrics.csv rows."""
+    server = cluster.server(*FAST, *FLAGS, *flags, output_dir=output_dir)
+    clients = [cluster.client(k) for k in (1, 2)]
+    assert [p.finish() for p in clients] == [0, 0], [p.output for p in clients]
+    assert server.finish() == 0, server.output
+    return read_metrics(output_dir / "metrics.csv")
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory):
+    """The uncompressed federation every compressed one is measured against: run once."""
+    from conftest import Cluster
+
+    cluster = Cluster(tmp_path_factory.mktemp("plain"))
+    try:
+        return federation(cluster, cluster.tmp_path / "plain")
+    finally:
+        cluster.close()
+
+
 @pytest.mark.processes
 @pytest.mark.parametrize("modes", [["--compression", "int8", "--compress-broadcast", "int8"],
                                    ["--compression", "topk", "--topk-fraction", "0.05"],
                                    ["--compression", "fp16", "--compress-broadcast", "fp16"]],
                          ids=["int8", "topk", "fp16"])
-def test_a_compressed_federation_equals_its_simulation_and_sends_fewer_bytes(cluster, tmp_path, modes):
-    runs = {}
-    for name, extra in (("plain", []), ("compressed", modes)):
-        server = cluster.server(*FAST, *FLAGS, *extra, output_dir=tmp_path / name)
-        clients = [cluster.client(k) for k in (1, 2)]
-        assert [p.finish() for p in clients] == [0, 0], [p.output for p in clients]
-        assert server.finish() == 0, server.output
-        runs[name] = read_metrics(tmp_path / name / "metrics.csv")
-    sim = Proc(["fl_simulate.py", "--model", "logreg", *FLAGS, *modes, "--output-dir", str(tmp_path / "sim")],
-               "simulation")
-    cluster.procs.append(sim)
-    assert sim.finish(timeout=300) == 0, sim.output
+def test_a_compressed_federation_equals_its_simulation_and_sends_fewer_bytes(cluster, tmp_path, modes, plain_run):
+    import fl_simulate
+
+    runs = {"plain": plain_run, "compressed": federation(cluster, tmp_path / "compressed", *modes)}
+    # the simulation of the same run, in this process (fl_simulate.py's main): the same numbers, bit for bit
+    assert fl_simulate.main(["--model", "logreg", *FLAGS, *modes, "--output-dir", str(tmp_path / "sim"), "--quiet"]) == 0
     simulated = read_metrics(tmp_path / "sim" / "metrics.csv")
     keys = ("round", "clients", "test_accuracy", "test_loss", "train_loss")
     assert [{k: r[k] for k in keys} for r in runs["compressed"]] == [{k: r[k] for k in keys} for r in simulated]

@@ -189,21 +189,6 @@ def test_fashion_mnist_from_a_data_root(cluster, tmp_path):
 
 
 @pytest.mark.processes
-def test_same_seed_same_results(cluster, tmp_path):
-    results = []
-    for attempt in range(2):
-        out = tmp_path / f"run{attempt}"
-        server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "2", "--seed", "7",
-                                "--partition", "dirichlet", "--alpha", "1", output_dir=out)
-        clients = [cluster.client(k) for k in (1, 2)]
-        assert [c.finish() for c in clients] == [0, 0] and server.finish() == 0
-        results.append([(r["test_accuracy"], r["test_loss"], r["train_loss"]) for r in read_metrics(out / "metrics.csv")])
-        results.append(torch.load(out / "model.pt"))
-    assert results[0] == results[2]
-    assert all(torch.equal(results[1][k], results[3][k]) for k in results[1])
-
-
-@pytest.mark.processes
 def test_client_without_data_says_so_and_the_server_hears_why(cluster, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -41,13 +41,18 @@ def test_a_simulation_gives_a_real_federations_numbers(cluster, tmp_path):
 
 
 def test_the_backends_agree(cluster, tmp_path):
-    flags = [*LOGREG, "--num-clients", "8", "--num-rounds", "2", "--seed", "1"]
-    runs = {"inprocess-1": ["--backend", "inprocess"], "inprocess-2": ["--backend", "inprocess", "--workers", "2"],
-            "processes-2": ["--backend", "processes", "--workers", "2"], "ray": ["--backend", "ray"]}
-    for name, backend in runs.items():
-        proc = simulate(cluster, *flags, *backend, output_dir=tmp_path / name)
+    import fl_simulate
+
+    flags = [*LOGREG, "--num-clients", "8", "--num-rounds", "2", "--seed", "1", "--quiet"]
+    in_here = {"inprocess-1": ["--backend", "inprocess"], "inprocess-2": ["--backend", "inprocess", "--workers", "2"]}
+    for name, backend in in_here.items():  # threads of this process: fl_simulate.py's main, here
+        assert fl_simulate.main([*flags, *backend, "--output-dir", str(tmp_path / name)]) == 0
+    elsewhere = {"processes-2": ["--backend", "processes", "--workers", "2"], "ray": ["--backend", "ray"]}
+    procs = {name: simulate(cluster, *flags, *backend, output_dir=tmp_path / name) for name, backend in elsewhere.items()}
+    for name, proc in procs.items():  # the two run side by side
         assert proc.finish(timeout=300) == 0, proc.output
-        proc.wait_for(rf"8 virtual clients on the {backend[1]} backend")  # ray: a local Ray cluster of this machine
+        proc.wait_for(rf"8 virtual clients on the {elsewhere[name][1]} backend")  # ray: a local Ray cluster
+    runs = {**in_here, **elsewhere}
     models = {name: torch.load(tmp_path / name / "model.pt") for name in runs}
     metrics = {name: read_metrics(tmp_path / name / "metrics.csv") for name in runs}
     # One worker, or workers in processes: every client's training is the same computation, bit for bit.
