@@ -185,10 +185,11 @@ def test_a_full_disk_ends_the_run_cleanly_and_the_files_agree(cluster, small_dis
     assert "Traceback" not in server.output
     # Room again: the run resumes from the safe round, and metrics.csv has each round once.
     filler.unlink()
-    resumed = cluster.server("--resume", str(out / "checkpoint.fsck"), "--time-to-wait", "30", output_dir=out)
+    resumed = cluster.server("--resume", str(out / "checkpoint.fsck"), "--time-to-wait", "30", "--num-rounds",
+                             str(safe + 2), "--local-epochs", "1", output_dir=out)  # two more rounds prove it
     clients = [cluster.client(k) for k in (1, 2)]
     assert [c.finish() for c in clients] == [0, 0] and resumed.finish() == 0
-    assert [r["round"] for r in read_metrics(out / "metrics.csv")] == list(range(1, 13))
+    assert [r["round"] for r in read_metrics(out / "metrics.csv")] == list(range(1, safe + 3))
 
 
 def test_an_output_folder_that_vanishes_mid_run_ends_it_cleanly(cluster, tmp_path):
