@@ -152,18 +152,14 @@ def test_local_mode_over_the_wire_and_a_client_without_the_feature_is_refused(cl
     server.wait_for(r"round 2/2  clients 3/3  test acc \d+\.\d+%  loss \d\.\d+  \d+\.\d s  ε \d")
 
 
-@pytest.mark.processes
-def test_a_resumed_dp_run_continues_its_epsilon(cluster, tmp_path):
-    common = ["fl_simulate.py", "--model", "logreg", "--num-clients", "50", "--clients-per-round", "10", "--dp-clip",
+def test_a_resumed_dp_run_continues_its_epsilon(tmp_path):
+    import fl_simulate
+
+    common = ["--model", "logreg", "--num-clients", "50", "--clients-per-round", "10", "--dp-clip",
               "1", "--dp-noise-multiplier", "1.2", "--quiet"]
 
-    def simulate(*args):
-        from conftest import Proc
-
-        proc = Proc([*common, *args], "simulation")
-        cluster.procs.append(proc)
-        assert proc.finish(timeout=300) == 0, proc.output
-        return proc
+    def simulate(*args):  # fl_simulate.py's main, in this process
+        assert fl_simulate.main([*common, *args]) == 0
 
     simulate("--num-rounds", "6", "--output-dir", str(tmp_path / "straight"))
     simulate("--num-rounds", "3", "--output-dir", str(tmp_path / "halves"))
