@@ -1,8 +1,10 @@
-"""fl_simulate.py: many virtual clients on the server's own round engine, as real processes.
+"""fl_simulate.py: many virtual clients on the server's own round engine.
 
 The round logic itself is tested in-process (test_engine.py); here, that a simulation gives a
 real federation's numbers, that its backends agree, that only the sampled clients train, that
-simulated faults behave, and that the sockets transport runs a real server at scale."""
+simulated faults behave, that a resumed simulation ends where a straight one does, and that the
+sockets transport runs a real server at scale. What needs no process of its own runs
+fl_simulate.py's main in this one (`simulate_here`)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,16 @@ import torch
 
 from conftest import FAST, ROOT, Proc, read_metrics
 
-pytestmark = pytest.mark.processes  # every test here starts real processes
+processes = pytest.mark.processes  # these start fl_simulate.py (or a server) as processes
 
 LOGREG = ["--model", "logreg"]
+
+
+def simulate_here(*args: str, output_dir) -> int:
+    """fl_simulate.py's main in this process: its exit status."""
+    import fl_simulate
+
+    return fl_simulate.main(["--output-dir", str(output_dir), *args])
 
 
 def simulate(cluster, *args: str, output_dir, env: dict | None = None) -> Proc:
@@ -24,6 +33,7 @@ def simulate(cluster, *args: str, output_dir, env: dict | None = None) -> Proc:
     return proc
 
 
+@processes
 def test_a_simulation_gives_a_real_federations_numbers(cluster, tmp_path):
     """Each virtual client trains exactly as fl_client.py would on the same share, with the same seed."""
     flags = ["--num-clients", "2", "--num-rounds", "2", "--seed", "3", "--partition", "dirichlet", "--alpha", "1"]
@@ -40,6 +50,7 @@ def test_a_simulation_gives_a_real_federations_numbers(cluster, tmp_path):
     assert (tmp_path / "sim" / "accuracy.png").exists() and (tmp_path / "sim" / "checkpoint.fsck").exists()
 
 
+@processes
 def test_the_backends_agree(cluster, tmp_path):
     import fl_simulate
 
@@ -64,17 +75,19 @@ def test_the_backends_agree(cluster, tmp_path):
         assert [r["test_accuracy"] for r in metrics[name]] == [r["test_accuracy"] for r in metrics["inprocess-1"]]
 
 
-def test_only_the_sampled_clients_of_a_thousand_train(cluster, tmp_path):
-    proc = simulate(cluster, *LOGREG, "--num-clients", "1000", "--clients-per-round", "10", "--num-rounds", "3",
-                    output_dir=tmp_path / "sim")
-    assert proc.finish(timeout=300) == 0, proc.output
+def test_only_the_sampled_clients_of_a_thousand_train(capsys, tmp_path):
+    code = simulate_here(*LOGREG, "--num-clients", "1000", "--clients-per-round", "10", "--num-rounds", "3",
+                         output_dir=tmp_path / "sim")
+    output = capsys.readouterr().out
+    assert code == 0, output
     rows = read_metrics(tmp_path / "sim" / "metrics.csv")
     assert [(r["clients"], r["round"]) for r in rows] == [(10, 1), (10, 2), (10, 3)]
-    picked = re.findall(r"round (\d): picked 10 of 1000 ready clients", proc.output)
+    picked = re.findall(r"round (\d): picked 10 of 1000 ready clients", output)
     assert picked == ["1", "2", "3"]
     assert rows[-1]["test_accuracy"] > 0.6  # 600 examples a round (10 clients of 60): it learns
 
 
+@processes
 def test_simulated_drops_and_stragglers_are_reproducible(cluster, tmp_path):
     flags = [*LOGREG, "--num-clients", "10", "--num-rounds", "4", "--drop-rate", "0.3", "--straggler-rate", "0.2",
              "--straggler-delay", "12", "--round-timeout", "8", "--seed", "4"]
@@ -95,6 +108,7 @@ def test_simulated_drops_and_stragglers_are_reproducible(cluster, tmp_path):
     assert re.search(r"sent no update within 8 s in round \d", outputs[0].output)
 
 
+@processes
 def test_the_sockets_transport_runs_a_real_server(cluster, tmp_path):
     proc = simulate(cluster, *LOGREG, "--num-clients", "30", "--num-rounds", "2", "--transport", "sockets",
                     output_dir=tmp_path / "sim")
@@ -105,17 +119,15 @@ def test_the_sockets_transport_runs_a_real_server(cluster, tmp_path):
     assert [r["clients"] for r in rows] == [30, 30] and rows[0]["bytes_received"] > 30 * 31_000
 
 
-def test_a_resumed_simulation_ends_where_a_straight_one_does(cluster, tmp_path):
+def test_a_resumed_simulation_ends_where_a_straight_one_does(tmp_path):
     """--resume continues a simulation from its checkpoint: 2 rounds, then resumed to 4, end bit for bit
     where 4 straight rounds do (fedadam, so that the server optimiser's state must come back too)."""
-    flags = [*LOGREG, "--num-clients", "20", "--clients-per-round", "4", "--strategy", "fedadam", "--seed", "5"]
-    straight = simulate(cluster, *flags, "--num-rounds", "4", output_dir=tmp_path / "straight")
-    assert straight.finish(timeout=300) == 0, straight.output
-    first = simulate(cluster, *flags, "--num-rounds", "2", output_dir=tmp_path / "parts")
-    assert first.finish(timeout=300) == 0, first.output
-    resumed = simulate(cluster, "--resume", str(tmp_path / "parts" / "checkpoint.fsck"), "--num-rounds", "4",
-                       output_dir=tmp_path / "parts")
-    assert resumed.finish(timeout=300) == 0, resumed.output
+    flags = [*LOGREG, "--num-clients", "20", "--clients-per-round", "4", "--strategy", "fedadam", "--seed", "5",
+             "--quiet"]
+    assert simulate_here(*flags, "--num-rounds", "4", output_dir=tmp_path / "straight") == 0
+    assert simulate_here(*flags, "--num-rounds", "2", output_dir=tmp_path / "parts") == 0
+    assert simulate_here("--resume", str(tmp_path / "parts" / "checkpoint.fsck"), "--num-rounds", "4", "--quiet",
+                         output_dir=tmp_path / "parts") == 0
     a, b = read_metrics(tmp_path / "straight" / "metrics.csv"), read_metrics(tmp_path / "parts" / "metrics.csv")
     assert [r["round"] for r in b] == [1, 2, 3, 4]
     assert [r["test_accuracy"] for r in a] == [r["test_accuracy"] for r in b]
@@ -123,6 +135,7 @@ def test_a_resumed_simulation_ends_where_a_straight_one_does(cluster, tmp_path):
     assert all(torch.equal(x[name], y[name]) for name in x)
 
 
+@processes
 def test_secure_aggregation_over_the_sockets_transport_gives_the_plain_model(cluster, tmp_path):
     """Virtual clients over TCP run the client's side of secure aggregation against the real server:
     the same model as the plain run, within the quantisation bound."""
@@ -137,6 +150,7 @@ def test_secure_aggregation_over_the_sockets_transport_gives_the_plain_model(clu
     assert [r["clients"] for r in rows] == [6, 6]
 
 
+@processes
 def test_a_missing_ray_is_one_line(cluster, tmp_path):
     (tmp_path / "noray").mkdir()
     (tmp_path / "noray" / "ray.py").write_text("raise ImportError('No module named ray')\n")
@@ -147,6 +161,7 @@ def test_a_missing_ray_is_one_line(cluster, tmp_path):
     assert "Traceback" not in proc.output
 
 
+@processes
 @pytest.mark.parametrize("args, message", [
     (["--workers", "2", "--backend", "ray"], "--workers applies to --backend inprocess and processes"),
     (["--client-gpus", "1"], "--ray-address, --client-cpus and --client-gpus apply to --backend ray"),
