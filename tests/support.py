@@ -187,3 +187,30 @@ class InProcessClient:
 
     def kill(self) -> None:
         pass  # a thread ends with its connection: the tests' fake server closes it
+
+
+def run_cli(program: str, argv: list[str], timeout_s: float = 60.0) -> tuple[int, str]:
+    """A command line (fl_server, fl_client, fl_simulate) run in this process as its script runs it
+    (`run_main`): its exit status and everything it printed. For flags and files it must refuse in
+    one line; bounded, in case one it should refuse starts a run instead."""
+    import contextlib
+    import importlib
+    import io
+
+    from fedsock.console import run_main
+
+    main = importlib.import_module(program).main
+    printed, result = io.StringIO(), []
+
+    def run() -> None:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            try:
+                result.append(run_main(f"{program}.py", main, argv))
+            except SystemExit as exc:  # argparse's exit on a bad flag
+                result.append(exc.code)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert result, f"{program} {' '.join(argv)} did not end within {timeout_s:g} s:\n{printed.getvalue()}"
+    return result[0], printed.getvalue()
