@@ -272,7 +272,7 @@ def test_a_client_without_compression_is_refused_with_a_reason(cluster, tmp_path
 
 # --------------------------------------------------------------------------- a raw peer's bad compressed data
 
-IO_TIMEOUT_S = 20.0
+IO_TIMEOUT_S = 60.0  # a bound, not a wait: reached only on a loaded machine (the suite runs on 3 workers)
 
 
 class RawPeer:
