@@ -217,6 +217,8 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "round": ROUND,
         "c_public": Field(str, max_len=64, meaning="X25519 public key for the share encryption, base64 of 32 bytes"),
         "s_public": Field(str, max_len=64, meaning="X25519 public key for the pairwise masks, base64 of 32 bytes"),
+        "seed_commitment": Field(str, max_len=64,
+                                 meaning="SHA-256 commitment to the self-mask seed, base64 of 32 bytes"),
     },
     SECAGG_PEERS: {"round": ROUND, "keys": Field(dict, meaning='{"ID": [c_public, s_public]} of U1')},
     SECAGG_SHARES: {"round": ROUND, "shares": Field(dict, meaning='{"ID": ciphertext} for each other client of U1')},

@@ -28,8 +28,8 @@ from fedsock.clients import ClientPool, ClientProxy, Dropped, FitIns, FitRes, Gl
 from fedsock.config import ServerConfig
 from fedsock.console import ExitStatus, FedsockError
 from fedsock.evaluation import FederatedEvaluation
-from fedsock.events import (ClientDropped, Event, Events, MetricsUpdated, RoundFailed, RoundStarted, RunFinished,
-                            UpdateAccepted, UpdateDiscarded, drop_line)
+from fedsock.events import (ClientDropped, Event, Events, MetricsUpdated, Notice, RoundFailed, RoundStarted,
+                            RunFinished, UpdateAccepted, UpdateDiscarded, drop_line)
 from fedsock.reports import RoundReports
 from fedsock.run_control import RunControl
 from fedsock.run_files import Checkpoint, OutputFailed
@@ -117,7 +117,7 @@ class Round:
         try:
             if isinstance(self.aggregator, SecureAggregation):
                 try:
-                    self.aggregator.add(client_id, result.tensors)
+                    self.aggregator.add(client_id, result.tensors, result.num_examples)
                 except (SecAggError, KeyError) as exc:
                     self.drop(client_id, f"secure aggregation: {exc}")
                     return
@@ -138,12 +138,16 @@ class Round:
         self.dropped[client_id] = reason
         self.tell(ClientDropped(self.number, client_id, reason))
 
-    def drop_noted(self, notes: list[tuple[int, str]]) -> None:
-        """The drops that secure aggregation's stages saw (a client gone at a key or share stage)."""
-        for client_id, reason in notes:
+    def take_notes(self, secure: SecureAggregation) -> None:
+        """What secure aggregation's stages saw: the drops (a client gone at a key or share stage), and
+        the warnings (a bad share left out in the unmasking)."""
+        for client_id, reason in secure.notes:
             if client_id not in self.dropped:
                 self.drop(client_id, reason)
-        notes.clear()
+        for line in secure.warnings:
+            self.tell(Notice(f"round {self.number}: {line}", warning=True))
+        secure.notes.clear()
+        secure.warnings.clear()
 
     def row(self, traffic: Traffic) -> dict[str, Any]:
         """The round's line of metrics.csv, before its model is evaluated."""
@@ -294,7 +298,7 @@ class RoundEngine:
         if self.secure is not None:  # keys and shares first, among the picked; then the model to those still here
             threshold = self.secure.threshold(len(picked))
             picked = await self.secure.setup(number, proxies)
-            round_.drop_noted(self.secure.notes)
+            round_.take_notes(self.secure)
             picked = [i for i in picked if i not in round_.dropped]  # one gone at <SECAGG_ROUTED>: no model
             if stopping.is_set():
                 raise Stopped
@@ -368,7 +372,7 @@ class RoundEngine:
             return round_.aggregator.result()
         result = await self.secure.finish(self.model.tensors, max(round_.planned, 1e-12))
         round_.seconds = time.perf_counter() - round_.started  # the unmasking is part of the round
-        round_.drop_noted(self.secure.notes)
+        round_.take_notes(self.secure)
         if isinstance(result, str):
             self.events.notice(f"round {round_.number}: secure aggregation failed: {result}", warning=True)
             return None

@@ -5,13 +5,13 @@ One round, for the clients U sampled (every message goes through the server, whi
 what it cannot read):
 
 0. <SECAGG_SETUP> → each client makes two fresh X25519 key pairs, c (to encrypt to it) and
-   s (to agree pairwise masks), and answers <SECAGG_KEYS> with both public keys. U1: those
-   that answered.
-1. <SECAGG_PEERS> (U1's public keys) → each client u draws a 32-byte self-mask seed b_u,
-   splits s_u's private key and b_u into Shamir shares, threshold t, one pair per peer v,
-   and answers <SECAGG_SHARES>: each pair encrypted to v (ChaCha20-Poly1305 under a key
-   agreed from c_u and c_v). U2: those that answered; the server sends each client the
-   ciphertexts addressed to it (<SECAGG_ROUTED>), then the round's <MODEL>.
+   s (to agree pairwise masks), draws a 32-byte self-mask seed b_u, and answers <SECAGG_KEYS>
+   with both public keys and a SHA-256 commitment to b_u. U1: those that answered.
+1. <SECAGG_PEERS> (U1's public keys) → each client u splits s_u's private key and b_u into
+   Shamir shares, threshold t, one pair per peer v, and answers <SECAGG_SHARES>: each pair
+   encrypted to v (ChaCha20-Poly1305 under a key agreed from c_u and c_v). U2: those that
+   answered; the server sends each client the ciphertexts addressed to it (<SECAGG_ROUTED>),
+   then the round's <MODEL>.
 2. Each client trains, and sends its update quantised into Z_{2^32} plus masks:
        y_u = x_u + PRG(b_u) + Σ_{v in U2, v > u} PRG(s_uv) − Σ_{v in U2, v < u} PRG(s_uv)
    where s_uv is agreed from s_u and s_v (so v computes the same), and PRG is ChaCha20's
@@ -19,9 +19,15 @@ what it cannot read):
    whose masked update arrived.
 3. <SECAGG_UNMASK> (U3 and the dropped, U2 \\ U3) → each survivor reveals its share of b_u for
    every u in U3 and its share of s_u's key for every dropped u, never both for one client,
-   and only once a round (<SECAGG_REVEAL>). With t of them the server rebuilds those
-   secrets, strips the self masks, and the pairwise masks that the dropped clients' absence
-   left uncancelled: Σ y_u over U3 becomes Σ x_u.
+   and only once a round (<SECAGG_REVEAL>). From t good shares the server rebuilds each of
+   those secrets, checked against the commitment or the public key it was sent with (a bad
+   share is found and left out with the spare ones: fedsock/shamir.py), strips the self
+   masks, and the pairwise masks that the dropped clients' absence left uncancelled:
+   Σ y_u over U3 becomes Σ x_u.
+4. What the server can still check under the masks (a hostile client could otherwise wreck
+   the model through the sum): the summed count must equal the survivors' plain-text counts,
+   and every coordinate of the sum must lie within what their clipped updates allow. A round
+   that fails either is discarded.
 
 The quantisation (the overflow rule). A client's delta is clipped per coordinate to [−C, C],
 multiplied by its weight w_u = n_u / W (its example count over W, the largest count among
@@ -34,15 +40,15 @@ The mean delta is W·Σ(w_u·Δ_u)/Σn_u, with an error per coordinate of at mos
 n·C·2^−b·W/Σn_u (each rounding is below one step, and unbiased).
 
 Masks live in the ring Z_{2^32}, as in the paper (any Z_R works: a uniform mask makes the
-masked value uniform); the secrets are shared in the prime field GF(2^521 − 1), written here
-(about 30 lines) because the well-kept library for it, PyCryptodome, shares 16-byte secrets
-only and would add a second crypto library; everything else (X25519, HKDF, ChaCha20,
-ChaCha20-Poly1305, the CSPRNG) comes from `cryptography` and the standard library.
+masked value uniform); the secrets are shared in the prime field GF(2^521 − 1)
+(fedsock/shamir.py); everything else (X25519, HKDF, SHA-256, ChaCha20, ChaCha20-Poly1305, the
+CSPRNG) comes from `cryptography` and the standard library.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import secrets
 from dataclasses import dataclass, field
@@ -52,6 +58,7 @@ import numpy as np
 
 from fedsock.config import SecAggSettings
 from fedsock.order import ROLE_SECURE_CLIENT, SECAGG_REQUESTS, Order
+from fedsock.shamir import MAX_TRIES, PRIME, SHARE_BYTES, rebuild, split
 from socket_methods import (
     MODEL,
     SECAGG_KEYS,
@@ -65,8 +72,6 @@ from socket_methods import (
 )
 
 FEATURE = "secagg"
-PRIME = 2**521 - 1  # a Mersenne prime: every 32-byte secret is below it
-SHARE_BYTES = 66  # ceil(521 / 8)
 KEY_BYTES = 32
 MIN_BITS = 12  # fewer fractional bits than this would make the rounding error too coarse: refused
 TAG = b"fedsock secagg v1"
@@ -74,44 +79,6 @@ TAG = b"fedsock secagg v1"
 
 class SecAggError(BadMessage):
     """A secure-aggregation message that is malformed, inconsistent, or asks for what must not be given."""
-
-
-# --------------------------------------------------------------------------- Shamir over GF(2^521 - 1)
-
-
-def split(secret: int, holders: Iterable[int], threshold: int) -> dict[int, int]:
-    """Shares of `secret` for each holder (a distinct id >= 1): f(holder) for a random f of degree t - 1."""
-    holders = list(holders)
-    if not 0 <= secret < PRIME or threshold < 1 or len(set(holders)) != len(holders) or min(holders) < 1:
-        raise ValueError("bad Shamir parameters")
-    coefficients = [secret] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
-    shares = {}
-    for x in holders:
-        y = 0
-        for c in reversed(coefficients):  # Horner
-            y = (y * x + c) % PRIME
-        shares[x] = y
-    return shares
-
-
-def lagrange_at_zero(xs: Iterable[int]) -> dict[int, int]:
-    """The coefficients λ_i with f(0) = Σ λ_i f(x_i), for any f of degree < len(xs): computed once for
-    a set of holders, used for every secret they share."""
-    xs = list(xs)
-    out = {}
-    for i in xs:
-        numerator, denominator = 1, 1
-        for j in xs:
-            if j != i:
-                numerator = numerator * j % PRIME
-                denominator = denominator * (j - i) % PRIME
-        out[i] = numerator * pow(denominator, -1, PRIME) % PRIME
-    return out
-
-
-def combine(shares: Mapping[int, int], coefficients: Mapping[int, int] | None = None) -> int:
-    coefficients = coefficients or lagrange_at_zero(shares)
-    return sum(coefficients[x] * y for x, y in shares.items()) % PRIME
 
 
 # --------------------------------------------------------------------------- the primitives
@@ -159,6 +126,22 @@ def share_key(c_private: bytes, c_public_peer: bytes, round_number: int) -> byte
 
 def mask_seed(s_private: bytes, s_public_peer: bytes, round_number: int, u: int, v: int) -> bytes:
     return _hkdf(_exchange(s_private, s_public_peer), TAG + b" mask" + _ids(round_number, min(u, v), max(u, v)))
+
+
+def seed_commitment(round_number: int, client_id: int, seed: bytes) -> bytes:
+    """SHA-256 of a self-mask seed, bound to its round and client: sent in the key stage, before any
+    share exists, so that the seed the server rebuilds can be checked (a bad share would give another).
+    The seed is 32 random bytes: its hash tells nothing of it."""
+    return hashlib.sha256(TAG + b" seed" + _ids(round_number, client_id) + seed).digest()
+
+
+def public_key(private: bytes) -> bytes:
+    """The X25519 public key of a raw private key: what a rebuilt mask key is checked against."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(serialization.Encoding.Raw,
+                                                                                  serialization.PublicFormat.Raw)
 
 
 def prg(seed: bytes, length: int) -> np.ndarray:
@@ -294,7 +277,9 @@ class ClientRound:
     def advertise(self) -> dict[str, str]:
         self.c_private, c_public = new_keypair()
         self.s_private, s_public = new_keypair()
-        return {"c_public": b64(c_public), "s_public": b64(s_public)}
+        self.self_seed = secrets.token_bytes(KEY_BYTES)
+        return {"c_public": b64(c_public), "s_public": b64(s_public),
+                "seed_commitment": b64(seed_commitment(self.params.round, self.client_id, self.self_seed))}
 
     def share(self, keys: Mapping[str, Any]) -> dict[str, str]:
         """<SECAGG_PEERS> in; the <SECAGG_SHARES> ciphertexts out, one per peer."""
@@ -308,7 +293,6 @@ class ClientRound:
             raise SecAggError(f"<SECAGG_PEERS> lists {len(peers)} clients{'' if self.client_id in peers else ', not this one'}; "
                               f"the threshold is {p.threshold}")
         self.peers = peers
-        self.self_seed = secrets.token_bytes(KEY_BYTES)
         key_shares = split(int.from_bytes(self.s_private, "big"), peers, p.threshold)
         seed_shares = split(int.from_bytes(self.self_seed, "big"), peers, p.threshold)
         out = {}
@@ -390,23 +374,33 @@ class ClientRound:
 # --------------------------------------------------------------------------- the server's side
 
 
+class Discarded(SecAggError):
+    """An unmasked sum that the survivors, had they followed the protocol, could not have sent: the round
+    is discarded."""
+
+
 class ServerRound:
     """The server's view of one round: public keys, ciphertexts it relays, masked vectors it sums.
     It never holds a client's unmasked update: only masked vectors, their sum, and finally Σ x_u."""
 
-    def __init__(self, params: Params):
-        self.params = params
-        self.keys: dict[int, tuple[str, str]] = {}  # U1
+    def __init__(self, params: Params, weighted: bool = True):
+        self.params, self.weighted = params, weighted
+        self.keys: dict[int, tuple[str, str]] = {}  # U1: id -> (c_public, s_public)
+        self.commitments: dict[int, bytes] = {}  # U1: id -> the commitment to its self-mask seed
         self.outbox: dict[int, dict[int, str]] = {}  # U2: u -> {v: ciphertext}
         self.total = np.zeros(params.length + 1, dtype=np.uint32)
         self.survivors: set[int] = set()  # U3
+        self.counts: dict[int, int] = {}  # U3: id -> the example count its <UPDATE> says in plain text
+        self.left_out: list[str] = []  # the unmasking's lines for the log: the bad shares and reveals left out
 
     def take_keys(self, client_id: int, message: Mapping[str, Any]) -> None:
         unb64(message["c_public"], KEY_BYTES, "c_public")
         unb64(message["s_public"], KEY_BYTES, "s_public")
+        commitment = unb64(message["seed_commitment"], KEY_BYTES, "seed_commitment")
         if client_id not in self.params.participants:
             raise SecAggError(f"client {client_id} is not a participant of round {self.params.round}")
         self.keys[client_id] = (message["c_public"], message["s_public"])
+        self.commitments[client_id] = commitment
 
     def peers(self) -> dict[str, list[str]]:
         return {str(u): list(pair) for u, pair in sorted(self.keys.items())}
@@ -428,7 +422,7 @@ class ServerRound:
     def sharers(self) -> list[int]:
         return sorted(self.outbox)
 
-    def add(self, client_id: int, masked: np.ndarray) -> None:
+    def add(self, client_id: int, masked: np.ndarray, num_examples: int) -> None:
         if client_id not in self.outbox or client_id in self.survivors:
             raise SecAggError(f"a masked update from client {client_id}, which is not expected in this round")
         if masked.dtype != np.uint32 or masked.shape != (self.params.length + 1,):
@@ -436,43 +430,107 @@ class ServerRound:
                               f"({self.params.length + 1},) uint32")
         self.total += masked
         self.survivors.add(client_id)
+        self.counts[client_id] = num_examples
 
     def unmask(self, reveals: Mapping[int, Mapping[str, Any]]) -> tuple[np.ndarray, int]:
         """The sum of the survivors' quantised updates (dequantised, weighted) and of their counts, from
-        the reveals of at least t survivors."""
+        the reveals of at least t survivors, once it has passed `check_sum` (Discarded otherwise)."""
         p = self.params
         dropped = set(self.outbox) - self.survivors
-        if len(reveals) < p.threshold:
-            raise SecAggError(f"{len(reveals)} survivors revealed their shares; {p.threshold} are needed")
-        holders = sorted(reveals)[:p.threshold]
-        coefficients = lagrange_at_zero(holders)
-
-        def rebuild(kind: str, u: int) -> bytes:
-            shares = {}
-            for v in holders:
-                shares[v] = int.from_bytes(unb64(reveals[v][kind].get(str(u)), SHARE_BYTES, "a share"), "big")
-            value = combine(shares, coefficients)
-            if value >= 2 ** (8 * KEY_BYTES):
-                raise SecAggError(f"the shares of client {u}'s {kind} do not combine to a 32-byte secret")
-            return value.to_bytes(KEY_BYTES, "big")
-
-        for v in holders:
-            if set(reveals[v]["seed_shares"]) != {str(u) for u in self.survivors} or \
-                    set(reveals[v]["key_shares"]) != {str(u) for u in dropped}:
-                raise SecAggError(f"client {v}'s reveal does not hold exactly the shares asked for")
+        shares = self._read(reveals, dropped)
+        suspects: set[int] = set()  # who sent a bad share so far: used last for the secrets that follow
         total = self.total.copy()
-        for u in self.survivors:
-            total -= prg(rebuild("seed_shares", u), p.length + 1)
-        for u in dropped:  # its pairwise masks with the survivors did not cancel: take them out
-            s_private = rebuild("key_shares", u)
+        for u in sorted(self.survivors):
+            total -= prg(self._rebuild(u, "seed_shares", shares[u], suspects), p.length + 1)
+        for u in sorted(dropped):  # its pairwise masks with the survivors did not cancel: take them out
+            s_private = self._rebuild(u, "key_shares", shares[u], suspects)
             for v in self.survivors:
                 mask = prg(mask_seed(s_private, unb64(self.keys[v][1], KEY_BYTES), p.round, u, v), p.length + 1)
                 if v < u:  # v added +PRG(s_vu)
                     total -= mask
                 else:
                     total += mask
-        weighted = dequantize_sum(total[:-1], p.bits) * p.clip
-        return weighted, int(total[-1])
+        self.check_sum(total)
+        return dequantize_sum(total[:-1], p.bits) * p.clip, int(total[-1])
+
+    def _read(self, reveals: Mapping[int, Mapping[str, Any]], dropped: set[int]) -> dict[int, dict[int, int]]:
+        """{u: {v: v's share of u's secret}} from every reveal that holds exactly the shares asked for
+        (U3's seeds, the dropped clients' keys), each well formed; any other reveal is left out."""
+        asked = {"seed_shares": {str(u) for u in self.survivors}, "key_shares": {str(u) for u in dropped}}
+        shares: dict[int, dict[int, int]] = {u: {} for u in self.survivors | dropped}
+        readable = 0
+        for v, reveal in sorted(reveals.items()):
+            try:
+                if any(set(reveal[kind]) != owners for kind, owners in asked.items()):
+                    raise SecAggError("it does not hold exactly the shares asked for")
+                held = {int(u): int.from_bytes(unb64(text, SHARE_BYTES, "a share"), "big")
+                        for kind in asked for u, text in reveal[kind].items()}
+            except SecAggError as exc:
+                self.left_out.append(f"client {v}'s reveal is left out: {exc}")
+                continue
+            readable += 1
+            for u, share in held.items():
+                shares[u][v] = share
+        if readable < self.params.threshold:
+            how = " in good form" if readable < len(reveals) else ""
+            raise SecAggError(f"{readable} survivors revealed their shares{how}; {self.params.threshold} are needed")
+        return shares
+
+    def _rebuild(self, u: int, kind: str, shares: Mapping[int, int], suspects: set[int]) -> bytes:
+        """Client u's self-mask seed or mask key from the survivors' shares of it, checked before it is
+        used: the seed against the commitment u sent with its keys, the key against u's s_public. Bad
+        shares are left out, using the spare ones (fedsock/shamir.py), and their senders named."""
+        p = self.params
+
+        def valid(secret: int) -> bool:
+            if secret >= 2 ** (8 * KEY_BYTES):
+                return False
+            raw = secret.to_bytes(KEY_BYTES, "big")
+            if kind == "seed_shares":
+                return seed_commitment(p.round, u, raw) == self.commitments[u]
+            return public_key(raw) == unb64(self.keys[u][1])
+
+        what, against = ((f"client {u}'s self-mask seed", "the seed it committed to") if kind == "seed_shares" else
+                         (f"client {u}'s mask key", "the private key of its s_public"))
+        result = rebuild(shares, p.threshold, valid, suspects)
+        self.left_out += [f"client {v} sent a bad share of {what}; left out" for v in sorted(result.bad)]
+        suspects |= result.bad
+        if result.secret is None:
+            why = (f"fewer than {p.threshold} of them are good (or client {u} dealt bad ones)" if result.searched_all
+                   else f"more than {(len(shares) - p.threshold) // 2} of them are bad, and {MAX_TRIES} tries of "
+                        f"{p.threshold} found none that is")
+            raise SecAggError(f"no {p.threshold} of the {len(shares)} shares of {what} rebuild {against}: {why}")
+        return result.secret.to_bytes(KEY_BYTES, "big")
+
+    def check_sum(self, total: np.ndarray) -> None:
+        """What masking still lets the server check (Discarded otherwise): the summed count against the
+        survivors' plain-text counts, and each coordinate of the sum against what their clipped updates
+        allow. Poisoning within these bounds it cannot see (the README's threat model)."""
+        p = self.params
+        count = int(total[-1])
+        expected = sum(self.counts[u] for u in self.survivors) if self.weighted else len(self.survivors)
+        if count != expected:
+            said = "the survivors' <UPDATE>s say so in all" if self.weighted else "each survivor counts 1, with DP"
+            raise Discarded(f"the masked example counts add up to {count}, not to {expected} ({said}): a client "
+                            f"masked a false count")
+        # The bound, which no honest round can pass. Survivor u's quantised coordinate is an integer q
+        # with |q| <= ceil(|s|), s = clip(Δ, −C, C)·(w_u / C)·2^b and w_u = n_u / W (1 with DP).
+        # quantize() clips s to [−2^b, 2^b], so |q| <= 2^b, exactly; and |s| <= n_u·2^b / W but for
+        # float rounding (relative 1e-15: below 1e-5 of a step even at 2^31), so |q| <= ⌊n_u·2^b / W⌋ + 2.
+        # DP's noise cannot pass it either: in distributed and local mode each client adds its noise
+        # before that clip; in central mode the server adds it to the sum after this check. The n_u are
+        # the plain-text counts, tied to the masked ones by the check above. The bound's sum is at most
+        # n·2^b < 2^31, so an honest sum never wraps in int32.
+        step = 2 ** p.bits
+        limit = sum(min(step, self.counts[u] * step // p.weight_bound + 2) if self.weighted else step
+                    for u in self.survivors)
+        sums = total[:-1].view(np.int32).astype(np.int64)
+        beyond = np.flatnonzero(np.abs(sums) > limit)
+        if beyond.size:
+            i = int(beyond[0])
+            raise Discarded(f"{beyond.size} coordinates of the sum lie beyond ±{limit * p.clip / step:.6g}, all that "
+                            f"the survivors' clipped updates allow (coordinate {i} is {sums[i] * p.clip / step:.6g}): "
+                            f"a client masked values outside its clip")
 
 
 # --------------------------------------------------------------------------- a client across rounds
@@ -561,7 +619,8 @@ class SecureAggregation:
     """The server's secure aggregation, driven by the round engine: `setup` before the model goes out
     (keys and shares, through the client proxies), `add` as each masked update arrives, `finish`
     after the round closes (the unmasking). Drops at any stage leave the round to go on while at least
-    t clients remain; `notes` says who dropped and why, for the engine to report."""
+    t clients remain; `notes` says who dropped and why, and `warnings` what else the unmasking left
+    out (a bad share, a malformed reveal), for the engine to report."""
 
     def __init__(self, settings: Settings, template: Mapping[str, Any]):
         self.settings = settings
@@ -571,6 +630,7 @@ class SecureAggregation:
         self.server: ServerRound | None = None
         self.proxies: dict[int, Any] = {}
         self.notes: list[tuple[int, str]] = []
+        self.warnings: list[str] = []  # lines for the log that are no drop: a bad share left out
 
     def threshold(self, clients: int) -> int:
         return default_threshold(clients, self.settings.threshold_fraction)
@@ -603,7 +663,7 @@ class SecureAggregation:
         t = self.threshold(n)
         params = Params(number, tuple(sorted(proxies)), t, bits_for(n), s.clip, s.weight_bound if s.weighted else 1,
                         self.length)
-        self.server = server = ServerRound(params)
+        self.server = server = ServerRound(params, s.weighted)
         self.proxies = dict(proxies)
         setup = {**params.to_json(), "weighted": s.weighted}
         keys = await self._ask(proxies, SECAGG_SETUP, lambda _: setup, SECAGG_KEYS)
@@ -628,9 +688,10 @@ class SecureAggregation:
             self.notes.append((client_id, f"secure aggregation: {exc}"))
             self.proxies.pop(client_id, None)
 
-    def add(self, client_id: int, tensors: Mapping[str, Any]) -> None:
+    def add(self, client_id: int, tensors: Mapping[str, Any], num_examples: int) -> None:
+        """A masked update, with the example count its <UPDATE> says in plain text."""
         masked = tensors[MASKED]
-        self.server.add(client_id, masked.numpy() if hasattr(masked, "numpy") else np.asarray(masked))
+        self.server.add(client_id, masked.numpy() if hasattr(masked, "numpy") else np.asarray(masked), num_examples)
 
     async def finish(self, current: Mapping[str, Any], denominator: float, generator=None) -> dict[str, Any] | str:
         """Unmask the round: the new aggregate (current weights + the mean delta), or why it failed."""
@@ -646,8 +707,12 @@ class SecureAggregation:
                                   lambda _: ask, SECAGG_REVEAL)
         try:
             weighted, total = server.unmask(reveals)
+        except Discarded as exc:
+            return f"the unmasked sum is discarded: {exc}"
         except (SecAggError, KeyError, TypeError, AttributeError) as exc:
             return f"unmasking failed: {exc}"
+        finally:
+            self.warnings += server.left_out
         if self.settings.weighted:
             mean = weighted * (server.params.weight_bound / max(total, 1))
         else:

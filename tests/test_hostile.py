@@ -412,7 +412,8 @@ AFTER_JOINING = [
     ("<UPDATE> for a round never sent", encode_message("<UPDATE>", **{**UPDATE_FIELDS, "round": 10**6}),
      r"(<UPDATE> is not expected when the client is in state idle|update for round 1000000, but this client was sent "
      r"round \d+)"),
-    ("a <SECAGG_KEYS> never asked for", encode_message("<SECAGG_KEYS>", round=7, c_public="AA", s_public="AA"),
+    ("a <SECAGG_KEYS> never asked for", encode_message("<SECAGG_KEYS>", round=7, c_public="AA", s_public="AA",
+                                                       seed_commitment="AA"),
      r"<SECAGG_KEYS> is not expected when the client is in state (idle|training)"),
 ]
 
