@@ -29,19 +29,25 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_settings(parser, ClientConfig)
     parser.add_argument("--use-cuda", action=argparse.BooleanOptionalAction, default=None,
                         help="the original tool's switch: same as --device cuda / --device cpu")
+    parser.add_argument("--config", metavar="FILE", help="more settings, from a TOML file: require_dp = true, "
+                                                         "min_round_clients = 5, ... (a flag given here wins)")
     parser.add_argument("--traceback", action="store_true", help="show a full traceback on errors (for bug reports)")
     return parser
 
 
 def parse_config(argv: list[str] | None) -> ClientConfig:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if args.config:  # the file's settings first, then the command line's again: a flag given wins
+        argv = settings.file_arguments(args.config, parser) + argv
+        args = parser.parse_args(argv)
     if args.use_cuda is not None:
         wanted = "cuda" if args.use_cuda else "cpu"
         if args.device not in ("auto", wanted):
             parser.error("--use-cuda/--no-use-cuda contradicts --device")
         args.device = wanted
-    del args.use_cuda, args.traceback
+    del args.use_cuda, args.traceback, args.config
     given = settings.given_flags(build_parser, argv)
     stray = [name for name in ("dp_sgd_noise_multiplier", "dp_sgd_clip", "dp_sgd_delta") if name in given]
     if stray and not args.dp_sgd:

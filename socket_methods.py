@@ -24,7 +24,7 @@ from fedsock.console import FedsockError
 if TYPE_CHECKING:  # torch is imported lazily: `fl_client.py --help` must not wait for it
     import torch
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 FRAME_HEADER = struct.Struct(">Q")
 # A JSON message is small: the largest is a <MODEL> whose layout lists every
 # tensor name and shape. 1 MiB fits thousands of tensors.
@@ -112,6 +112,8 @@ SECAGG_KEYS = "<SECAGG_KEYS>"
 SECAGG_PEERS = "<SECAGG_PEERS>"
 SECAGG_SHARES = "<SECAGG_SHARES>"
 SECAGG_ROUTED = "<SECAGG_ROUTED>"
+SECAGG_CHECK = "<SECAGG_CHECK>"
+SECAGG_SIGNED = "<SECAGG_SIGNED>"
 SECAGG_UNMASK = "<SECAGG_UNMASK>"
 SECAGG_REVEAL = "<SECAGG_REVEAL>"
 SUCCESS = "<SUCCESS>"
@@ -128,6 +130,8 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "protocol_version": Field(int, meaning=f"{PROTOCOL_VERSION}; any other is refused"),
         "client_id": ID,
         "features": Field(list, max_len=64, items=str, meaning="the optional features this client supports"),
+        "policy": Field(dict, optional=True, meaning="the client's privacy policy, for the server to show "
+                                                     "(see Privacy policy)"),
     },
     CHALLENGE: {"nonce": Field(str, max_len=64, meaning="32 random bytes as 64 lower-case hex digits")},
     AUTH: {"mac": Field(str, max_len=64, meaning="HMAC-SHA256 as 64 hex digits (either case)")},
@@ -153,6 +157,10 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "compression": Field(dict, meaning="{kind, topk_fraction, broadcast}: how updates and the model are "
                                            "encoded (see Compressed updates)"),
         "secure_aggregation": Field(bool, meaning="each round begins with <SECAGG_SETUP> (see Secure aggregation)"),
+        "identities": Field(bool, meaning="secure aggregation's keys are signed by enrolled identities (--federation)"),
+        "dp_mode": Field(str, max_len=16, meaning="none, central, local or distributed: where the DP noise is added"),
+        "dp_noise_multiplier": Field(float, 0, 10**6, meaning="z: the noise on each round's sum is z times the clip "
+                                                              "(0 without DP)"),
     },
     READY: {
         "num_examples": Field(int, 1, 10**9, meaning="training examples this client holds"),
@@ -212,6 +220,8 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "weight_bound": Field(int, 1, 2**32 - 1, meaning="W: a client's weight is its examples / W (1: unweighted)"),
         "weighted": Field(bool, meaning="false (with DP): every client's weight and count are 1"),
         "length": Field(int, 1, 2**31, meaning="m: the model's coordinates; the vector has m + 1"),
+        "identities": Field(bool, meaning="true (the server's --federation): keys are signed by enrolled identities, "
+                                          "and the round has a consistency check"),
     },
     SECAGG_KEYS: {
         "round": ROUND,
@@ -219,14 +229,28 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "s_public": Field(str, max_len=64, meaning="X25519 public key for the pairwise masks, base64 of 32 bytes"),
         "seed_commitment": Field(str, max_len=64,
                                  meaning="SHA-256 commitment to the self-mask seed, base64 of 32 bytes"),
+        "identity": Field(dict, optional=True, meaning="with identities: {identity_key, certificate, signature}, "
+                                                       "base64 (see Identities)"),
     },
-    SECAGG_PEERS: {"round": ROUND, "keys": Field(dict, meaning='{"ID": [c_public, s_public]} of U1')},
+    SECAGG_PEERS: {"round": ROUND,
+                   "keys": Field(dict, meaning='{"ID": [c_public, s_public]} of U1'),
+                   "signed": Field(dict, optional=True, meaning='with identities: {"ID": {seed_commitment, '
+                                                                'identity_key, certificate, signature}} of U1')},
     SECAGG_SHARES: {"round": ROUND, "shares": Field(dict, meaning='{"ID": ciphertext} for each other client of U1')},
     SECAGG_ROUTED: {"round": ROUND, "shares": Field(dict, meaning='{"ID": ciphertext} addressed to this client')},
+    SECAGG_CHECK: {  # with identities only: the consistency check
+        "round": ROUND,
+        "survivors": Field(list, max_len=10**5, items=int, meaning="U3: the clients whose masked update arrived"),
+        "dropped": Field(list, max_len=10**5, items=int, meaning="U2 minus U3: those that shared keys, then left"),
+    },
+    SECAGG_SIGNED: {"round": ROUND, "signature": Field(str, max_len=128, meaning="the client's identity signature "
+                                                                                "of U3 and U2 minus U3, base64")},
     SECAGG_UNMASK: {
         "round": ROUND,
         "survivors": Field(list, max_len=10**5, items=int, meaning="U3: the clients whose masked update arrived"),
         "dropped": Field(list, max_len=10**5, items=int, meaning="U2 minus U3: those that shared keys, then left"),
+        "signatures": Field(dict, optional=True, meaning='with identities: {"ID": signature} of the survivors '
+                                                         'that signed this U3 in <SECAGG_SIGNED>'),
     },
     SECAGG_REVEAL: {
         "round": ROUND,

@@ -19,7 +19,9 @@ from typing import Any
 from fedsock import security
 from fedsock.config import ClientConfig
 from fedsock.console import FedsockError, RefusedError, UsageError, say, warn
+from fedsock.identity import load_identity
 from fedsock.order import ROLE_CLIENT, SECAGG_REQUESTS, Order
+from fedsock.policy import Policy, PolicyRefused
 from fedsock.transport import BlockingConnection, tune_socket
 from socket_methods import (
     AUTH,
@@ -112,7 +114,8 @@ def hello(conn: BlockingConnection, config: ClientConfig, token: bytes | None) -
     """<HELLO>, the optional challenge, then the run's <METADATA>; and where the connection stands."""
     order = Order(ROLE_CLIENT)
     order.send(HELLO)
-    conn.send([encode_message(HELLO, protocol_version=PROTOCOL_VERSION, client_id=config.client_id, features=FEATURES)])
+    conn.send([encode_message(HELLO, protocol_version=PROTOCOL_VERSION, client_id=config.client_id, features=FEATURES,
+                              policy=Policy.of(config).to_json())])
     message = expect(conn, order)
     if message["header"] == CHALLENGE:
         if token is None:
@@ -213,9 +216,21 @@ def send_or_give_up(conn: BlockingConnection, frames: list, config: ClientConfig
                            f"{conn.sock.gettimeout():g} s; giving up") from exc
 
 
+def tell_server(conn: BlockingConnection | None, why: str) -> None:
+    """This client's last word, an <ERROR> that says why it leaves: sent if it can be, in 5 s."""
+    if conn is None:
+        return
+    try:
+        conn.send([encode_message(ERROR, message=why[:4000])], timeout_s=5)
+    except OSError:
+        pass
+
+
 def run_client(config: ClientConfig) -> int:
     tls = security.client_tls_context(config.tls, config.tls_ca, config.tls_cert, config.tls_key, config.tls_insecure, config.who)
     token = security.load_token(config.auth_token_file, config.who)
+    policy = Policy.of(config)
+    me = load_identity(config.identity, config.client_id) if config.identity else None  # a bad file: before connecting
     conn, told_server, joined = None, False, False
     try:
         conn, order, meta = join(config, tls, token)
@@ -223,10 +238,13 @@ def run_client(config: ClientConfig) -> int:
         where = (f"{meta['dataset']}, {meta['partition']} partition {config.client_id} of {meta['num_clients']}"
                  if meta["dataset"] else "its own data")
         say(config.who, f"joined the server at {config.address}: {meta['model']} on {where}")
+        if not (policy.empty and config.quiet):
+            say(config.who, f"privacy policy: {policy.describe()}")
         try:
+            policy.check_welcome(meta)
             from fedsock.local_training import LocalTrainer  # PyTorch and the data: only now, after the welcome
 
-            trainer = LocalTrainer(config, meta)
+            trainer = LocalTrainer(config, meta, policy, me)
         except (FedsockError, KeyboardInterrupt) as exc:  # tell the server why this client leaves
             reason = str(exc) if isinstance(exc, FedsockError) else "interrupted"
             conn.send([encode_message(ERROR, message=f"client setup failed: {reason}")])
@@ -260,17 +278,18 @@ def run_client(config: ClientConfig) -> int:
                 send_or_give_up(conn, update, config)
             elif status.finished(message):
                 return 0
+    except PolicyRefused as exc:
+        if not told_server:
+            tell_server(conn, f"this client's privacy policy refuses: {exc}")
+        raise PolicyRefused(f"this client's privacy policy refuses the run: {exc}") from exc
     except socket.timeout as exc:
         waited = f" for {conn.sock.gettimeout():g} s" if conn is not None else ""
         raise FedsockError(f"the server at {config.address} sent nothing{waited}; giving up") from exc
     except ConnectionClosed as exc:
         raise FedsockError(f"the server at {config.address} closed the connection (it stopped or crashed)") from exc
     except ProtocolError as exc:
-        if conn is not None and not told_server and not isinstance(exc, ConnectionClosed):
-            try:  # tell the server what was wrong with what it sent, as it would tell us
-                conn.send([encode_message(ERROR, message=f"bad data from the server: {exc}"[:4000])], timeout_s=5)
-            except OSError:
-                pass
+        if not told_server and not isinstance(exc, ConnectionClosed):
+            tell_server(conn, f"bad data from the server: {exc}")  # as it would tell us
         raise FedsockError(f"bad data from the server at {config.address}: {exc}") from exc
     except ssl.SSLError as exc:
         if joined:  # the handshake was long done: the connection broke (a reset, a server gone)

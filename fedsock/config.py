@@ -71,6 +71,39 @@ def given_flags(parser_factory: Callable[[], argparse.ArgumentParser], argv: lis
     return vars(parser.parse_args(argv))
 
 
+def file_arguments(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """A TOML file of settings (`min_round_clients = 5`, `require_dp = true`: a flag's name, with
+    dashes or underscores) as the command-line words it stands for. They go before the command
+    line's own, so that a flag given there wins; each is checked as the flag would be."""
+    import difflib
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"cannot read --config {path}: {exc.strerror or exc}") from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config {path} is not a TOML file: {exc}") from exc
+    actions = {option: action for action in parser._actions for option in action.option_strings
+               if option not in ("--config", "--help", "-h", "--traceback")}
+    words: list[str] = []
+    for key, value in data.items():
+        flag = "--" + key.replace("_", "-")
+        if flag not in actions:
+            close = difflib.get_close_matches(flag, list(actions), n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0][2:]}?)" if close else ""
+            raise UsageError(f"--config {path}: {key!r} is not a setting of {parser.prog}{hint}")
+        if isinstance(actions[flag], argparse._StoreTrueAction):
+            if not isinstance(value, bool):
+                raise UsageError(f"--config {path}: {key} must be true or false")
+            words += [flag] * value
+        elif isinstance(value, (bool, dict, list)):
+            raise UsageError(f"--config {path}: {key} must be a number or a string")
+        else:
+            words += [flag, str(value)]
+    return words
+
+
 def from_dict(config_class: type, values: dict[str, Any]) -> Any:
     """A config from saved values (config.json, a checkpoint), ignoring names it does not have."""
     names = {f.name for f in fields(config_class)}
@@ -241,6 +274,10 @@ class SecAggSettings:
     secagg_clip: float = setting(10.0, "each coordinate of a client's delta is clipped to [-C, C] before it is "
                                        "quantised (with DP: S·(1 + 8z), from --dp-clip)", group=SECAGG,
                                  type=positive_float, metavar="C")
+    federation: str | None = setting(None, "the federation's public key (federation.pub, from python -m fedsock.enrol): "
+                                           "clients sign their secure-aggregation keys with enrolled identities, so "
+                                           "that this server cannot substitute them, and check the survivors together",
+                                     group=SECAGG, metavar="FILE")
 
 
 @dataclass
@@ -409,6 +446,7 @@ class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, Faul
 # --------------------------------------------------------------------------- a client
 
 CLIENT_DATA, DP_SGD = "data and device", "example-level privacy (DP-SGD)"
+POLICY = "privacy policy: what this client requires; it refuses a server that offers less (fedsock/policy.py)"
 
 
 @dataclass
@@ -463,6 +501,24 @@ class ClientConfig:
     tls_insecure: bool = setting(False, "use TLS without checking the server's certificate (unsafe)", group=SECURITY)
     auth_token_file: str | None = setting(None, f"enrolment secret file (or set ${security.TOKEN_ENV})", group=SECURITY,
                                           metavar="FILE")
+    identity: str | None = setting(None, "this client's identity (client-K.identity, from python -m fedsock.enrol): it "
+                                         "signs its secure-aggregation keys and checks its peers', and takes part only "
+                                         "in secure aggregation with identities", group=POLICY, metavar="FILE")
+    require_secure_aggregation: bool = setting(False, "take part only if the server sees just the sum of each round's "
+                                                      "updates", group=POLICY)
+    min_round_clients: int | None = setting(None, "take part only in secure rounds of at least N clients",
+                                            group=POLICY, type=number(int, 2), metavar="N")
+    min_threshold: int | None = setting(None, "take part only in secure rounds whose threshold is at least T",
+                                        group=POLICY, type=number(int, 2), metavar="T")
+    require_dp: bool = setting(False, "take part only with DP noise that this client adds itself (local or "
+                                      "distributed DP; central noise is the server's word)", group=POLICY)
+    min_noise_multiplier: float | None = setting(None, "... of at least Z times the clip on each round's sum",
+                                                 group=POLICY, type=positive_float, metavar="Z")
+    max_epsilon: float | None = setting(None, "leave before a round that would take this client's own epsilon (its "
+                                              "rounds, no sampling amplification) past E", group=POLICY,
+                                        type=positive_float, metavar="E")
+    policy_delta: float = setting(1e-5, "delta of --max-epsilon", group=POLICY,
+                                  type=number(float, 0, 1, positive=True), metavar="DELTA")
 
     @property
     def who(self) -> str:

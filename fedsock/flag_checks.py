@@ -76,7 +76,7 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
             parse_address(config.dashboard)
         except ValueError as exc:
             parser.error(f"--dashboard {exc}")
-    secagg_flags = [name for name in ("secagg_threshold", "secagg_clip") if name in given]
+    secagg_flags = [name for name in ("secagg_threshold", "secagg_clip", "federation") if name in given]
     if secagg_flags and not config.secure_aggregation:
         parser.error(f"--{secagg_flags[0].replace('_', '-')} needs --secure-aggregation")
     if config.dp_mode == "distributed" and not config.secure_aggregation:

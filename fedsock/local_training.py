@@ -18,7 +18,9 @@ import neural_net_helper as nnh
 from fedsock import compression
 from fedsock.config import ClientConfig
 from fedsock.console import FedsockError, UsageError, say
+from fedsock.identity import Identity
 from fedsock.own_data import load_own_data
+from fedsock.policy import Policy, PrivacyLedger
 from fedsock.privacy import ExampleLevelDP
 from fedsock.secagg import MASKED, ClientSession
 from fedsock.tasks import Task
@@ -110,7 +112,8 @@ def load_examples(config: ClientConfig, meta: dict[str, Any], task: Task) -> tup
 class LocalTrainer:
     """This client's data and model, loaded once and kept for the whole run."""
 
-    def __init__(self, config: ClientConfig, meta: dict[str, Any]):
+    def __init__(self, config: ClientConfig, meta: dict[str, Any], policy: Policy | None = None,
+                 identity: Identity | None = None):
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -133,7 +136,9 @@ class LocalTrainer:
         self.compression = compression.Compression.from_json(meta["compression"])
         self.secagg = None  # secure aggregation: this client's side of each round's protocol
         if meta["secure_aggregation"]:
-            self.secagg = ClientSession(config.client_id, sum(t.numel() for t in nnh.get_weights(self.model).values()))
+            self.secagg = ClientSession(config.client_id, sum(t.numel() for t in nnh.get_weights(self.model).values()),
+                                        identity, policy)
+        self.ledger = PrivacyLedger(policy or Policy(), meta["dp_mode"])  # each <MODEL>'s DP, against the policy
         # what the model arrives as: its own layout, or the compressed broadcast's
         self.model_wire_layout = compression.update_layout(self.layout, self.compression.broadcast)
         self.received = WeightsBuffer(self.model_wire_layout)
@@ -171,6 +176,8 @@ class LocalTrainer:
                          "augmentation" if augment != "none" else "client-side update noise"))
             conn.send([encode_message(ERROR, message=reason)])
             raise FedsockError(reason)
+        threshold = self.secagg.threshold(number) if self.secagg is not None else None
+        privacy = self.ledger.check_model(message, threshold)  # the policy's DP checks, before any training
         tensors = self.receive_model(conn, message)
         evaluation = {}
         if self.federated_evaluation:  # what the received model (last round's) scores on this client's test split
@@ -190,10 +197,9 @@ class LocalTrainer:
             )
         finally:
             self.progress.stop()
-        privacy = ""
         if self.dp_sgd is not None:
             metrics["dp_sgd_epsilon"] = self.dp_sgd.epsilon()
-            privacy = f", DP-SGD epsilon {metrics['dp_sgd_epsilon']:.3g} at delta {self.config.dp_sgd_delta:g}"
+            privacy += f", DP-SGD epsilon {metrics['dp_sgd_epsilon']:.3g} at delta {self.config.dp_sgd_delta:g}"
         augmented = f" ({augment} augmentation)" if augment != "none" else ""
         say(self.config.who, f"round {number}: trained on {self.num_examples} examples{augmented}, loss {metrics['train_loss']:.4f}, "
                              f"local test acc {100 * metrics['local_test_accuracy']:.2f}%, {metrics['fit_seconds']:.1f} s"

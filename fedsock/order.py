@@ -15,10 +15,13 @@ Two tables, state -> {message: next state}:
   the same state. (Heartbeats and an <ERROR> sent need no telling. Nor does the server's
   <FINISHED>: an update or an answer that crosses it is still read while the connection closes.)
 - SECURE_STAGES: a client's secure aggregation of one round (ROLE_SECURE_CLIENT):
-  <SECAGG_SETUP>, exactly one <SECAGG_PEERS>, <SECAGG_ROUTED>, <MODEL>, then <SECAGG_UNMASK>. A
-  new setup may come at any stage (a round that failed, or went on without this client, is set
-  up afresh, with fresh keys); anything else out of this order is refused. So a client never
-  shares twice under one key and nonce, and never reveals a share before its update is masked.
+  <SECAGG_SETUP>, exactly one <SECAGG_PEERS>, <SECAGG_ROUTED>, <MODEL>, with identities the
+  consistency check <SECAGG_CHECK>, then <SECAGG_UNMASK>. A new setup may come at any stage (a
+  round that failed, or went on without this client, is set up afresh, with fresh keys);
+  anything else out of this order is refused. So a client never shares twice under one key
+  and nonce, and never reveals a share before its update is masked. (The one step the table
+  lets a setup skip: without identities there is no check. With them, a client refuses an
+  unmask whose survivors it did not sign: fedsock.secagg.ClientRound.reveal.)
 """
 
 from __future__ import annotations
@@ -40,9 +43,11 @@ from socket_methods import (
     SECAGG_KEYS,
     SECAGG_PEERS,
     SECAGG_REVEAL,
+    SECAGG_CHECK,
     SECAGG_ROUTED,
     SECAGG_SETUP,
     SECAGG_SHARES,
+    SECAGG_SIGNED,
     SECAGG_UNMASK,
     SESSION_END,
     SUCCESS,
@@ -60,11 +65,12 @@ REFUSAL = "{event} is not expected when the client is in state {state}"  # the o
 
 
 # Who sends each message; <ERROR> comes from either side.
-FROM_CLIENT = frozenset({HELLO, AUTH, READY, UPDATE, EVALUATION, SECAGG_KEYS, SECAGG_SHARES, SECAGG_REVEAL})
-FROM_SERVER = frozenset({CHALLENGE, METADATA, MODEL, EVALUATE, SECAGG_SETUP, SECAGG_PEERS, SECAGG_ROUTED, SECAGG_UNMASK,
-                         SUCCESS, WAITING, SESSION_END, FINISHED})
+FROM_CLIENT = frozenset({HELLO, AUTH, READY, UPDATE, EVALUATION, SECAGG_KEYS, SECAGG_SHARES, SECAGG_SIGNED,
+                         SECAGG_REVEAL})
+FROM_SERVER = frozenset({CHALLENGE, METADATA, MODEL, EVALUATE, SECAGG_SETUP, SECAGG_PEERS, SECAGG_ROUTED, SECAGG_CHECK,
+                         SECAGG_UNMASK, SUCCESS, WAITING, SESSION_END, FINISHED})
 # What the server asks of a client's secure aggregation (fedsock.secagg.ClientSession answers them).
-SECAGG_REQUESTS = frozenset({SECAGG_SETUP, SECAGG_PEERS, SECAGG_ROUTED, SECAGG_UNMASK})
+SECAGG_REQUESTS = frozenset({SECAGG_SETUP, SECAGG_PEERS, SECAGG_ROUTED, SECAGG_CHECK, SECAGG_UNMASK})
 # Not a message: the server stops waiting for an answer (its stage timeout, or the evaluation's, passed).
 NO_ANSWER = "(no answer in time)"
 
@@ -72,7 +78,7 @@ NO_ANSWER = "(no answer in time)"
 
 CONNECTED, GREETED, CHALLENGED, AUTHENTICATED = "connected", "greeted", "challenged", "authenticated"
 WELCOMED, IDLE, TRAINING, EVALUATING = "welcomed", "idle", "training", "evaluating"
-KEYING, SHARING, REVEALING, CLOSED = "keying", "sharing", "revealing", "closed"
+KEYING, SHARING, SIGNING, REVEALING, CLOSED = "keying", "sharing", "signing", "revealing", "closed"
 
 MEANING = {  # each state in words, for the README
     CONNECTED: "it has said nothing yet",
@@ -85,6 +91,7 @@ MEANING = {  # each state in words, for the README
     EVALUATING: "it evaluates the model it was sent, and owes its `<EVALUATION>`",
     KEYING: "it owes its secure-aggregation keys",
     SHARING: "it owes its secure-aggregation shares",
+    SIGNING: "it owes its signature of the round's survivors (the consistency check)",
     REVEALING: "it owes the shares that unmask the round",
     CLOSED: "the connection is over",
 }
@@ -112,23 +119,25 @@ CONVERSATION: dict[str, dict[str, str]] = {
     AUTHENTICATED: {METADATA: WELCOMED, ERROR: CLOSED},
     WELCOMED: _and_at_any_time(WELCOMED, {READY: IDLE}),
     IDLE: _and_at_any_time(IDLE, {MODEL: TRAINING, EVALUATE: EVALUATING, SECAGG_SETUP: KEYING,
-                                  SECAGG_PEERS: SHARING, SECAGG_ROUTED: IDLE, SECAGG_UNMASK: REVEALING}),
+                                  SECAGG_PEERS: SHARING, SECAGG_ROUTED: IDLE, SECAGG_CHECK: SIGNING,
+                                  SECAGG_UNMASK: REVEALING}),
     # No NO_ANSWER here: a client that misses a round's deadline stays in training, and is sent
     # nothing new until its late update has come (it is then answered `accepted: false`).
     TRAINING: _and_at_any_time(TRAINING, {UPDATE: IDLE}),
     EVALUATING: _and_at_any_time(EVALUATING, {EVALUATION: IDLE, NO_ANSWER: IDLE}),
     KEYING: _and_at_any_time(KEYING, {SECAGG_KEYS: IDLE, NO_ANSWER: IDLE}),
     SHARING: _and_at_any_time(SHARING, {SECAGG_SHARES: IDLE, NO_ANSWER: IDLE}),
+    SIGNING: _and_at_any_time(SIGNING, {SECAGG_SIGNED: IDLE, NO_ANSWER: IDLE}),
     REVEALING: _and_at_any_time(REVEALING, {SECAGG_REVEAL: IDLE, NO_ANSWER: IDLE}),
     CLOSED: {},
 }
 # A slow client's answer to a secure-aggregation stage that timed out may still come: it is dropped
 # without a word, and the client stays for the next round. (A late <EVALUATION> is refused.)
-LATE_ANSWERS = {KEYING: SECAGG_KEYS, SHARING: SECAGG_SHARES, REVEALING: SECAGG_REVEAL}
+LATE_ANSWERS = {KEYING: SECAGG_KEYS, SHARING: SECAGG_SHARES, SIGNING: SECAGG_SIGNED, REVEALING: SECAGG_REVEAL}
 
 # ---------------------------------------------------------------- a client's secure aggregation of one round
 
-NEW, KEYED, SHARED, ROUTED, MASKED, REVEALED = "new", "keyed", "shared", "routed", "masked", "revealed"
+NEW, KEYED, SHARED, ROUTED, MASKED, CHECKED, REVEALED = "new", "keyed", "shared", "routed", "masked", "checked", "revealed"
 
 STAGE_MEANING = {
     NEW: "no setup has come yet",
@@ -136,6 +145,7 @@ STAGE_MEANING = {
     SHARED: "it sent its shares, sealed for each peer",
     ROUTED: "it holds its peers' shares",
     MASKED: "it trained and masked its update",
+    CHECKED: "it signed the survivors it was told (identities only)",
     REVEALED: "it revealed the shares that unmask the round",
 }
 
@@ -144,7 +154,8 @@ SECURE_STAGES: dict[str, dict[str, str]] = {
     KEYED: {SECAGG_PEERS: SHARED, SECAGG_SETUP: KEYED},
     SHARED: {SECAGG_ROUTED: ROUTED, SECAGG_SETUP: KEYED},
     ROUTED: {MODEL: MASKED, SECAGG_SETUP: KEYED},
-    MASKED: {SECAGG_UNMASK: REVEALED, SECAGG_SETUP: KEYED},
+    MASKED: {SECAGG_CHECK: CHECKED, SECAGG_UNMASK: REVEALED, SECAGG_SETUP: KEYED},
+    CHECKED: {SECAGG_UNMASK: REVEALED, SECAGG_SETUP: KEYED},
     REVEALED: {SECAGG_SETUP: KEYED},
 }
 

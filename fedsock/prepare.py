@@ -27,6 +27,7 @@ from fedsock.evaluation import Evaluator
 from fedsock.own_data import load_own_data
 from fedsock.privacy import Accountant, Privacy, PrivacySettings, default_delta, plan_noise_multiplier
 from fedsock.run_files import Checkpoint
+from fedsock.identity import fingerprint, load_federation_key
 from fedsock.secagg import SecureAggregation
 from fedsock.strategies import Strategy
 from fedsock.tasks import Task, make_task, task_of_dataset
@@ -174,13 +175,17 @@ def make_secure_aggregation(config: ServerConfig, strategy: Strategy, weights: d
         raise UsageError(str(exc)) from exc
     settings = secagg.Settings(threshold_fraction=config.secagg_threshold, clip=config.secagg_clip,
                                weight_bound=weight_bound, weighted=privacy is None,
-                               stage_timeout_s=min(secagg.Settings.stage_timeout_s, config.round_timeout_s))
+                               stage_timeout_s=min(secagg.Settings.stage_timeout_s, config.round_timeout_s),
+                               federation_key=load_federation_key(config.federation) if config.federation else None)
     if privacy is not None:
         s = privacy.settings
         settings.clip = s.clip * (1 + 8 * s.noise_multiplier)  # a clipped delta plus noise: |x| beyond this ~ never
         settings.noise_std = privacy.noise_std if s.mode == "central" else 0.0
     say(who, f"secure aggregation: threshold {config.secagg_threshold:.2f} of each round's clients (and more than "
              f"half), coordinates clipped to ±{settings.clip:g}, weights up to {weight_bound} examples")
+    if settings.federation_key is not None:
+        say(who, f"secure aggregation with identities: clients' keys must be signed by identities of federation "
+                 f"{fingerprint(settings.federation_key)}, and each round has the consistency check")
     return SecureAggregation(settings, weights)
 
 

@@ -51,22 +51,26 @@ import base64
 import hashlib
 import math
 import secrets
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from fedsock import identity as ident
 from fedsock.config import SecAggSettings
 from fedsock.order import ROLE_SECURE_CLIENT, SECAGG_REQUESTS, Order
 from fedsock.shamir import MAX_TRIES, PRIME, SHARE_BYTES, rebuild, split
 from socket_methods import (
     MODEL,
+    SECAGG_CHECK,
     SECAGG_KEYS,
     SECAGG_PEERS,
     SECAGG_REVEAL,
     SECAGG_ROUTED,
     SECAGG_SETUP,
     SECAGG_SHARES,
+    SECAGG_SIGNED,
     SECAGG_UNMASK,
     BadMessage,
 )
@@ -133,6 +137,17 @@ def seed_commitment(round_number: int, client_id: int, seed: bytes) -> bytes:
     share exists, so that the seed the server rebuilds can be checked (a bad share would give another).
     The seed is 32 random bytes: its hash tells nothing of it."""
     return hashlib.sha256(TAG + b" seed" + _ids(round_number, client_id) + seed).digest()
+
+
+def keys_message(digest: bytes, client_id: int, c_public: bytes, s_public: bytes, commitment: bytes) -> bytes:
+    """What a client signs with its identity key in the key stage: its round keys, under the setup."""
+    return TAG + b" keys" + digest + _ids(client_id) + c_public + s_public + commitment
+
+
+def survivors_message(digest: bytes, survivors: Iterable[int], dropped: Iterable[int]) -> bytes:
+    """What a survivor signs in the consistency check: U3 and U2 minus U3, as it was told them."""
+    survivors, dropped = sorted(survivors), sorted(dropped)
+    return TAG + b" survivors" + digest + _ids(len(survivors), *survivors, len(dropped), *dropped)
 
 
 def public_key(private: bytes) -> bytes:
@@ -226,10 +241,21 @@ class Params:
     clip: float  # C: each coordinate of a delta is clipped to [-C, C]
     weight_bound: int  # W: weights are n_u / W; 1 with DP (every client weighted 1)
     length: int  # coordinates of the model (the vector has one more: the count)
+    weighted: bool = True  # False with DP: every client's weight and count are 1
+    identities: bool = False  # keys signed by enrolled identities, and the consistency check
 
     def to_json(self) -> dict[str, Any]:
         return {"round": self.round, "participants": list(self.participants), "threshold": self.threshold,
-                "bits": self.bits, "clip": self.clip, "weight_bound": self.weight_bound, "length": self.length}
+                "bits": self.bits, "clip": self.clip, "weight_bound": self.weight_bound, "length": self.length,
+                "weighted": self.weighted, "identities": self.identities}
+
+    def digest(self) -> bytes:
+        """SHA-256 of the whole setup in a fixed binary form (big-endian 8-byte integers, the clip as a
+        float64, the flags as bytes), which every signature of the round covers: a server that told
+        two clients different setups (another threshold, other participants) is caught by their peers."""
+        head = _ids(self.round, len(self.participants), *self.participants, self.threshold, self.bits)
+        tail = _ids(self.weight_bound, self.length) + bytes([self.weighted, self.identities])
+        return hashlib.sha256(TAG + b" setup" + head + struct.pack(">d", self.clip) + tail).digest()
 
     @classmethod
     def from_json(cls, m: Mapping[str, Any], client_id: int, length: int) -> "Params":
@@ -249,7 +275,8 @@ class Params:
             raise SecAggError(f"<SECAGG_SETUP> length {m['length']}, the model has {length} coordinates")
         if not (m["clip"] > 0 and math.isfinite(m["clip"])) or m["weight_bound"] < 1:
             raise SecAggError("<SECAGG_SETUP> clip must be positive and weight_bound at least 1")
-        return cls(m["round"], tuple(people), t, m["bits"], float(m["clip"]), m["weight_bound"], length)
+        return cls(m["round"], tuple(people), t, m["bits"], float(m["clip"]), m["weight_bound"], length,
+                   m["weighted"], m["identities"])
 
 
 def default_threshold(clients: int, fraction: float) -> int:
@@ -273,15 +300,25 @@ class ClientRound:
     peers: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # U1: id -> (c public, s public)
     held: dict[int, tuple[int, int]] = field(default_factory=dict)  # u -> (share of s_u's key, share of b_u)
     senders: frozenset = frozenset()  # U2 as this client knows it
+    identity: ident.Identity | None = None  # with identities: this client's, and the federation key it pins
+    signers: dict[int, bytes] = field(default_factory=dict)  # U1: id -> identity key, certified
+    told: tuple | None = None  # the (survivors, dropped) this client signed in the consistency check
 
-    def advertise(self) -> dict[str, str]:
+    def advertise(self) -> dict[str, Any]:
         self.c_private, c_public = new_keypair()
         self.s_private, s_public = new_keypair()
         self.self_seed = secrets.token_bytes(KEY_BYTES)
-        return {"c_public": b64(c_public), "s_public": b64(s_public),
-                "seed_commitment": b64(seed_commitment(self.params.round, self.client_id, self.self_seed))}
+        commitment = seed_commitment(self.params.round, self.client_id, self.self_seed)
+        out: dict[str, Any] = {"c_public": b64(c_public), "s_public": b64(s_public), "seed_commitment": b64(commitment)}
+        if self.params.identities:
+            me = self.identity
+            signature = ident.sign(me.private_key, keys_message(self.params.digest(), self.client_id, c_public,
+                                                                   s_public, commitment))
+            out["identity"] = {"identity_key": b64(me.public_key), "certificate": b64(me.certificate),
+                               "signature": b64(signature)}
+        return out
 
-    def share(self, keys: Mapping[str, Any]) -> dict[str, str]:
+    def share(self, keys: Mapping[str, Any], signed: Any = None) -> dict[str, str]:
         """<SECAGG_PEERS> in; the <SECAGG_SHARES> ciphertexts out, one per peer."""
         p = self.params
         peers = {}
@@ -292,6 +329,8 @@ class ClientRound:
         if self.client_id not in peers or len(peers) < p.threshold:
             raise SecAggError(f"<SECAGG_PEERS> lists {len(peers)} clients{'' if self.client_id in peers else ', not this one'}; "
                               f"the threshold is {p.threshold}")
+        if p.identities:
+            self._check_signed(peers, signed)
         self.peers = peers
         key_shares = split(int.from_bytes(self.s_private, "big"), peers, p.threshold)
         seed_shares = split(int.from_bytes(self.self_seed, "big"), peers, p.threshold)
@@ -306,6 +345,29 @@ class ClientRound:
                 nonce, plain, _aad(p.round, self.client_id, v))
             out[str(v)] = b64(sealed)
         return out
+
+    def _check_signed(self, peers: Mapping[int, tuple[bytes, bytes]], signed: Any) -> None:
+        """Every peer's keys must be signed, for this setup, by an identity the pinned federation key
+        certified for that client id: else the server may be putting its own keys in a peer's place."""
+        if not isinstance(signed, Mapping) or set(signed) != {str(v) for v in peers}:
+            raise SecAggError("<SECAGG_PEERS> must carry the signed keys of every client it lists (the run has "
+                              "identities); refused")
+        digest = self.params.digest()
+        for v, (c_public, s_public) in peers.items():
+            entry = signed[str(v)]
+            if not isinstance(entry, Mapping):
+                raise SecAggError(f"<SECAGG_PEERS> signed entry of client {v} is not an object")
+            key = unb64(entry.get("identity_key"), ident.KEY_BYTES, "identity_key")
+            certificate = unb64(entry.get("certificate"), ident.SIGNATURE_BYTES, "certificate")
+            signature = unb64(entry.get("signature"), ident.SIGNATURE_BYTES, "signature")
+            commitment = unb64(entry.get("seed_commitment"), KEY_BYTES, "seed_commitment")
+            if not ident.certified(self.identity.federation_key, v, key, certificate):
+                raise SecAggError(f"<SECAGG_PEERS> gives client {v} an identity that this federation did not enrol: "
+                                  f"the server may be substituting its keys; refused")
+            if not ident.verify(key, signature, keys_message(digest, v, c_public, s_public, commitment)):
+                raise SecAggError(f"<SECAGG_PEERS> holds keys for client {v} that client {v} did not sign for this "
+                                  f"round's setup: the server may be substituting them; refused")
+            self.signers[v] = key
 
     def receive(self, routed: Mapping[str, Any]) -> None:
         """<SECAGG_ROUTED>: the shares addressed to this client, from each u in U2."""
@@ -351,8 +413,47 @@ class ClientRound:
                 masked -= mask
         return masked
 
-    def reveal(self, survivors: Iterable[int], dropped: Iterable[int]) -> dict[str, dict[str, str]]:
+    def sign_survivors(self, survivors: Iterable[int], dropped: Iterable[int]) -> str:
+        """<SECAGG_CHECK> in (identities only): this client's signature of the survivors it is told, after
+        the checks an unmask gets. It will reveal only for this very set, and only once t survivors
+        have signed it too (Bonawitz et al.'s consistency check)."""
+        if not self.params.identities:
+            raise SecAggError(f"{SECAGG_CHECK} in a round without identities")
+        survivors, dropped = self._check_view(survivors, dropped)
+        self.told = (sorted(survivors), sorted(dropped))
+        return b64(ident.sign(self.identity.private_key, survivors_message(self.params.digest(), *self.told)))
+
+    def reveal(self, survivors: Iterable[int], dropped: Iterable[int], signatures: Any = None) -> dict[str, dict[str, str]]:
         """<SECAGG_UNMASK> in; the shares it asks for out, after every check an honest client makes."""
+        survivors, dropped = self._check_view(survivors, dropped)
+        if self.params.identities:
+            self._check_consistency(survivors, dropped, signatures)
+        enc = lambda value: b64(value.to_bytes(SHARE_BYTES, "big"))  # noqa: E731
+        return {"seed_shares": {str(u): enc(self.held[u][1]) for u in sorted(survivors)},
+                "key_shares": {str(u): enc(self.held[u][0]) for u in sorted(dropped)}}
+
+    def _check_consistency(self, survivors: set[int], dropped: set[int], signatures: Any) -> None:
+        """With identities: the unmask must name the survivors this client signed, and at least t of those
+        survivors must have signed the same set; else clients were told different sets, and revealing
+        could hand the server both kinds of share of one client."""
+        t = self.params.threshold
+        if self.told is None or self.told != (sorted(survivors), sorted(dropped)):
+            raise SecAggError("the server asks to unmask other survivors than those this client signed in the "
+                              "consistency check (or skipped the check); refused")
+        message = survivors_message(self.params.digest(), survivors, dropped)
+        good = 0
+        for key, text in (signatures.items() if isinstance(signatures, Mapping) else ()):
+            v = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else -1
+            try:
+                good += v in survivors and v in self.signers and ident.verify(self.signers[v], unb64(text, what="a signature"), message)
+            except SecAggError:
+                continue
+        if good < t:
+            raise SecAggError(f"only {good} survivors signed the survivor set this client was told; {t} are needed: "
+                              f"the server may have told clients different sets; refused")
+
+    def _check_view(self, survivors: Iterable[int], dropped: Iterable[int]) -> tuple[set[int], set[int]]:
+        """The survivors and dropped clients the server names, checked as every honest client checks them."""
         survivors, dropped = set(survivors), set(dropped)
         both = survivors & dropped
         if both:
@@ -366,9 +467,7 @@ class ClientRound:
         if len(survivors) < self.params.threshold:
             raise SecAggError(f"only {len(survivors)} survivors, below the threshold {self.params.threshold}: "
                               f"revealing self-mask shares then could expose an update; refused")
-        enc = lambda value: b64(value.to_bytes(SHARE_BYTES, "big"))  # noqa: E731
-        return {"seed_shares": {str(u): enc(self.held[u][1]) for u in sorted(survivors)},
-                "key_shares": {str(u): enc(self.held[u][0]) for u in sorted(dropped)}}
+        return survivors, dropped
 
 
 # --------------------------------------------------------------------------- the server's side
@@ -383,9 +482,12 @@ class ServerRound:
     """The server's view of one round: public keys, ciphertexts it relays, masked vectors it sums.
     It never holds a client's unmasked update: only masked vectors, their sum, and finally Σ x_u."""
 
-    def __init__(self, params: Params, weighted: bool = True):
-        self.params, self.weighted = params, weighted
+    def __init__(self, params: Params, federation_key: bytes | None = None):
+        self.params, self.weighted = params, params.weighted
+        self.federation_key = federation_key  # with identities: every client's keys are checked against it
         self.keys: dict[int, tuple[str, str]] = {}  # U1: id -> (c_public, s_public)
+        self.signed: dict[int, dict[str, str]] = {}  # U1, with identities: id -> what <SECAGG_PEERS> relays
+        self.signatures: dict[int, str] = {}  # U4: the survivors whose signature of U3 verified
         self.commitments: dict[int, bytes] = {}  # U1: id -> the commitment to its self-mask seed
         self.outbox: dict[int, dict[int, str]] = {}  # U2: u -> {v: ciphertext}
         self.total = np.zeros(params.length + 1, dtype=np.uint32)
@@ -399,11 +501,47 @@ class ServerRound:
         commitment = unb64(message["seed_commitment"], KEY_BYTES, "seed_commitment")
         if client_id not in self.params.participants:
             raise SecAggError(f"client {client_id} is not a participant of round {self.params.round}")
+        if self.params.identities:
+            self.signed[client_id] = self._check_identity(client_id, message)
         self.keys[client_id] = (message["c_public"], message["s_public"])
         self.commitments[client_id] = commitment
 
+    def _check_identity(self, client_id: int, message: Mapping[str, Any]) -> dict[str, str]:
+        """A client's signed keys, checked here as its peers will check them: a client that is not
+        enrolled (or signs badly) is left out of the round now, rather than make every peer refuse it."""
+        entry = message.get("identity")
+        if not isinstance(entry, Mapping):
+            raise SecAggError(f"client {client_id} sent no identity with its keys (the run has --federation)")
+        key = unb64(entry.get("identity_key"), ident.KEY_BYTES, "identity_key")
+        certificate = unb64(entry.get("certificate"), ident.SIGNATURE_BYTES, "certificate")
+        signature = unb64(entry.get("signature"), ident.SIGNATURE_BYTES, "signature")
+        if not ident.certified(self.federation_key, client_id, key, certificate):
+            raise SecAggError(f"client {client_id}'s identity is not one this federation enrolled")
+        signed = keys_message(self.params.digest(), client_id, *(unb64(message[k]) for k in ("c_public", "s_public",
+                                                                                          "seed_commitment")))
+        if not ident.verify(key, signature, signed):
+            raise SecAggError(f"client {client_id}'s keys are not signed by its identity")
+        return {"seed_commitment": message["seed_commitment"], "identity_key": entry["identity_key"],
+                "certificate": entry["certificate"], "signature": entry["signature"]}
+
     def peers(self) -> dict[str, list[str]]:
         return {str(u): list(pair) for u, pair in sorted(self.keys.items())}
+
+    def peers_message(self) -> dict[str, Any]:
+        """<SECAGG_PEERS>: U1's public keys, and with identities what lets each client check them."""
+        fields: dict[str, Any] = {"round": self.params.round, "keys": self.peers()}
+        if self.params.identities:
+            fields["signed"] = {str(u): entry for u, entry in sorted(self.signed.items())}
+        return fields
+
+    def take_signature(self, client_id: int, text: Any) -> None:
+        """A survivor's signature of U3 and the dropped, in the consistency check: kept if it verifies."""
+        identity_key = unb64(self.signed[client_id]["identity_key"])
+        dropped = set(self.outbox) - self.survivors
+        if not ident.verify(identity_key, unb64(text, what="signature"),
+                            survivors_message(self.params.digest(), self.survivors, dropped)):
+            raise SecAggError(f"client {client_id}'s signature of the survivors does not verify")
+        self.signatures[client_id] = text
 
     def take_shares(self, client_id: int, shares: Mapping[str, Any]) -> None:
         wanted = {str(v) for v in self.keys if v != client_id}
@@ -559,8 +697,10 @@ class ClientSession:
     virtual client and the tests' fakes all use it): each answer is (header, fields) or None. Its
     stages follow fedsock.order's SECURE_STAGES: a message out of that order is refused (OutOfOrder)."""
 
-    def __init__(self, client_id: int, length: int):
+    def __init__(self, client_id: int, length: int, identity: ident.Identity | None = None, policy: Any = None):
         self.client_id, self.length = client_id, length
+        self.identity = identity  # with it, this client takes part only in rounds with identities
+        self.policy = policy  # fedsock.policy.Policy: what this client requires of each round, if anything
         self.stage = Order(ROLE_SECURE_CLIENT)
         self.current: ClientRound | None = None
         self.weighted = True
@@ -576,15 +716,40 @@ class ClientSession:
             raise SecAggError(f"{header} is not a secure-aggregation message")
         self.stage.receive(header)
         if header == SECAGG_SETUP:
-            self.current = ClientRound(self.client_id, Params.from_json(message, self.client_id, self.length))
-            self.weighted = message["weighted"]
+            self.current = None
+            params = Params.from_json(message, self.client_id, self.length)
+            self._check_mode(params)
+            if self.policy is not None:
+                self.policy.check_round(params)
+            self.current = ClientRound(self.client_id, params, identity=self.identity)
+            self.weighted = params.weighted
             return SECAGG_KEYS, {"round": number, **self.current.advertise()}
+        current = self._round(number)
         if header == SECAGG_PEERS:
-            return SECAGG_SHARES, {"round": number, "shares": self._round(number).share(message["keys"])}
+            return SECAGG_SHARES, {"round": number, "shares": current.share(message["keys"], message.get("signed"))}
         if header == SECAGG_ROUTED:
-            self._round(number).receive(message["shares"])
+            current.receive(message["shares"])
             return None
-        return SECAGG_REVEAL, {"round": number, **self._round(number).reveal(message["survivors"], message["dropped"])}
+        if header == SECAGG_CHECK:
+            return SECAGG_SIGNED, {"round": number,
+                                   "signature": current.sign_survivors(message["survivors"], message["dropped"])}
+        return SECAGG_REVEAL, {"round": number, **current.reveal(message["survivors"], message["dropped"],
+                                                                 message.get("signatures"))}
+
+    def threshold(self, number: int) -> int | None:
+        """Round `number`'s threshold t, if this client was set up for it (distributed DP's noise counts t)."""
+        return self.current.params.threshold if self.current and self.current.params.round == number else None
+
+    def _check_mode(self, params: Params) -> None:
+        """A client with an identity takes part only in rounds whose keys are signed (it fails closed); a
+        client without one cannot take part in such a round."""
+        if params.identities and self.identity is None:
+            raise SecAggError("the server runs secure aggregation with identities (--federation), and this client "
+                              "has none: give it --identity (python -m fedsock.enrol makes one)")
+        if self.identity is not None and not params.identities:
+            raise SecAggError("this client has an identity, and the server runs secure aggregation without "
+                              "identities (no --federation): a server that lies could then read this client's "
+                              "update; refused")
 
     def masked_update(self, number: int, start: Mapping[str, Any], trained: Mapping[str, Any],
                       num_examples: int) -> np.ndarray:
@@ -613,6 +778,7 @@ class Settings:
     noise_std: float = 0.0  # central DP: the server's noise on the unmasked sum (std per coordinate)
     client_noise_std: float = 0.0  # DP: the noise each client adds (its share, in distributed mode)
     stage_timeout_s: float = 60.0  # the longest a key or share stage waits (never longer than --round-timeout)
+    federation_key: bytes | None = None  # --federation: clients' keys must be signed by enrolled identities
 
 
 class SecureAggregation:
@@ -662,16 +828,16 @@ class SecureAggregation:
         n = len(proxies)
         t = self.threshold(n)
         params = Params(number, tuple(sorted(proxies)), t, bits_for(n), s.clip, s.weight_bound if s.weighted else 1,
-                        self.length)
-        self.server = server = ServerRound(params, s.weighted)
+                        self.length, s.weighted, s.federation_key is not None)
+        self.server = server = ServerRound(params, s.federation_key)
         self.proxies = dict(proxies)
-        setup = {**params.to_json(), "weighted": s.weighted}
+        setup = params.to_json()
         keys = await self._ask(proxies, SECAGG_SETUP, lambda _: setup, SECAGG_KEYS)
         for client_id, message in keys.items():
             self._take(client_id, lambda: server.take_keys(client_id, message))
         if len(server.keys) < t:
             return []
-        peers = {"round": number, "keys": server.peers()}
+        peers = server.peers_message()
         shares = await self._ask({i: proxies[i] for i in server.keys}, SECAGG_PEERS, lambda _: peers, SECAGG_SHARES)
         for client_id, message in shares.items():
             self._take(client_id, lambda: server.take_shares(client_id, message["shares"]))
@@ -702,8 +868,19 @@ class SecureAggregation:
         dropped = sorted(set(server.outbox) - server.survivors)
         if len(survivors) < server.params.threshold:
             return f"{len(survivors)} masked updates, below the threshold {server.params.threshold}"
-        ask = {"round": server.params.round, "survivors": survivors, "dropped": dropped}
-        reveals = await self._ask({i: self.proxies[i] for i in survivors if i in self.proxies}, SECAGG_UNMASK,
+        ask: dict[str, Any] = {"round": server.params.round, "survivors": survivors, "dropped": dropped}
+        revealers = [i for i in survivors if i in self.proxies]
+        if server.params.identities:  # the consistency check: t survivors sign the same U3, or none reveals
+            signed = await self._ask({i: self.proxies[i] for i in revealers}, SECAGG_CHECK, lambda _: ask,
+                                     SECAGG_SIGNED)
+            for client_id, message in signed.items():
+                self._take(client_id, lambda: server.take_signature(client_id, message["signature"]))
+            if len(server.signatures) < server.params.threshold:
+                return (f"{len(server.signatures)} survivors signed the survivor set, below the threshold "
+                        f"{server.params.threshold}")
+            ask["signatures"] = {str(i): text for i, text in sorted(server.signatures.items())}
+            revealers = sorted(server.signatures)
+        reveals = await self._ask({i: self.proxies[i] for i in revealers if i in self.proxies}, SECAGG_UNMASK,
                                   lambda _: ask, SECAGG_REVEAL)
         try:
             weighted, total = server.unmask(reveals)

@@ -78,8 +78,16 @@ class Welcome:
             partition_bitmap=None if own else encode_bitmap(self.setup.partitions[client_id - 1], self.setup.train_size),
             task=self.setup.task.to_json(), federated_evaluation=federated_evaluation(c),
             required_features=required_features(c), compression=compression_of(c).to_json(),
-            secure_aggregation=c.secure_aggregation,
+            secure_aggregation=c.secure_aggregation, identities=c.secure_aggregation and c.federation is not None,
+            **self.privacy_fields(),
         )
+
+    def privacy_fields(self) -> dict[str, Any]:
+        """What a client's policy checks at the welcome: where the DP noise goes, and how much."""
+        privacy = self.setup.strategy.privacy
+        if privacy is None:
+            return {"dp_mode": "none", "dp_noise_multiplier": 0.0}
+        return {"dp_mode": privacy.settings.mode, "dp_noise_multiplier": privacy.settings.noise_multiplier}
 
 
 def prepare(config: ServerConfig, checkpoint: Checkpoint | None) -> Setup:

@@ -52,7 +52,8 @@ def metadata(**changes) -> dict:
     fields = dict(client_id=CLIENT_ID, num_clients=2, dataset="mnist", partition="iid", alpha=0.5, seed=0,
                   model="logreg", num_rounds=1, round_timeout_s=30.0, heartbeat_s=10.0, next_round=1,
                   train_size=60000, partition_bitmap=HALF_OF_MNIST, required_features=[], task=MNIST_TASK,
-                  federated_evaluation=False, secure_aggregation=False,
+                  federated_evaluation=False, secure_aggregation=False, identities=False, dp_mode="none",
+                  dp_noise_multiplier=0.0,
                   compression={"kind": "none", "topk_fraction": 0.01, "broadcast": "none"})
     assert set(MESSAGE_FIELDS["<METADATA>"]) <= set(fields)
     fields.update(changes)

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedsock import secagg as sa
+from fedsock import identity as ident
 from fedsock import shamir
 from fedsock.clients import ClientPool, Dropped, FitIns, FitRes, GlobalModel
 from fedsock.config import ServerConfig
@@ -182,24 +183,33 @@ def test_quantisation_is_unbiased_and_within_one_step():
 # --------------------------------------------------------------------------- the whole protocol, in-process
 
 
+def federation(ids):
+    """A federation key and an identity for each client id, in memory (what python -m fedsock.enrol writes)."""
+    private, public = ident.new_key()
+    return public, {i: ident.issue(private, i) for i in ids}
+
+
 def protocol(n: int = 5, m: int = 2000, weighted: bool = True, drop_at: dict[int, str] | None = None, seed: int = 0,
-             reveal: bool = True, noise_std: float = 0.05, at_clip: list[int] | None = None):
+             reveal: bool = True, noise_std: float = 0.05, at_clip: list[int] | None = None, identities: bool = False):
     """Run one round among n client sessions and a server round; clients in `drop_at` stop at a stage
     ("keys": never answer the setup, "shares", "masked": never send the update, "reveal"). Each delta
-    is Gaussian noise of `noise_std` (C is 1), but the coordinates `at_clip`: there, every client's is 100."""
+    is Gaussian noise of `noise_std` (C is 1), but the coordinates `at_clip`: there, every client's is 100.
+    With `identities`, the clients sign their keys and the survivors run the consistency check."""
     drop_at = drop_at or {}
     rng = np.random.default_rng(seed)
     ids = list(range(1, n + 1))
     weight_bound = 500 if weighted else 1
-    params = sa.Params(1, tuple(ids), sa.default_threshold(n, 2 / 3), sa.bits_for(n), 1.0, weight_bound, m)
-    sessions = {i: sa.ClientSession(i, m) for i in ids}
-    server = sa.ServerRound(params, weighted)
-    setup = {"header": "<SECAGG_SETUP>", **params.to_json(), "weighted": weighted}
+    params = sa.Params(1, tuple(ids), sa.default_threshold(n, 2 / 3), sa.bits_for(n), 1.0, weight_bound, m, weighted,
+                       identities)
+    fed_key, ids_of = federation(ids) if identities else (None, {})
+    sessions = {i: sa.ClientSession(i, m, ids_of.get(i)) for i in ids}
+    server = sa.ServerRound(params, fed_key)
+    setup = {"header": "<SECAGG_SETUP>", **params.to_json()}
     for i in ids:
         if drop_at.get(i) != "keys":
             _, keys = sessions[i].answer(setup)
             server.take_keys(i, keys)
-    peers = {"header": "<SECAGG_PEERS>", "round": 1, "keys": server.peers()}
+    peers = {"header": "<SECAGG_PEERS>", **server.peers_message()}
     for i in list(server.keys):
         if drop_at.get(i) != "shares":
             _, shares = sessions[i].answer(peers)
@@ -220,6 +230,11 @@ def protocol(n: int = 5, m: int = 2000, weighted: bool = True, drop_at: dict[int
     survivors = sorted(server.survivors)
     dropped = sorted(set(server.sharers) - server.survivors)
     unmask = {"header": "<SECAGG_UNMASK>", "round": 1, "survivors": survivors, "dropped": dropped}
+    if identities:
+        for i in survivors:
+            _, signed = sessions[i].answer({**unmask, "header": "<SECAGG_CHECK>"})
+            server.take_signature(i, signed["signature"])
+        unmask["signatures"] = {str(i): text for i, text in server.signatures.items()}
     reveals = {}
     for i in survivors if reveal else []:
         if drop_at.get(i) != "reveal":
@@ -486,9 +501,10 @@ def test_secure_rounds_give_the_example_weighted_mean():
     assert torch.allclose(engine.model.tensors["w"], torch.full((3, 4), 2 * step), atol=1e-5)
     # The server side holds, of each client, only what it sent: keys and a seed commitment, ciphertexts it
     # cannot open, a masked vector (folded into the running total at once), its plain-text count, and shares;
-    # the round keeps nothing else but its settings and the unmasking's lines for the log.
-    assert set(vars(engine.secure.server)) == {"params", "weighted", "keys", "commitments", "outbox", "total",
-                                               "survivors", "counts", "left_out"}
+    # with identities its signed keys and its signature of the survivors (public, all of them); the round
+    # keeps nothing else but its settings and the unmasking's lines for the log.
+    assert set(vars(engine.secure.server)) == {"params", "weighted", "federation_key", "keys", "signed", "signatures",
+                                               "commitments", "outbox", "total", "survivors", "counts", "left_out"}
     for client in clients:
         assert [h for h, _ in client.sent] == ["<SECAGG_KEYS>", "<SECAGG_SHARES>", "<UPDATE>", "<SECAGG_REVEAL>"] * 2
 
