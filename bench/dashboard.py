@@ -42,11 +42,11 @@ def run_federation(num_clients: int, rounds: int, out: Path, dashboard: bool, pl
         port = int(server.wait_for(r"listening on [\d.]+:(\d+)", timeout=120).group(1))
         page = None
         if dashboard:
-            url = server.wait_for(r"dashboard: (http://\S+)", timeout=30).group(1)
+            link = server.wait_for(r"dashboard: (http://\S+)", timeout=30).group(1)  # with the run's token
             chromium = shutil.which("chromium") or shutil.which("chromium-browser")
             browser = playwright.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url)
+            page.goto(link)  # as a user opens it: the token goes into the page's cookie
             page.wait_for_selector("#feed.live", timeout=30_000)
         swarms = light_clients(port, num_clients)
         procs.extend(swarms)

@@ -414,7 +414,7 @@ class DashboardSettings:
 
     dashboard: str | None = setting(None, "serve a live web page of the run at [HOST:]PORT (host 127.0.0.1 unless "
                                           "given; port 0 picks a free one): lobby, rounds, charts, Start and Stop. "
-                                          "Beyond loopback, its actions need the --auth-token-file token",
+                                          "Open the link it prints: it carries the run's fresh dashboard token",
                                     group=DASHBOARD, metavar="[HOST:]PORT")
     start: str = setting("auto", "auto: training starts --time-to-wait after the first client is ready; manual: when "
                                  "Start training is pressed on the dashboard, or the server gets SIGUSR1",

@@ -6,6 +6,7 @@ warnings) from the run's events, and pushes what changed to every open page as
 server-sent events, in one batch every quarter of a second: an event costs the round
 engine a dict update, whatever the number of pages or clients.
 
+    GET  /?token=TOKEN     the printed link: sets the cookie, then 303 to /
     GET  /                 the page (fedsock/static/: dashboard.html, .js, .css, and uPlot)
     GET  /api/state        everything the page shows, as one JSON object
     GET  /api/events       the live feed (text/event-stream): `snapshot`, then batches of changes
@@ -14,19 +15,35 @@ engine a dict update, whatever the number of pages or clients.
     POST /api/stop         end the run as SIGINT does, with the checkpoint whole
     POST /api/more         {"rounds": N}: --stay's next session
 
-Actions are refused unless they come from the page itself: a JSON body with the
-`X-Fedsock-Action` header (a cross-site page cannot send one without a CORS preflight,
-which this server never grants), and no foreign `Origin`. Beyond loopback they also need
-`Authorization: Bearer <the run's --auth-token-file token>`. Nothing secret is shown:
-no token, no file path.
+Every request needs the dashboard's token, loopback included: on a shared machine any
+local user can reach 127.0.0.1, and Stop or model.pt are not theirs. The page's own files
+need it too: they hold nothing secret, but a rule without exceptions forgets no new path.
+The token is fresh
+for each run (`secrets.token_urlsafe(32)`) and the server prints it once, in its link
+`dashboard: http://HOST:PORT/?token=...`, as Jupyter does. Opening that link stores it in
+an HttpOnly, SameSite=Strict cookie (named with the port: cookies are shared by every port
+of a host) and redirects to the bare URL, so the token leaves the address bar; scripts send
+`Authorization: Bearer TOKEN`. It replaces the federation's --auth-token-file token here:
+that one is every client's (a client could have pressed Stop), and the page's plain HTTP
+would have sent it in clear, where a listener could then join the federation with it.
+
+Because the cookie goes with every request, actions are refused unless they come from the
+page itself: a JSON body with the `X-Fedsock-Action` header (a cross-site page cannot send
+one without a CORS preflight, which this server never grants), and no foreign `Origin`.
+The `Host` must name this dashboard (an address, `localhost`, the bind host, and beyond
+loopback this machine's names), so a DNS-rebinding page cannot reach it, wherever it listens.
+Nothing secret is shown: no token, no file path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import math
+import secrets
+import socket
 import time
 from collections import deque
 from pathlib import Path
@@ -227,11 +244,11 @@ class DashboardState(Observer):
         config = self.engine.config
         return {name: getattr(config, name) for name in SHOWN_SETTINGS if hasattr(config, name)}
 
-    def snapshot(self, auth_required: bool) -> dict[str, Any]:
+    def snapshot(self) -> dict[str, Any]:
         return {
             "run": self.run(), "settings": self.settings(), "listening": self.listening,
             "limits": {name: [low, high] for name, (_, low, high) in LAUNCH_LIMITS.items()},
-            "auth_required": auth_required, "clients": list(self.clients.values()),
+            "clients": list(self.clients.values()),
             "rounds": [self.rounds[n] for n in sorted(self.rounds)], "log": list(self.log),
             "refused": list(self.refused),
         }
@@ -254,19 +271,72 @@ class DashboardState(Observer):
         return batch or None
 
 
+class Access:
+    """Who may use the dashboard: a Host that names it, and the run's token (see the module's docstring)."""
+
+    def __init__(self):
+        self.token = secrets.token_urlsafe(32)  # this run's: shown only in `link`, which the server prints
+        self.url, self.cookie = "", ""
+        self.names: set[str] = set()  # the Host names it answers to (an address is always fine)
+
+    def opened(self, url: str, port: int, names: set[str]) -> None:
+        self.url, self.cookie, self.names = url, f"fedsock-dashboard-{port}", names
+
+    @property
+    def link(self) -> str:
+        return f"{self.url}?token={self.token}"
+
+    def check(self, request) -> web.Response | None:
+        """Raise Refused, or pass (None), or answer a sign-in itself (its redirect)."""
+        self.check_host(request)
+        response = self.sign_in(request)
+        if response is None:
+            self.check_token(request)
+        return response
+
+    def check_host(self, request) -> None:
+        """The Host must name this dashboard. A DNS-rebinding page reaches it under the attacker's own
+        name, so a name must be one of ours; an address cannot be rebound, so any address is fine.
+        The refusal lists no names: a rebinding page can read it."""
+        given = request.headers.get("Host", "")  # not request.host: without one, it asks the DNS
+        name = host_name(given)
+        if not is_address(name) and name not in self.names:
+            raise Refused(403, f"this dashboard answers only to its own addresses and names, not to Host {given!r}")
+
+    def sign_in(self, request) -> web.Response | None:
+        """`GET ...?token=T`, the printed link: T goes into the cookie, and the browser to the bare URL."""
+        if "token" not in request.query or request.method not in ("GET", "HEAD"):
+            return None
+        self.refuse_unless(request.query["token"])
+        bare = request.rel_url.with_query({k: v for k, v in request.query.items() if k != "token"})
+        response = web.Response(status=303, headers={"Location": str(bare)})
+        response.set_cookie(self.cookie, self.token, path="/", httponly=True, samesite="Strict")
+        return response
+
+    def check_token(self, request) -> None:
+        """The token, from the cookie the link set or as `Authorization: Bearer TOKEN`."""
+        given = request.headers.get("Authorization", "")
+        self.refuse_unless(given[len("Bearer "):].strip() if given.startswith("Bearer ")
+                           else request.cookies.get(self.cookie, ""))
+
+    def refuse_unless(self, given: str) -> None:
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), self.token.encode()):
+            raise Refused(403, f"this dashboard needs its token: open the link the server printed "
+                               f"(dashboard: {self.url}?token=...), or send Authorization: Bearer TOKEN")
+
+
 class Dashboard(Observer):
     """The web server: aiohttp in the run's own event loop (see the module's docstring)."""
 
-    def __init__(self, host: str, port: int, engine, title: str, token: bytes | None, loopback: bool):
+    def __init__(self, host: str, port: int, engine, title: str, loopback: bool):
         self.host, self.port, self.engine, self.title = host, port, engine, title
         self.state = DashboardState(engine)
-        self.token = token
-        self.auth_required = not loopback  # beyond loopback, actions need the token
+        self.access = Access()
         self.loopback = loopback
         self.pages: set[asyncio.Queue] = set()
         self.runner = None
         self.pusher: asyncio.Task | None = None
-        self.url = ""
+        self.url = ""  # the bare URL; access.link carries the token
         self.broken = False
         self.downloading = asyncio.Lock()
 
@@ -309,6 +379,10 @@ class Dashboard(Observer):
         if host in ("0.0.0.0", "::"):
             shown = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
         self.url = f"http://{shown}:{port}/"
+        names = {"localhost"} | ({self.host.lower()} if not is_address(self.host) else set())
+        if not self.loopback:  # getfqdn may ask the DNS: not in the event loop
+            names |= await asyncio.get_running_loop().run_in_executor(None, machine_names)
+        self.access.opened(self.url, port, names)
         self.pusher = asyncio.ensure_future(self.push_loop())
         return self.url
 
@@ -348,10 +422,9 @@ class Dashboard(Observer):
 
     # ---- handlers
     async def checks(self, request, handler):
-        """Every request: the Host check, errors as one JSON sentence, the security headers."""
+        """Every request: the Host check, the token, errors as one JSON sentence, the security headers."""
         try:
-            self.check_host(request)
-            response = await handler(request)
+            response = self.access.check(request) or await handler(request)
         except Refused as exc:
             response = web.json_response({"error": str(exc)}, status=exc.status)
         except web.HTTPException as exc:  # 404, 405, 413: a sentence too
@@ -364,14 +437,6 @@ class Dashboard(Observer):
             response.headers.setdefault(name, value)
         return response
 
-    def check_host(self, request) -> None:
-        """A loopback dashboard answers only to loopback names: a DNS-rebinding page cannot reach it."""
-        if not self.loopback:
-            return
-        host = request.host.rsplit(":", 1)[0] if not request.host.startswith("[") else request.host.split("]")[0] + "]"
-        if host not in ("127.0.0.1", "localhost", "[::1]", self.host, f"[{self.host}]"):
-            raise Refused(403, f"this dashboard answers only to loopback addresses, not {request.host!r}")
-
     async def page(self, request):
         return web.FileResponse(STATIC / "dashboard.html", headers={"Content-Type": "text/html; charset=utf-8"})
 
@@ -383,7 +448,7 @@ class Dashboard(Observer):
         return web.FileResponse(path)
 
     async def api_state(self, request):
-        return web.json_response(self.state.snapshot(self.auth_required), dumps=dumps)
+        return web.json_response(self.state.snapshot(), dumps=dumps)
 
     async def api_events(self, request):
         if len(self.pages) >= MAX_PAGES:
@@ -396,7 +461,7 @@ class Dashboard(Observer):
             for name, value in SECURITY_HEADERS.items():
                 response.headers.setdefault(name, value)
             await response.prepare(request)
-            snapshot = dumps(self.state.snapshot(self.auth_required))
+            snapshot = dumps(self.state.snapshot())
             await response.write(f"event: snapshot\ndata: {snapshot}\n\n".encode())
             while True:
                 try:
@@ -417,7 +482,6 @@ class Dashboard(Observer):
         name = request.match_info["name"]
         if name not in DOWNLOADS:
             raise web.HTTPNotFound()
-        self.check_token(request, "a download")  # the model is what the federation's token protects
         if self.downloading.locked():  # each one is a copy of the model or a plot: one at a time
             raise Refused(429, "another download is being made; try again in a moment")
         async with self.downloading:
@@ -438,17 +502,9 @@ class Dashboard(Observer):
         return web.Response(body=body, headers={"Content-Type": DOWNLOADS[name],
                                                 "Content-Disposition": f'attachment; filename="{name}"'})
 
-    def check_token(self, request, what: str) -> None:
-        """Beyond loopback: the run's token, as `Authorization: Bearer TOKEN`."""
-        if not self.auth_required:
-            return
-        given = request.headers.get("Authorization", "")
-        if not given.startswith("Bearer ") or self.token is None \
-                or not hmac.compare_digest(given[len("Bearer "):].strip().encode(), self.token):
-            raise Refused(401, f"{what} needs the run's token (the server's --auth-token-file)")
-
     async def action(self, request) -> dict[str, Any]:
-        """The checks every action passes: from this page (CSRF), with the token beyond loopback, JSON."""
+        """The checks every action passes besides the token: from this page (the cookie goes with a
+        cross-site request too), and JSON."""
         origin = request.headers.get("Origin")
         if origin is not None and origin != f"{request.scheme}://{request.host}":
             raise Refused(403, f"a request from {origin} may not act on this run")
@@ -456,7 +512,6 @@ class Dashboard(Observer):
             raise Refused(403, "a cross-site request may not act on this run")
         if request.headers.get("X-Fedsock-Action") != "1" or request.content_type != "application/json":
             raise Refused(403, "actions come from the dashboard page (a JSON body and its X-Fedsock-Action header)")
-        self.check_token(request, "this action")
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError, LookupError):  # LookupError: an unknown charset
@@ -493,6 +548,30 @@ class Dashboard(Observer):
     def done(self, message: str):
         self.engine.events.notice(message)
         return web.json_response({"ok": True, "message": message})
+
+
+def host_name(host: str) -> str:
+    """A Host header's name or address: no port, no IPv6 brackets, no final dot, lower case."""
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    return host.rstrip(".").lower()
+
+
+def is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def machine_names() -> set[str]:
+    """The names another machine may use for this one: its host name, short and qualified, and mDNS's."""
+    host = socket.gethostname().lower()
+    short = host.split(".")[0]
+    return {name for name in (host, short, f"{short}.local", socket.getfqdn().lower()) if name}
 
 
 def end_feed(queue: asyncio.Queue, keep: bool) -> None:

@@ -5,7 +5,7 @@
     python demo.py -- --partition dirichlet --alpha 0.3    # anything after -- goes to fl_server.py
     python demo.py --task spam              # each client its own SMS messages: a spam detector
     python demo.py --task chest-xray        # each client its own chest_xray/ folders of PNG X-rays
-    python demo.py --dashboard              # the live dashboard at http://127.0.0.1:8765/: press Start there
+    python demo.py --dashboard              # the live dashboard at http://127.0.0.1:8765/?token=...: press Start there
 
 In a terminal with tmux installed, every process gets a pane of its own (made for
 recording); otherwise their lines are interleaved here, each labelled with its
@@ -18,6 +18,7 @@ import argparse
 import csv
 import importlib.util
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -42,6 +43,7 @@ ROOT = Path.cwd()
 COLOURS = ["\033[1;36m", "\033[32m", "\033[33m", "\033[35m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
 HOLD_S = 20  # how long tmux panes stay on screen after the run, to read the last lines
+DASHBOARD_LINK = re.compile(r"dashboard: (http://\S+)")  # the server's line: its link carries the run's token
 
 
 # What each demo task trains, by default (the flags after `--` go to the server and win).
@@ -114,14 +116,16 @@ def client_command(client_id: int, port: int, quiet: bool, flags: list[str]) -> 
 
 
 def pump(proc: subprocess.Popen, label: str, colour: str, tty: bool, ready: threading.Event | None = None,
-         found: list | None = None) -> None:
-    """Copy a process's lines here, each prefixed with its label."""
+         found: list | None = None, dashboard: bool = False) -> None:
+    """Copy a process's lines here, each prefixed with its label (and open the server's dashboard link)."""
     prefix = f"{colour}{label:<9}|{RESET} " if tty else f"{label:<9}| "
     for line in proc.stdout:
         if ready is not None and not ready.is_set() and "listening on " in line:
             found.append(int(line.rsplit("listening on ", 1)[1].split()[0].rsplit(":", 1)[1]))
             ready.set()
         print(prefix + line.rstrip("\n"), flush=True)
+        if dashboard and (link := DASHBOARD_LINK.search(line)):
+            open_page(link.group(1))
     if ready is not None:
         ready.set()  # the server ended before listening: the caller sees no port
 
@@ -132,7 +136,8 @@ def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str], c
     server = subprocess.Popen(server_command(args, 0, output_dir, extra), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     procs, threads, ready, port = [server], [], threading.Event(), []
-    threads.append(threading.Thread(target=pump, args=(server, "server", COLOURS[0], tty, ready, port)))
+    threads.append(threading.Thread(target=pump, args=(server, "server", COLOURS[0], tty, ready, port,
+                                                       args.dashboard is not None)))
     threads[0].start()
     try:
         if not ready.wait(timeout=180) or not port:
@@ -173,8 +178,11 @@ def run_in_tmux(args: argparse.Namespace, output_dir: Path, extra: list[str],
     commands = [shlex.join(server_command(args, port, output_dir, extra)) + hold]
     commands += [shlex.join(client_command(k, port, False, client_flags[k])) + hold for k in range(1, args.clients + 1)]
     size = shutil.get_terminal_size((200, 50))
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", str(size.columns), "-y", str(size.lines),
-                    "-c", str(ROOT), commands[0]], check=True)
+    server_pane = subprocess.run(["tmux", "new-session", "-d", "-P", "-F", "#{pane_id}", "-s", session, "-x",
+                                  str(size.columns), "-y", str(size.lines), "-c", str(ROOT), commands[0]],
+                                 check=True, capture_output=True, text=True).stdout.strip()
+    if args.dashboard is not None:
+        threading.Thread(target=open_from_pane, args=(server_pane,), daemon=True).start()
     for command in commands[1:]:
         subprocess.run(["tmux", "split-window", "-t", session, "-c", str(ROOT), command], check=True)
         subprocess.run(["tmux", "select-layout", "-t", session, "tiled"], check=True, stdout=subprocess.DEVNULL)
@@ -207,26 +215,29 @@ def report(output_dir: Path) -> int:
     return 0
 
 
-def open_page(url: str) -> None:
-    """Say where the dashboard is, and open it in a browser once it answers (where there is a screen)."""
-    print(f"demo: the dashboard is at {url}: press Start training there once the clients are in; "
-          f"Stop ends the demo", flush=True)
-    if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform == "darwin"):
-        return
-
-    def open_when_up() -> None:
-        import urllib.request
+def open_page(link: str, tell: bool = True) -> None:
+    """The server printed its dashboard's link, with the run's token, once the page is up: say where it is,
+    and open it in a browser where there is a screen (the link sets the token's cookie)."""
+    if tell:
+        print(f"demo: the dashboard is at {link}: press Start training there once the clients are in; "
+              f"Stop ends the demo", flush=True)
+    if os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY") or sys.platform == "darwin":
         import webbrowser
 
-        for _ in range(300):  # up to a minute: the server loads its data first
-            try:
-                urllib.request.urlopen(url + "api/state", timeout=1).close()
-                webbrowser.open(url)
-                return
-            except OSError:
-                time.sleep(0.2)  # polling a page that is not up yet: bounded, and only for a convenience
+        threading.Thread(target=webbrowser.open, args=(link,), daemon=True).start()
 
-    threading.Thread(target=open_when_up, daemon=True).start()
+
+def open_from_pane(pane: str) -> None:
+    """tmux: the link is in the server's pane, where the user reads it; open it from there (a line here
+    would scribble over tmux's screen). The server loads its data first: up to three minutes."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        shown = subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-", "-t", pane], capture_output=True,
+                               text=True).stdout  # -J: a long link wrapped in a narrow pane is one line again
+        if link := DASHBOARD_LINK.search(shown):
+            open_page(link.group(1), tell=False)
+            return
+        time.sleep(0.2)  # polling a pane for a convenience: bounded, and nothing waits on it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,9 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     except FedsockError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
-    if args.dashboard is not None:
+    if args.dashboard is not None:  # its link is the server's to print: the token is made there
         server_flags += ["--dashboard", f"127.0.0.1:{args.dashboard}", "--start", "manual", "--stay"]
-        open_page(f"http://127.0.0.1:{args.dashboard}/")
     status = (run_in_tmux(args, output_dir, server_flags, client_flags) if use_tmux
               else run_labelled(args, output_dir, server_flags, client_flags, stop_is_ok=args.dashboard is not None))
     if status is None:  # detached from tmux: the run is still going

@@ -97,13 +97,6 @@ def prepare(config: ServerConfig, checkpoint: Checkpoint | None) -> Setup:
         raise UsageError("use --auth-token-file or --auth-tokens-file, not both")
     per_client = security.read_client_secrets(config.auth_tokens_file, WHO) if config.auth_tokens_file else None
     shared = None if per_client else security.load_token(config.auth_token_file, WHO)
-    if config.dashboard:
-        from fedsock.dashboard import parse_address
-
-        host = parse_address(config.dashboard)[0]
-        if not is_loopback(host) and shared is None:
-            raise UsageError(f"--dashboard {config.dashboard} listens beyond loopback: its Start and Stop need the "
-                             f"run's token, so give --auth-token-file (or keep it on 127.0.0.1 and use ssh -L)")
     setup = prepare_training(config, checkpoint)
     setup.tls, setup.auth = tls, security.Authenticator(shared, per_client)
     return setup
@@ -176,10 +169,10 @@ async def serve(config: ServerConfig, setup: Setup, listener: socket.socket, out
     auth = "token authentication" if setup.auth.required else "no authentication"
     if not is_loopback(config.host) and not (setup.tls and setup.auth.required):
         warn(WHO, f"listening on {config.host} without TLS and a token: anyone who can reach this port can join and read the model")
-    dashboard = await open_dashboard(config, setup, engine, events, title) if config.dashboard else None
+    dashboard = await open_dashboard(config, engine, events, title) if config.dashboard else None
     events.emit(Listening(f"{host}:{port}", transport, auth, str(output_dir)))
     if dashboard is not None:
-        say(WHO, f"dashboard: {dashboard.url}" + ("" if dashboard.loopback else " (its actions need the run's token)"))
+        say(WHO, f"dashboard: {dashboard.access.link}")  # the one place its token is shown: not an event, not in a file
     lobby.start()
     try:
         return await engine.run()
@@ -190,13 +183,13 @@ async def serve(config: ServerConfig, setup: Setup, listener: socket.socket, out
             await dashboard.close()
 
 
-async def open_dashboard(config: ServerConfig, setup: Setup, engine: RoundEngine, events: Events, title: str):
+async def open_dashboard(config: ServerConfig, engine: RoundEngine, events: Events, title: str):
     """--dashboard: the page, in this event loop; it observes the run's events like the console."""
     from fedsock.dashboard import Dashboard, parse_address
 
     host, port = parse_address(config.dashboard)
     loopback = is_loopback(host)
-    dashboard = Dashboard(host, port, engine, title, setup.auth.shared, loopback)
+    dashboard = Dashboard(host, port, engine, title, loopback)
     try:
         await dashboard.start()
     except OSError as exc:
@@ -204,5 +197,12 @@ async def open_dashboard(config: ServerConfig, setup: Setup, engine: RoundEngine
         if exc.errno == errno.EADDRINUSE:
             raise UsageError(f"--dashboard {config.dashboard}: port {port} is already in use; pick another") from exc
         raise UsageError(f"--dashboard {config.dashboard}: cannot listen: {exc.strerror or exc}") from exc
+    if not loopback:
+        message = (f"the dashboard listens on {host} over plain HTTP: its token and downloads cross the network "
+                   f"unencrypted; on an untrusted network keep it on 127.0.0.1 and use ssh -L")
+        if host in ("0.0.0.0", "::"):
+            names = ", ".join(sorted(name for name in dashboard.access.names if name not in ("localhost", host)))
+            message += f"; from another machine, open its link with this machine's address or name ({names})"
+        warn(WHO, message)
     events.observers.append(dashboard)
     return dashboard

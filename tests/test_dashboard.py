@@ -1,18 +1,25 @@
 """The live dashboard: its page in a real headless Chromium, its HTTP checks on real sockets.
 
 The browser test drives a real federation (a server and two clients as processes) from the
-page: the clients appear, Start (with settings), a session ends, more rounds, Stop; then
-the server's files and exit codes are checked. Chromium is the system's (apt's `chromium`,
-installed by .ci/run); Playwright drives it without downloading a browser of its own.
+page, opened with the link the server printed: the clients appear, Start (with settings),
+a session ends, more rounds, Stop; then the server's files and exit codes are checked.
+Chromium is the system's (apt's `chromium`, installed by .ci/run); Playwright drives it
+without downloading a browser of its own. The checks of who may ask (the token, the Host,
+cross-site requests) run a Dashboard in this process, on a real socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
+import http.cookies
+import io
 import json
 import shutil
 import signal
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -21,13 +28,13 @@ import torch
 from conftest import FAST
 from support import run_cli
 from fedsock.console import ExitStatus
-from fedsock.dashboard import Dashboard, DashboardState, parse_address
+from fedsock.dashboard import Dashboard, DashboardState, host_name, parse_address
 from fedsock.events import ClientJoined, ClientReady, ConnectionRefused, Listening, RoundSaved, UpdateAccepted
 from fedsock.run_files import read_checkpoint
 from test_compression import RawPeer
 from test_engine import FakeClient, engine_for
 
-DASHBOARD_URL = r"dashboard: (http://127\.0\.0\.1:(\d+)/)"
+DASHBOARD_LINK = r"dashboard: ((http://127\.0\.0\.1:\d+/)\?token=[\w-]+)"  # the link, then its bare URL
 UI_TIMEOUT_MS = 120_000  # a bound on every wait in the page (each takes seconds)
 
 
@@ -58,6 +65,42 @@ def decoded(answer):
     return json.loads(body or b"null") if answer.headers.get_content_type() == "application/json" else body
 
 
+def bearer(link: str) -> dict:
+    """The header a script sends, with the token of the link the server printed."""
+    token = urllib.parse.parse_qs(urllib.parse.urlsplit(link).query)["token"][0]
+    return {"Authorization": f"Bearer {token}"}
+
+
+def sign_in(link: str) -> tuple[str, dict, http.cookies.Morsel]:
+    """Open the printed link as a browser does, without following the redirect: where it sends the
+    browser, the cookie it set (as the header the browser sends back), and that cookie's attributes."""
+    parts = urllib.parse.urlsplit(link)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    try:
+        connection.request("GET", f"{parts.path}?{parts.query}")
+        answer = connection.getresponse()
+        answer.read()
+    finally:
+        connection.close()
+    assert answer.status == 303, answer.status
+    [(name, cookie)] = http.cookies.SimpleCookie(answer.headers["Set-Cookie"]).items()
+    return urllib.parse.urljoin(link, answer.headers["Location"]), {"Cookie": f"{name}={cookie.value}"}, cookie
+
+
+def with_dashboard(engine, scenario, host: str = "127.0.0.1", loopback: bool = True):
+    """`scenario(dashboard)`, blocking HTTP calls in a thread, against a Dashboard served by this
+    process's event loop on a free port; bounded."""
+    async def run():
+        dashboard = Dashboard(host, 0, engine, "test", loopback)
+        await dashboard.start()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, scenario, dashboard)
+        finally:
+            await dashboard.close()
+
+    return asyncio.run(asyncio.wait_for(run(), 60))
+
+
 # --------------------------------------------------------------------------- in the browser
 
 
@@ -68,19 +111,22 @@ def test_the_page_shows_the_lobby_starts_the_run_trains_more_and_stops_it(cluste
     out = tmp_path / "run"
     server = cluster.server(*FAST, "--num-clients", "2", "--min-clients", "2", "--num-rounds", "1", "--start", "manual",
                             "--stay", "--dashboard", "127.0.0.1:0", "--seed", "3", output_dir=out)
-    url = server.wait_for(DASHBOARD_URL, timeout=30).group(1)
+    link, url = server.wait_for(DASHBOARD_LINK, timeout=30).groups()
     clients = [cluster.client(k, quiet=False) for k in (1, 2)]
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
         try:
+            assert browser.new_page().goto(url).status == 403  # a browser that never opened the link
             page = browser.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(url)
+            page.goto(link)
+            assert page.url == url  # the token left the address bar, for a cookie no script can read
+            [cookie] = page.context.cookies()
+            assert (cookie["httpOnly"], cookie["sameSite"]) == (True, "Strict") and cookie["value"] in link
             expect(page.locator("#phase")).to_have_text("waiting for start", timeout=UI_TIMEOUT_MS)
             expect(page.locator("#client-count")).to_have_text("(2 waiting)", timeout=UI_TIMEOUT_MS)
             expect(page.locator("#clients tbody tr")).to_have_count(2)
-            assert page.locator("#token-box").is_hidden()  # loopback: no token asked for
             page.fill("input[name=num_rounds]", "2")
             page.fill("input[name=lr]", "0.1")
             page.click("#start")
@@ -94,7 +140,7 @@ def test_the_page_shows_the_lobby_starts_the_run_trains_more_and_stops_it(cluste
             expect(page.locator("#clients tbody tr").first).to_contain_text("waiting")
             expect(page.locator("#clients tbody tr").first).to_contain_text("127.0.0.1")
 
-            csv = page.request.get(url + "download/metrics.csv")
+            csv = page.request.get(url + "download/metrics.csv")  # with the page's cookie, as its links are
             assert csv.ok and csv.text().count("\n") == 3  # a header and two rounds
             model = page.request.get(url + "download/model.pt")
             (tmp_path / "model.pt").write_bytes(model.body())
@@ -130,86 +176,111 @@ def test_the_page_shows_the_lobby_starts_the_run_trains_more_and_stops_it(cluste
 
 
 @pytest.mark.processes
-def test_beyond_loopback_every_action_needs_the_runs_token(cluster, tmp_path):
-    token = tmp_path / "token"
-    token.write_text("s3cret-token-for-the-test\n")
-    token.chmod(0o600)
+def test_a_dashboard_beyond_loopback_prints_its_link_once_and_writes_its_token_nowhere(cluster, tmp_path):
+    """No federation token is needed: the dashboard's own guards it. The page is plain HTTP: a warning says so."""
+    out = tmp_path / "run"
     server = cluster.server(*FAST, "--num-clients", "2", "--start", "manual", "--dashboard", "0.0.0.0:0",
-                            "--auth-token-file", str(token))
-    url = server.wait_for(DASHBOARD_URL + r" \(its actions need the run's token\)", timeout=30).group(1)
-    status, state = request(url + "api/state")
-    assert status == 200 and state["auth_required"] and state["run"]["phase"] == "waiting for start"
+                            output_dir=out)
+    link, url = server.wait_for(DASHBOARD_LINK, timeout=30).groups()
+    server.wait_for("WARNING: the dashboard listens on 0.0.0.0 over plain HTTP", timeout=30)
+    good = bearer(link)
+    assert request(url + "api/state")[0] == 403
+    status, state = request(url + "api/state", None, good)
+    assert status == 200 and state["run"]["phase"] == "waiting for start"
     shown = json.dumps(state)
-    assert "s3cret" not in shown and str(tmp_path) not in shown  # no token, no path
-    assert request(url + "api/stop", {})[0] == 401
-    assert request(url + "api/stop", {}, {"Authorization": "Bearer wrong"})[0] == 401
-    good = {"Authorization": "Bearer s3cret-token-for-the-test"}
+    assert good["Authorization"][7:] not in shown and str(tmp_path) not in shown  # no token, no path
+    assert request(url + "api/state", None, {**good, "Host": "rebound.example"})[0] == 403
     assert request(url + "api/stop", {}, {**good, "Origin": "http://evil.example"})[0] == 403  # the token is not enough
     assert request(url + "api/start", {"lr": -1}, good) == (409, {"error": "lr -1 is outside 1e-05..10"})
-    assert request(url + "download/metrics.csv")[0] == 401  # the model and metrics are the run's too
     status, csv = request(url + "download/metrics.csv", None, good)
     assert status == 200 and csv.startswith(b"round,clients,") and csv.count(b"\n") == 1  # no round yet: a header
-    from playwright.sync_api import expect, sync_playwright
-
-    with sync_playwright() as playwright:  # the page asks for the token, and sends it with each action
-        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
-        try:
-            page = browser.new_page()
-            page.goto(url)
-            expect(page.locator("#token-box")).to_be_visible(timeout=UI_TIMEOUT_MS)
-            page.click("#stop")
-            expect(page.locator("#answer")).to_contain_text("this action needs the run's token")
-            page.fill("#token", "s3cret-token-for-the-test")
-            with page.expect_download(timeout=UI_TIMEOUT_MS) as saved:
-                page.click("text=metrics.csv")
-            assert open(saved.value.path(), "rb").read().startswith(b"round,clients,")
-            page.click("#stop")
-            expect(page.locator("#answer")).to_contain_text("stopping")
-        finally:
-            browser.close()
+    assert request(url + "api/stop", {}, good)[0] == 200
     assert server.finish(timeout=60) == ExitStatus.INTERRUPTED
     assert "stopped (the Stop button on the dashboard) before any round completed" in server.output
+    token = good["Authorization"][7:].encode()
+    assert [line for line in server.lines if token.decode() in line] == [server.wait_for(DASHBOARD_LINK).string]
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert written and not [path for path in written if token in path.read_bytes()]  # config.json, metrics, logs
 
 
-@pytest.mark.processes
-def test_a_dashboard_beyond_loopback_without_a_token_is_refused_at_the_start(cluster, tmp_path):
-    server = cluster.server(*FAST, "--dashboard", "0.0.0.0:0", wait=False)
-    assert server.finish(timeout=60) == ExitStatus.USAGE
-    assert "listens beyond loopback: its Start and Stop need the run's token" in server.output
-    assert "Traceback" not in server.output
-
-
-def test_cross_site_and_rebinding_requests_are_refused(tmp_path):
-    """A loopback dashboard, in this process, over a real socket: what a hostile page could send."""
+def test_every_request_needs_the_dashboards_token_on_loopback_too():
+    """What another local user gets without the printed link: 403 and how to get in; nothing acts."""
     engine, _ = engine_for([FakeClient(1)], start="manual")
 
-    async def scenario() -> list:
-        dashboard = Dashboard("127.0.0.1", 0, engine, "test", None, loopback=True)
-        await dashboard.start()
-        url = dashboard.url
-        loop = asyncio.get_running_loop()
-        call = lambda *args: loop.run_in_executor(None, request, *args)  # noqa: E731
-        try:
-            return [
-                await call(url + "api/stop", {}, {"Origin": "http://evil.example"}),
-                await call(url + "api/stop", {}, {"Sec-Fetch-Site": "cross-site"}),
-                await call(url + "api/stop", {}, {"X-Fedsock-Action": None}),  # a plain form post cannot add it
-                await call(url + "api/stop", {}, {"Content-Type": "text/plain"}),
-                await call(url + "api/state", None, {"Host": f"evil.example:{dashboard.port}"}),  # DNS rebinding
-                await call(url + "api/more", {"rounds": 3}),
-                await call(url + "download/config.json"),  # only the three downloads
-                await call(url + "static/..%2Fdashboard.py"),
-                await call(url + "api/stop", {}, {"Origin": url.rstrip("/")}),  # the page itself
-            ]
-        finally:
-            await dashboard.close()
+    def scenario(dashboard) -> dict:
+        link, url = dashboard.access.link, dashboard.url
+        wrong = {"Authorization": "Bearer " + "x" * 43}
+        answers = {name: request(url + path, *rest) for name, (path, *rest) in {
+            "page": ("",), "script": ("static/dashboard.js",), "state": ("api/state",), "feed": ("api/events",),
+            "stop": ("api/stop", {}), "model": ("download/model.pt",), "wrong bearer": ("api/state", None, wrong),
+            "wrong link": ("?token=" + "x" * 43,), "wrong cookie": ("api/state", None, {
+                "Cookie": f"fedsock-dashboard-{dashboard.port}={'x' * 43}"}),
+            "link as a POST": ("api/stop?" + urllib.parse.urlsplit(link).query, {}),
+        }.items()}
+        answers["refused"] = engine.control.stopping.is_set()
+        answers["signed in"] = signed_in = sign_in(link)
+        answers["page with the cookie"] = request(signed_in[0], None, signed_in[1])[0]
+        answers["state with the cookie"] = request(url + "api/state", None, signed_in[1])[0]
+        answers["model with the token"] = request(url + "download/model.pt", None, bearer(link))
+        answers["stop with the token"] = request(url + "api/stop", {}, bearer(link))[0]
+        return answers
 
-    answers = asyncio.run(asyncio.wait_for(scenario(), 30))
+    answers = with_dashboard(engine, scenario)
+    refused = ["page", "script", "state", "feed", "stop", "model", "wrong bearer", "wrong link", "wrong cookie",
+               "link as a POST"]
+    assert {name: answers[name][0] for name in refused} == {name: 403 for name in refused}
+    assert answers["refused"] is False  # no Stop went through
+    error = answers["state"][1]["error"]
+    assert "open the link the server printed (dashboard: http://127.0.0.1:" in error and "?token=..." in error
+    url, _, cookie = answers["signed in"]
+    assert url.endswith("/") and "token" not in url  # the redirect leaves the token out of the address bar
+    assert cookie["httponly"] and cookie["samesite"] == "Strict" and cookie["path"] == "/"
+    assert (answers["page with the cookie"], answers["state with the cookie"]) == (200, 200)
+    status, model = answers["model with the token"]
+    assert status == 200 and torch.load(io.BytesIO(model), weights_only=True)["w"].tolist() == [0.0, 0.0]
+    assert answers["stop with the token"] == 200 and engine.control.stopping.is_set()
+
+
+def test_cross_site_and_rebinding_requests_are_refused():
+    """What a hostile page could send with the cookie a browser holds (the token alone is not enough)."""
+    engine, _ = engine_for([FakeClient(1)], start="manual")
+
+    def scenario(dashboard) -> list:
+        url, cookie, _ = sign_in(dashboard.access.link)
+        return [request(url + path, body, {**cookie, **headers}) for path, body, headers in [
+            ("api/stop", {}, {"Origin": "http://evil.example"}),
+            ("api/stop", {}, {"Sec-Fetch-Site": "cross-site"}),
+            ("api/stop", {}, {"X-Fedsock-Action": None}),  # a plain form post cannot add it
+            ("api/stop", {}, {"Content-Type": "text/plain"}),
+            ("api/state", None, {"Host": f"evil.example:{dashboard.port}"}),  # DNS rebinding
+            ("api/more", {"rounds": 3}, {}),
+            ("download/config.json", None, {}),  # only the three downloads
+            ("static/..%2Fdashboard.py", None, {}),
+            ("api/stop", {}, {"Origin": url.rstrip("/")}),  # the page itself
+        ]]
+
+    answers = with_dashboard(engine, scenario)
     assert [status for status, _ in answers] == [403, 403, 403, 403, 403, 409, 404, 404, 200]
     assert "may not act on this run" in answers[0][1]["error"]
-    assert "only to loopback addresses" in answers[4][1]["error"]
+    assert "answers only to its own addresses and names" in answers[4][1]["error"]
     assert engine.control.stopping.is_set() and engine.control.stop_reason == "the Stop button on the dashboard"
     assert answers[8][1]["message"].startswith("dashboard: stopping")
+
+
+def test_beyond_loopback_the_host_must_name_this_machine():
+    """Bound to 0.0.0.0 (and reached on 127.0.0.1): a rebinding page's name is refused; an address, and
+    this machine's names, are not."""
+    engine, _ = engine_for([FakeClient(1)], start="manual")
+    machine = socket.gethostname()
+
+    def scenario(dashboard) -> dict:
+        good, port = bearer(dashboard.access.link), dashboard.port
+        return {host: request(dashboard.url + "api/state", None, {**good, "Host": host})[0] for host in [
+            f"rebound.example:{port}", f"{machine}.rebound.example", f"127.0.0.1:{port}", f"localhost:{port}",
+            f"[::1]:{port}", f"192.0.2.7:{port}", f"{machine.upper()}.:{port}", f"{machine.split('.')[0]}.local"]}
+
+    statuses = with_dashboard(engine, scenario, host="0.0.0.0", loopback=False)
+    assert list(statuses.values()) == [403, 403, 200, 200, 200, 200, 200, 200], statuses
 
 
 def test_the_state_keeps_each_clients_last_numbers_and_sends_only_what_changed():
@@ -236,14 +307,20 @@ def test_the_state_keeps_each_clients_last_numbers_and_sends_only_what_changed()
     assert [r["client_id"] for r in third["refused"]] == [2, 7] and state.clients[2]["state"] == "waiting"
     from fedsock.dashboard import dumps
 
-    assert json.loads(dumps(state.snapshot(False)))["rounds"][0]["train_loss"] is None  # NaN is not JSON
-    assert "/secret/path" not in dumps(state.snapshot(False))
+    assert json.loads(dumps(state.snapshot()))["rounds"][0]["train_loss"] is None  # NaN is not JSON
+    assert "/secret/path" not in dumps(state.snapshot())
 
 
 @pytest.mark.parametrize("value, expected", [("8080", ("127.0.0.1", 8080)), ("0.0.0.0:0", ("0.0.0.0", 0)),
                                              ("[::1]:9000", ("::1", 9000)), ("localhost:1", ("localhost", 1))])
 def test_dashboard_addresses(value, expected):
     assert parse_address(value) == expected
+
+
+@pytest.mark.parametrize("host, name", [("127.0.0.1:8080", "127.0.0.1"), ("[::1]:8080", "::1"), ("::1", "::1"),
+                                        ("Box.Example.:80", "box.example"), ("localhost", "localhost")])
+def test_host_headers_are_read_as_names(host, name):
+    assert host_name(host) == name
 
 
 @pytest.mark.parametrize("value", ["", "host:", "99999", ":80", "[::1]9000", "a:b"])
@@ -300,11 +377,13 @@ def test_the_demo_opens_a_dashboard_that_starts_and_stops_the_run(cluster, tmp_p
     port = free_port()
     demo = cluster.run_program("demo.py", "--dashboard", str(port), "--clients", "2", "--model", "logreg", "--rounds",
                                "1", "--no-tmux", "--output-dir", str(tmp_path / "demo"))
-    url = demo.wait_for(r"demo: the dashboard is at (http://127\.0\.0\.1:\d+/)", timeout=30).group(1)
-    assert url == f"http://127.0.0.1:{port}/"
+    link, url = demo.wait_for(r"demo: the dashboard is at ((http://127\.0\.0\.1:\d+/)\?token=[\w-]+)",
+                              timeout=60).groups()
+    assert url == f"http://127.0.0.1:{port}/" and link in demo.wait_for(DASHBOARD_LINK).string  # the server's own
     demo.wait_for(r"2/2 ready", timeout=120)
-    assert request(url + "api/start", {})[0] == 200
+    assert request(url + "api/start", {})[0] == 403
+    assert request(url + "api/start", {}, bearer(link))[0] == 200
     demo.wait_for("session 1 finished after round 1", timeout=120)
-    assert request(url + "api/stop", {})[0] == 200
+    assert request(url + "api/stop", {}, bearer(link))[0] == 200
     assert demo.finish(timeout=120) == 0
     assert "final test accuracy" in demo.output and (tmp_path / "demo" / "model.pt").exists()

@@ -2,26 +2,33 @@
 "use strict";
 
 const state = { run: {}, settings: {}, limits: {}, clients: new Map(), rounds: new Map(), log: [], refused: [],
-                auth_required: false, listening: {} };
+                listening: {} };
 const $ = (id) => document.getElementById(id);
 let charts = {};
 let drawPending = false;
 let formTouched = false;
 let roundsVersion = 0, chartsVersion = -1;  // the charts are redrawn only when a round changed
 
-// ---- the feed
+// ---- the feed (the token travels in the HttpOnly cookie that the server's link set: no script sees it)
 function connect() {
   const feed = new EventSource("/api/events");
   feed.addEventListener("snapshot", (e) => { replace(JSON.parse(e.data)); $("feed").classList.add("live"); });
   feed.onmessage = (e) => merge(JSON.parse(e.data));
-  feed.onerror = () => { $("feed").classList.remove("live"); $("feed").title = "live feed lost; reconnecting"; };
+  feed.onerror = () => { $("feed").classList.remove("live"); $("feed").title = "live feed lost; reconnecting"; refused(); };
   // EventSource reconnects by itself; each reconnection begins with a fresh snapshot.
+}
+
+// A refused feed is not retried: say why (a server started again has a new token, and a new link).
+async function refused() {
+  try {
+    const response = await fetch("/api/state");
+    if (response.status === 403) show((await response.json()).error, false);
+  } catch (err) { /* the server is down: the feed retries */ }
 }
 
 function replace(snapshot) {
   state.clients = new Map(); state.rounds = new Map(); state.log = []; state.refused = [];
-  Object.assign(state, { settings: snapshot.settings, limits: snapshot.limits, auth_required: snapshot.auth_required,
-                         listening: snapshot.listening });
+  Object.assign(state, { settings: snapshot.settings, limits: snapshot.limits, listening: snapshot.listening });
   merge(snapshot);
 }
 
@@ -63,7 +70,6 @@ function drawControls(run, s) {
   $("stop").disabled = over;
   $("more").disabled = !between || over;
   $("more-box").hidden = !s.stay;
-  $("token-box").hidden = !state.auth_required;
   const form = $("launch");
   for (const input of form.elements) {
     const limits = state.limits[input.name];
@@ -202,22 +208,19 @@ const num = (v, digits) => (v == null ? "" : Number(v).toFixed(digits));
 const clock = (t) => new Date(t * 1000).toLocaleTimeString();
 
 // ---- actions
-function tokenHeader() {
-  const token = $("token").value.trim();
-  return token ? { Authorization: "Bearer " + token } : {};
+function show(text, ok) {
+  $("answer").textContent = text;
+  $("answer").className = ok ? "" : "error";
 }
 
 async function act(path, body) {
-  const headers = { "Content-Type": "application/json", "X-Fedsock-Action": "1", ...tokenHeader() };
-  const answer = $("answer");
+  const headers = { "Content-Type": "application/json", "X-Fedsock-Action": "1" };
   try {
     const response = await fetch(path, { method: "POST", headers, body: JSON.stringify(body || {}), credentials: "same-origin" });
     const data = await response.json();
-    answer.textContent = data.message || data.error;
-    answer.className = response.ok ? "" : "error";
+    show(data.message || data.error, response.ok);
   } catch (err) {
-    answer.textContent = "the server did not answer: " + err;
-    answer.className = "error";
+    show("the server did not answer: " + err, false);
   }
 }
 
@@ -227,33 +230,11 @@ function launchSettings() {
   return body;
 }
 
-// Beyond loopback a download needs the token too: fetched with it, then saved from memory.
-async function download(event) {
-  if (!state.auth_required) return;  // a plain link
-  event.preventDefault();
-  const link = event.currentTarget;
-  const response = await fetch(link.getAttribute("href"), { headers: tokenHeader() });
-  if (!response.ok) {
-    const answer = $("answer");
-    answer.textContent = (await response.json()).error;
-    answer.className = "error";
-    return;
-  }
-  const url = URL.createObjectURL(await response.blob());
-  const save = document.createElement("a");
-  save.href = url; save.download = link.getAttribute("download") || link.textContent;
-  save.click();
-  setTimeout(() => URL.revokeObjectURL(url), 10000);
-}
-
 document.addEventListener("DOMContentLoaded", () => {
-  for (const link of document.querySelectorAll(".downloads a")) link.addEventListener("click", download);
   $("launch").addEventListener("input", () => { formTouched = true; });
   for (const form of document.forms) form.addEventListener("submit", (e) => e.preventDefault());
   $("start").addEventListener("click", () => act("/api/start", launchSettings()));
   $("stop").addEventListener("click", () => act("/api/stop"));
   $("more").addEventListener("click", () => act("/api/more", { rounds: Number($("more-rounds").value) }));
-  $("token").value = sessionStorage.getItem("fedsock-token") || "";
-  $("token").addEventListener("change", () => sessionStorage.setItem("fedsock-token", $("token").value));
   connect();
 });
