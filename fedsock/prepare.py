@@ -24,10 +24,10 @@ from fedsock.clients import GlobalModel
 from fedsock.config import ServerConfig
 from fedsock.console import FedsockError, UsageError, say
 from fedsock.evaluation import Evaluator
+from fedsock.identity import fingerprint, load_federation_key
 from fedsock.own_data import load_own_data
 from fedsock.privacy import Accountant, Privacy, PrivacySettings, default_delta, plan_noise_multiplier
 from fedsock.run_files import Checkpoint
-from fedsock.identity import fingerprint, load_federation_key
 from fedsock.secagg import SecureAggregation
 from fedsock.strategies import Strategy
 from fedsock.tasks import Task, make_task, task_of_dataset
@@ -181,11 +181,17 @@ def make_secure_aggregation(config: ServerConfig, strategy: Strategy, weights: d
         s = privacy.settings
         settings.clip = s.clip * (1 + 8 * s.noise_multiplier)  # a clipped delta plus noise: |x| beyond this ~ never
         settings.noise_std = privacy.noise_std if s.mode == "central" else 0.0
-    say(who, f"secure aggregation: threshold {config.secagg_threshold:.2f} of each round's clients (and more than "
-             f"half), coordinates clipped to ±{settings.clip:g}, weights up to {weight_bound} examples")
+    n = min(per_round, config.num_clients)
+    t = secagg.default_threshold(n, config.secagg_threshold)
+    say(who, f"secure aggregation: threshold {t} of {n} clients a round (it survives {n - t} dropping out), "
+             f"coordinates clipped to ±{settings.clip:g}, weights up to {weight_bound} examples")
     if settings.federation_key is not None:
-        say(who, f"secure aggregation with identities: clients' keys must be signed by identities of federation "
-                 f"{fingerprint(settings.federation_key)}, and each round has the consistency check")
+        say(who, f"secure aggregation with identities of federation {fingerprint(settings.federation_key)}: a server "
+                 f"that lies learns no one update unless it colludes with {max(2 * t - n, 0)} of the {n} clients "
+                 f"(2t - n)")
+    else:
+        say(who, "secure aggregation without identities (no --federation): it holds against a server that follows "
+                 "the protocol, not against one that lies (see the README's threat model)")
     return SecureAggregation(settings, weights)
 
 
