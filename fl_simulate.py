@@ -19,6 +19,7 @@ from fedsock import config as settings
 from fedsock.console import ArgumentParser, HelpFormatter, UsageError, run_main, say
 from fedsock.flag_checks import check_config
 from fedsock.prepare import make_output_dir, prepare_training
+from fedsock.resume_guard import Protections, check_resume
 from fedsock.run_files import read_checkpoint
 from fedsock.simulate import NOT_SIMULATED, WHO, SharedData, SimulationConfig, make_backend, simulate
 from fedsock.simulate_sockets import run_over_sockets
@@ -52,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     config, checkpoint = parse_config(argv)
     if config.transport == "sockets":
         return run_over_sockets(config, argv)
+    protections = Protections.of_run(config)  # a simulation has no TLS and no secrets: only secure aggregation and DP
+    if checkpoint is not None:
+        check_resume(checkpoint, protections, {}, config.resume, config.allow_weaker_resume, WHO)
     setup = prepare_training(config, checkpoint, keep_train=True, who=WHO)
+    setup.protections = protections.to_json()
     if checkpoint is not None:
         say(WHO, f"resuming from {config.resume}: round {checkpoint.round} of {config.num_rounds} was the last completed")
         if checkpoint.round >= config.num_rounds:

@@ -112,13 +112,16 @@ def from_dict(config_class: type, values: dict[str, Any]) -> Any:
 
 def resumed(config: Any, saved: dict[str, Any], given: dict[str, Any], args: dict[str, Any]) -> Any:
     """The config of a run resumed from a checkpoint: its saved settings, under the flags given now,
-    except those that cannot change (UsageError); the output stays beside the checkpoint."""
+    except those that cannot change (UsageError), and those only the flags given now may set
+    (`given_again_on_resume`); the output stays beside the checkpoint."""
     config_class = type(config)
     before = from_dict(config_class, saved)
     for name in config.fixed_on_resume:
         if name in given and given[name] != getattr(before, name):
             raise UsageError(f"--{name.replace('_', '-')} cannot change on --resume (the run used {getattr(before, name)!r})")
     merged = {**asdict(before), **{k: v for k, v in given.items() if k in args}, "resume": config.resume}
+    for name in config.given_again_on_resume:
+        merged[name] = getattr(config, name)
     if "output_dir" not in given:
         merged["output_dir"] = str(Path(config.resume).resolve().parent)
     return config_class(**merged)
@@ -362,6 +365,9 @@ class OutputSettings:
     output_dir: str | None = setting(None, "where metrics.csv, the model, the plot and checkpoints go "
                                            "(default: runs/<timestamp>/)", group=OUTPUT, metavar="DIR")
     resume: str | None = setting(None, "continue a run from its checkpoint.fsck", group=OUTPUT, metavar="CHECKPOINT")
+    allow_weaker_resume: bool = setting(False, "let --resume continue with less protection than its checkpoint records "
+                                               "(TLS, authentication, secure aggregation, DP), or without checking its "
+                                               "seal; a warning says what is dropped", group=OUTPUT)
     quiet: bool = setting(False, "print only the round lines, warnings and errors", group=OUTPUT)
 
 
@@ -441,6 +447,13 @@ class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, Faul
         """Settings that decide each client's data and the model: a resumed run must keep them."""
         return ("model", "dataset", "num_clients", "partition", "alpha", "seed", "strategy", "task", "classes",
                 "image_size", "channels", "max_tokens", "buckets")
+
+    @property
+    def given_again_on_resume(self) -> tuple[str, ...]:
+        """Settings a resume never takes from the checkpoint, only from the flags given now: the files of
+        the run's keys, secrets and CAs, and the federation's key (whoever can edit the file could point them at
+        their own, and then seal it with them too), and the permission to weaken the run."""
+        return (*(spec.name for spec in fields(SecuritySettings)), "federation", "allow_weaker_resume")
 
 
 # --------------------------------------------------------------------------- a client

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,7 +27,7 @@ from fedsock.evaluation import Evaluator
 from fedsock.identity import fingerprint, load_federation_key
 from fedsock.own_data import load_own_data
 from fedsock.privacy import Accountant, Privacy, PrivacySettings, default_delta, plan_noise_multiplier
-from fedsock.run_files import Checkpoint
+from fedsock.run_files import Checkpoint, SealKey
 from fedsock.secagg import SecureAggregation
 from fedsock.strategies import Strategy
 from fedsock.tasks import Task, make_task, task_of_dataset
@@ -52,6 +52,8 @@ class Setup:
     train: client_helper.Split | None = None
     task: Task | None = None
     secure: SecureAggregation | None = None
+    protections: dict[str, Any] = field(default_factory=dict)  # what each checkpoint records (resume_guard)
+    seal_key: SealKey | None = None  # what seals each checkpoint, for a run with secrets
 
 
 def federated_evaluation(config: ServerConfig) -> bool:

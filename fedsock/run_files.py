@@ -3,7 +3,11 @@
 A checkpoint uses the wire format itself (a JSON frame, then a weights frame), so
 reading one back goes through the same checked decoder and never unpickles, and a
 third frame holds the SHA-256 of the two: a byte changed anywhere (a bad disk, a
-hand edit) is found before anything is resumed. metrics.csv is written from the
+hand edit) is found before anything is resumed. A SHA-256 anyone can recompute, so it
+catches accidents only: a run with secrets (its TLS key, its tokens) also seals each
+checkpoint with a fourth frame, an HMAC-SHA256 of that digest under a key derived from
+them (`seal_key`), which only a holder of the secrets can make (fedsock/resume_guard.py
+checks it, and what a resume may drop). metrics.csv is written from the
 checkpoint's own list of rows, after it, so the two always agree: if writing the
 checkpoint fails, neither has the new round.
 
@@ -16,11 +20,12 @@ from __future__ import annotations
 import asyncio
 import csv
 import hashlib
+import hmac
 import io
 import json
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +41,14 @@ METRIC_COLUMNS = (
 )
 CHECKPOINT_NAME = "checkpoint.fsck"
 CHECKPOINT_HEADER = "<CHECKPOINT>"  # framed as a protocol message, but only ever a file's: not in MESSAGES
-CHECKPOINT_FORMAT = 2  # 1: no checksum, no strategy state (fedsock before the round engine)
+CHECKPOINT_FORMAT = 3  # 1: no checksum, no strategy state (fedsock before the round engine)
+OLD_FORMATS = (2,)  # 2: no record of the run's protections, never sealed; still read (resume_guard infers them)
 # A checkpoint's JSON part holds the metrics of every round so far: generous room.
 MAX_CHECKPOINT_JSON_BYTES = 64 << 20
-DIGEST_BYTES = 32  # SHA-256
+DIGEST_BYTES = 32  # SHA-256, and the seal's HMAC-SHA256
+# HKDF's salt and info (RFC 5869): a seal's key is for this purpose only, never another use of the same secrets
+# (the authentication answers of fedsock/security.py are HMACs under the same tokens, with another context).
+SEAL_SALT, SEAL_INFO = b"fedsock checkpoint seal", b"fedsock checkpoint seal v1"
 
 
 class OutputFailed(FedsockError):
@@ -57,6 +66,47 @@ class Checkpoint:
     model: dict[str, Any]  # name -> tensor
     strategy_state: dict[str, Any] = field(default_factory=dict)  # name -> tensor
     extra: dict[str, Any] = field(default_factory=dict)  # JSON, e.g. a privacy accountant's history
+    protections: dict[str, Any] | None = None  # JSON: resume_guard.Protections; None in a format-2 file
+    seal: Seal | None = None  # read back: the MAC the file carries, checked once the run's secrets are loaded
+
+
+@dataclass(frozen=True)
+class SealKey:
+    """The key that seals a run's checkpoints, and the names of the secrets it was derived from
+    (which the file records, so that a resume can say which flags to give again)."""
+
+    secrets: tuple[str, ...]
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Seal:
+    """What a sealed checkpoint carries: the names of the secrets of its key, the SHA-256 of its
+    contents, and the HMAC-SHA256 of that digest."""
+
+    secrets: tuple[str, ...]
+    digest: bytes
+    mac: bytes
+
+
+def seal_key(secrets: dict[str, bytes]) -> SealKey | None:
+    """HKDF-SHA256 of the run's secrets (by name), or None for a run without any. Each secret goes in
+    with its name and length, so that no two sets of secrets give the same input."""
+    if not secrets:
+        return None
+    material = b"".join(name.encode() + b"\0" + len(secret).to_bytes(8, "big") + secret
+                        for name, secret in sorted(secrets.items()))
+    extracted = hmac.new(SEAL_SALT, material, hashlib.sha256).digest()
+    return SealKey(tuple(sorted(secrets)), hmac.new(extracted, SEAL_INFO + b"\x01", hashlib.sha256).digest())
+
+
+def seal_mac(key: SealKey, digest: bytes) -> bytes:
+    return hmac.new(key.key, digest, hashlib.sha256).digest()
+
+
+def seal_matches(seal: Seal, key: SealKey) -> bool:
+    """Whether `key` made this seal (in constant time)."""
+    return hmac.compare_digest(seal_mac(key, seal.digest), seal.mac)
 
 
 # --------------------------------------------------------------------------- writing
@@ -99,20 +149,24 @@ def write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
     write_atomically(path, [metrics_text(rows).encode()])
 
 
-def checkpoint_buffers(state: Checkpoint) -> list[bytes | bytearray | memoryview]:
+def checkpoint_buffers(state: Checkpoint, key: SealKey | None = None) -> list[bytes | bytearray | memoryview]:
+    """The file's bytes: the JSON and weights frames, their SHA-256, and with a key, the seal of that digest."""
     tensors = {**state.model, **{f"strategy/{k}": v for k, v in state.strategy_state.items()}}
     layout, blob = encode_weights(tensors)
     header = encode_message(CHECKPOINT_HEADER, format=CHECKPOINT_FORMAT, config=state.config, round=state.round,
-                            metrics=state.metrics, weights=layout, extra=state.extra)
+                            metrics=state.metrics, weights=layout, extra=state.extra,
+                            protections=state.protections or {}, sealed_with=list(key.secrets) if key else [])
     body = [header, frame_header(len(blob)), memoryview(blob)]
     digest = hashlib.sha256()
     for part in body:
         digest.update(part)
-    return [*body, frame_header(DIGEST_BYTES), digest.digest()]
+    digest = digest.digest()
+    seal = [frame_header(DIGEST_BYTES), seal_mac(key, digest)] if key else []
+    return [*body, frame_header(DIGEST_BYTES), digest, *seal]
 
 
-def write_checkpoint(path: Path, state: Checkpoint) -> None:
-    write_atomically(path, checkpoint_buffers(state))
+def write_checkpoint(path: Path, state: Checkpoint, key: SealKey | None = None) -> None:
+    write_atomically(path, checkpoint_buffers(state, key))
 
 
 def write_model(path: Path, tensors: dict) -> None:
@@ -210,28 +264,38 @@ def _read_checkpoint(path: Path) -> Checkpoint:
         raise ValueError(f"not a fedsock checkpoint ({exc})") from None
     if not isinstance(state, dict) or state.get("header") != CHECKPOINT_HEADER:
         raise ValueError("not a fedsock checkpoint")
-    if state.get("format") != CHECKPOINT_FORMAT:
+    if state.get("format") != CHECKPOINT_FORMAT and state.get("format") not in OLD_FORMATS:
         raise ValueError(f"it was written by another version of fedsock (format {state.get('format', 1)!r}, "
-                         f"this one reads {CHECKPOINT_FORMAT})")
+                         f"this one reads {', '.join(map(str, [*OLD_FORMATS, CHECKPOINT_FORMAT]))})")
     layout = state.get("weights")
     nbytes = layout.get("nbytes") if isinstance(layout, dict) else None
     if not isinstance(nbytes, int) or nbytes < 0:
         raise ValueError("it has no valid weights layout")
-    body_end = header_end + 8 + nbytes  # then the checksum frame: its 8-byte length (32) and the digest
-    if len(data) < body_end + 8 + DIGEST_BYTES:
-        raise ValueError(f"the file is cut short ({len(data)} bytes; its layout needs {body_end + 8 + DIGEST_BYTES})")
-    if len(data) > body_end + 8 + DIGEST_BYTES:
+    sealed_with = state.get("sealed_with", [])
+    if not isinstance(sealed_with, list) or not all(isinstance(name, str) for name in sealed_with):
+        raise ValueError("its list of the secrets that seal it is not a list of names")
+    # then the checksum frame (its 8-byte length, 32, and the digest), and for a sealed file the seal's frame
+    body_end = header_end + 8 + nbytes
+    end = body_end + (8 + DIGEST_BYTES) * (2 if sealed_with else 1)
+    if len(data) < end:
+        raise ValueError(f"the file is cut short ({len(data)} bytes; its layout needs {end})")
+    if len(data) > end:
         raise ValueError("the checksum is followed by junk")
     digest = hashlib.sha256(data[:body_end]).digest()
-    if data[body_end:] != frame_header(DIGEST_BYTES) + digest:
+    if data[body_end : body_end + 8 + DIGEST_BYTES] != frame_header(DIGEST_BYTES) + digest:
         raise ValueError("it is damaged: its SHA-256 checksum does not match its contents")
+    seal = None
+    if sealed_with:
+        if data[end - 8 - DIGEST_BYTES : end - DIGEST_BYTES] != frame_header(DIGEST_BYTES):
+            raise ValueError("its seal is not a 32-byte frame")
+        seal = Seal(tuple(sealed_with), digest, bytes(data[end - DIGEST_BYTES : end]))
     blob = bytearray(nbytes)
     try:
         reader.expect_blob(blob)  # takes what the reader already read ahead, then the rest
         reader.fill_from(read_into)
     except ProtocolError as exc:
         raise ValueError(f"its weights part does not match its layout ({exc})") from None
-    return _checked(state, decode_weights(layout, blob))
+    return replace(_checked(state, decode_weights(layout, blob)), seal=seal)
 
 
 def _checked(state: dict[str, Any], tensors: dict[str, Any]) -> Checkpoint:
@@ -251,7 +315,10 @@ def _checked(state: dict[str, Any], tensors: dict[str, Any]) -> Checkpoint:
     model = {k: v.clone() for k, v in tensors.items() if not k.startswith("strategy/")}
     strategy = {k.split("/", 1)[1]: v.clone() for k, v in tensors.items() if k.startswith("strategy/")}
     extra = state.get("extra") if isinstance(state.get("extra"), dict) else {}
-    return Checkpoint(config, number, metrics, model, strategy, extra)
+    protections = state.get("protections") if state.get("format") == CHECKPOINT_FORMAT else None
+    if state.get("format") == CHECKPOINT_FORMAT and not isinstance(protections, dict):
+        raise ValueError("it lacks the record of its run's protections")
+    return Checkpoint(config, number, metrics, model, strategy, extra, protections)
 
 
 def save_config(config, output_dir: Path, rewrite: bool = False) -> None:
@@ -272,11 +339,14 @@ def save_config(config, output_dir: Path, rewrite: bool = False) -> None:
 class RunFiles(Observer):
     """Keeps a run's files: after each round the checkpoint, then metrics.csv; at the end the
     model and the plot. The writing happens in a thread of its own; `flush()` waits for it and
-    raises OutputFailed with a sentence that names the file and the round that is safe."""
+    raises OutputFailed with a sentence that names the file and the round that is safe. Each
+    checkpoint records the run's `protections` (JSON) and is sealed with its `key`, if it has one."""
 
-    def __init__(self, output_dir: Path, title: str, resumed: Checkpoint | None = None):
+    def __init__(self, output_dir: Path, title: str, resumed: Checkpoint | None = None,
+                 protections: dict[str, Any] | None = None, key: SealKey | None = None):
         self.output_dir = output_dir
         self.title = title
+        self.protections, self.key = protections or {}, key
         self.safe_round = resumed.round if resumed else 0  # the round of the last checkpoint written
         self.last = resumed  # the newest state: its model and metrics are what the run ends with
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-files")
@@ -305,7 +375,8 @@ class RunFiles(Observer):
         if self.failed:
             return  # one failure stops the run; later rounds are not written over it
         what = f"the checkpoint {self.checkpoint_path} for round {state.round}"
-        self._guard(lambda: write_checkpoint(self.checkpoint_path, state), what)
+        stamped = replace(state, protections=self.protections)
+        self._guard(lambda: write_checkpoint(self.checkpoint_path, stamped, self.key), what)
         self.safe_round = state.round
         self._guard(lambda: write_metrics(self.output_dir / "metrics.csv", state.metrics),
                     f"{self.output_dir / 'metrics.csv'} for round {state.round}")

@@ -17,7 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from fedsock import compression, secagg, security
+from fedsock import compression, resume_guard, secagg, security
 from fedsock.clients import ClientPool
 from fedsock.config import ServerConfig
 from fedsock.console import UsageError, say, warn
@@ -27,7 +27,7 @@ from fedsock.lobby import RECEIVE_BUFFERS, Lobby, ReceiveBuffers
 from fedsock.prepare import (WHO, Setup, compression_of, federated_evaluation, make_output_dir, prepare_training,
                              required_features, run_title)
 from fedsock.run_control import stop_on_signals
-from fedsock.run_files import Checkpoint, RunFiles, save_config
+from fedsock.run_files import Checkpoint, RunFiles, save_config, seal_key
 from fedsock.transport import Traffic
 from socket_methods import encode_bitmap
 
@@ -97,9 +97,25 @@ def prepare(config: ServerConfig, checkpoint: Checkpoint | None) -> Setup:
         raise UsageError("use --auth-token-file or --auth-tokens-file, not both")
     per_client = security.read_client_secrets(config.auth_tokens_file, WHO) if config.auth_tokens_file else None
     shared = None if per_client else security.load_token(config.auth_token_file, WHO)
+    auth = "per-client" if per_client is not None else "shared" if shared is not None else "none"
+    protections = resume_guard.Protections.of_run(config, tls is not None, auth)
+    secrets = resume_guard.run_secrets(config.tls_key, shared, per_client)
+    if checkpoint is not None:
+        resume_guard.check_resume(checkpoint, protections, secrets, config.resume, config.allow_weaker_resume, WHO)
+        say_unprotected(checkpoint, protections)
     setup = prepare_training(config, checkpoint)
     setup.tls, setup.auth = tls, security.Authenticator(shared, per_client)
+    setup.protections, setup.seal_key = protections.to_json(), seal_key(secrets)
     return setup
+
+
+def say_unprotected(checkpoint: Checkpoint, now: resume_guard.Protections) -> None:
+    """An unsealed checkpoint's record of "no protections" may be an edit by whoever could write it:
+    the operator who expected them reads, at start, what this run goes without."""
+    missing = resume_guard.unprotected(now)
+    if checkpoint.seal is None and missing:
+        say(WHO, f"resuming from an unsealed checkpoint without {', '.join(missing)}: if its run had them, the "
+                 f"file was edited (stop, and resume with their flags)")
 
 
 def open_listener(host: str, port: int) -> socket.socket:
@@ -147,7 +163,7 @@ def update_layout(config: ServerConfig, setup: Setup) -> dict[str, Any]:
 async def serve(config: ServerConfig, setup: Setup, listener: socket.socket, output_dir: Path) -> int:
     host, port = listener.getsockname()[:2]
     title = run_title(config)
-    files = RunFiles(output_dir, title, setup.checkpoint)
+    files = RunFiles(output_dir, title, setup.checkpoint, setup.protections, setup.seal_key)
     events = Events([Console(config.quiet), files])
     pool, traffic = ClientPool(config.num_clients), Traffic()
     engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, traffic, setup.checkpoint,

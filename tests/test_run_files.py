@@ -97,7 +97,7 @@ def test_a_checkpoint_of_another_format_says_so(tmp_path):
     path = tmp_path / "old.fsck"
     payload = json.dumps({"header": "<CHECKPOINT>", "config": {}, "round": 1, "metrics": [], "weights": {}}).encode()
     path.write_bytes(struct.pack(">Q", len(payload)) + payload)
-    refused(path, r"it was written by another version of fedsock \(format 1, this one reads 2\)")
+    refused(path, r"it was written by another version of fedsock \(format 1, this one reads 2, 3\)")
     refused(tmp_path / "missing.fsck", "No such file or directory")
 
 
