@@ -173,6 +173,17 @@ def load_identity(path: str, client_id: int) -> Identity:
     return identity
 
 
+def enrolled_identities(federation: str, ids) -> dict[int, Identity]:
+    """The identities beside a federation.pub, one per id, as python -m fedsock.enrol wrote them there:
+    what a simulation's virtual clients sign with."""
+    folder = Path(federation).parent
+    missing = [k for k in ids if not (folder / f"client-{k}.identity").exists()]
+    if missing:
+        raise UsageError(f"no identity for client {missing[0]} beside {federation} (make them with python -m "
+                         f"fedsock.enrol --clients {max(ids)} --dir {folder})")
+    return {k: load_identity(str(folder / f"client-{k}.identity"), k) for k in ids}
+
+
 def load_federation_key(path: str) -> bytes:
     """The federation's public key (federation.pub), which the server checks clients' keys against."""
     data = _read_json(path, "federation key file")

@@ -39,6 +39,7 @@ import neural_net_helper as nnh
 from fedsock import config as settings
 from fedsock.clients import ClientPool, Dropped, FitIns, FitRes
 from fedsock.compression import compress_update, decoded_update, scratch_for
+from fedsock.identity import Identity, enrolled_identities
 from fedsock.secagg import MASKED, ClientSession
 from fedsock.config import ServerConfig, setting
 from fedsock.console import UsageError
@@ -287,11 +288,11 @@ class VirtualClient:
     """A ClientProxy that trains on the backend: an id and a count; its data stays in SharedData."""
 
     def __init__(self, client_id: int, num_examples: int, backend, faults: Faults, codec: "UpdateCodec | None" = None,
-                 secure_length: int | None = None):
+                 secure_length: int | None = None, identity: Identity | None = None):
         self.client_id, self.num_examples, self.backend, self.faults = client_id, num_examples, backend, faults
         self.codec = codec
         # secure aggregation: this client's side of it, exactly as fl_client.py runs it
-        self.session = ClientSession(client_id, secure_length) if secure_length is not None else None
+        self.session = ClientSession(client_id, secure_length, identity) if secure_length is not None else None
         self.residual: dict[str, torch.Tensor] = {}  # topk's error feedback, as a real client keeps it
 
     async def fit(self, ins: FitIns) -> FitRes:
@@ -352,9 +353,11 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
     codec = None
     if config.compression != "none":
         codec = UpdateCodec(compression_of(config), setup.model.tensors, config.seed)
-    for client_id in range(1, config.num_clients + 1):
+    ids = range(1, config.num_clients + 1)
+    identities = enrolled_identities(config.federation, ids) if setup.secure and config.federation else {}
+    for client_id in ids:
         client = VirtualClient(client_id, data.num_examples(client_id), backend, faults, codec,
-                               setup.secure.length if setup.secure is not None else None)
+                               setup.secure.length if setup.secure is not None else None, identities.get(client_id))
         pool.joined(client)
         pool.add(client)
     engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),

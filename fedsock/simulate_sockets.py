@@ -24,6 +24,7 @@ import client_helper
 import neural_net_helper as nnh
 from fedsock.clients import FitIns, GlobalModel
 from fedsock.console import FedsockError, UsageError, say
+from fedsock.identity import enrolled_identities
 from fedsock.order import ROLE_CLIENT, SECAGG_REQUESTS, Order
 from fedsock.secagg import FEATURE, MASKED, ClientSession
 from fedsock.simulate import SharedData, make_backend
@@ -71,9 +72,10 @@ def server_argv(argv: list[str]) -> list[str]:
 class SocketClient:
     """One virtual client over TCP: the protocol here, its training on the backend."""
 
-    def __init__(self, client_id: int, port: int, data, backend, model_length: int):
+    def __init__(self, client_id: int, port: int, data, backend, model_length: int, identity=None):
         self.client_id, self.port, self.data, self.backend = client_id, port, data, backend
         self.model_length = model_length  # the model's coordinates: what a secure round's vector holds
+        self.identity = identity  # fedsock.identity.Identity: what it signs its secure-aggregation keys with
         self.rounds = 0
 
     async def run(self) -> None:
@@ -93,7 +95,7 @@ class SocketClient:
                 raise FedsockError(f"client {self.client_id}: the server sent {meta['header']}, but a virtual client "
                                    f"has no token to authenticate with")
             # secure aggregation: the client's side of it, as fl_client.py runs it
-            session = ClientSession(self.client_id, self.model_length) if meta["secure_aggregation"] else None
+            session = ClientSession(self.client_id, self.model_length, self.identity) if meta["secure_aggregation"] else None
             indices = decode_bitmap(meta["partition_bitmap"], meta["train_size"])
             self.data.set_share(self.client_id, indices, meta["seed"])
             order.send(READY)
@@ -170,7 +172,9 @@ def run_over_sockets(config, argv: list[str] | None) -> int:
         say(WHO, f"{config.num_clients} virtual clients connecting to the server at 127.0.0.1:{port}, training on the "
                  f"{backend.name} backend")
         length = sum(t.numel() for t in nnh.get_weights(nnh.build_model(config.model, data.info, config.seed)).values())
-        clients = [SocketClient(k, port, data, backend, length) for k in range(1, config.num_clients + 1)]
+        ids = range(1, config.num_clients + 1)
+        identities = enrolled_identities(config.federation, ids) if config.secure_aggregation and config.federation else {}
+        clients = [SocketClient(k, port, data, backend, length, identities.get(k)) for k in ids]
 
         async def everyone() -> list:
             return await asyncio.gather(*(c.run() for c in clients), return_exceptions=True)

@@ -707,3 +707,46 @@ def test_the_readme_seed_commitment_vector_is_the_codes():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `seed_commitment(5, 3, A)`"))
     assert sa.seed_commitment(5, 3, bytes(range(32))).hex() in row
+
+
+def test_the_readme_identity_vectors_are_the_codes():
+    """The protocol's identity test vectors, recomputed: a client written from the README alone checks
+    its certificate, digest and signatures against them."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("#### Identities (`identities: true`)"):readme.index("#### The quantisation")]
+    federation, key = bytes(range(64, 96)), bytes(range(96, 128))
+    a, b = bytes(range(32)), bytes(range(32, 64))
+    params = sa.Params(5, (3, 7, 9), 2, 29, 10.0, 60000, 100, True, True)
+    digest = params.digest()
+    values = [ident.public_of(federation), ident.public_of(key), ident.certify(federation, 3, ident.public_of(key)),
+              digest, ident.sign(key, sa.keys_message(digest, 3, sa.public_key(a), sa.public_key(b),
+                                                       sa.seed_commitment(5, 3, a))),
+              ident.sign(key, sa.survivors_message(digest, [3, 9], [7]))]
+    for value in values:
+        assert f"`{value.hex()}`" in section
+
+
+@pytest.mark.parametrize("lie, error", [
+    ("none", r"client 2 sent no identity with its keys \(the run has --federation\)"),
+    ("not enrolled", r"client 2's identity is not one this federation enrolled"),
+    ("another client's", r"client 2's identity is not one this federation enrolled"),
+    ("unsigned keys", r"client 2's keys are not signed by its identity"),
+])
+def test_the_server_leaves_out_a_client_whose_keys_no_enrolled_identity_signed(lie, error):
+    """A hostile (or unenrolled) client, with --federation: left out at the key stage by the server, so
+    that the honest clients are not made to refuse the whole round."""
+    public, ids_of = federation([1, 2, 3])
+    params = sa.Params(1, (1, 2, 3), 2, sa.bits_for(3), 1.0, 1, 8, False, True)
+    server = sa.ServerRound(params, public)
+    keys = sa.ClientSession(2, 8, ids_of[2]).answer({"header": "<SECAGG_SETUP>", **params.to_json()})[1]
+    if lie == "none":
+        del keys["identity"]
+    elif lie == "not enrolled":
+        keys["identity"]["certificate"] = sa.b64(ident.certify(ident.new_key()[0], 2, sa.unb64(keys["identity"]["identity_key"])))
+    elif lie == "another client's":
+        keys["identity"]["certificate"] = sa.b64(ids_of[3].certificate)
+    else:
+        keys["s_public"] = sa.b64(sa.new_keypair()[1])
+    with pytest.raises(sa.SecAggError, match=error):
+        server.take_keys(2, keys)
+    assert 2 not in server.keys

@@ -317,3 +317,32 @@ def test_an_honest_client_refuses_a_server_that_asks_for_both_shares(cluster, tm
     assert [c.finish(timeout=120) for c in honest] == [0, 0, 0]
     assert server.finish(timeout=60) == 0, server.output
     assert np.isfinite(read_metrics(tmp_path / "run" / "metrics.csv")[0]["test_accuracy"])
+
+
+# --------------------------------------------------------------------------- identities, end to end
+
+
+def test_an_enrolled_federation_runs_from_the_readme_s_commands(cluster, tmp_path):
+    """The README's commands as a newcomer copies them: python -m fedsock.enrol, then the server with
+    --federation and each client with its --identity (one of them with its policy in a TOML file).
+    Every client signs, and checks its peers and the survivors, and every round completes."""
+    from support import Proc
+
+    enrol = Proc(["-m", "fedsock.enrol", "--clients", "3"], "enrol", cwd=tmp_path)
+    assert enrol.finish(timeout=60) == 0, enrol.output
+    enrol.wait_for(r"server:   python fl_server\.py --secure-aggregation --federation federation/federation\.pub")
+    federation = tmp_path / "federation"
+    policy = tmp_path / "policy.toml"
+    policy.write_text('require_secure_aggregation = true\nmin_round_clients = 3\nmin_threshold = 2\n')
+    server = cluster.server(*SECURE, "--num-clients", "3", "--min-clients", "3", "--num-rounds", "2",
+                            "--federation", str(federation / "federation.pub"), output_dir=tmp_path / "run")
+    server.wait_for(r"secure aggregation with identities of federation SHA256:\S+: a server that lies learns no one "
+                    r"update unless it colludes with 1 of the 3 clients")
+    clients = [cluster.client(k, "--identity", str(federation / f"client-{k}.identity"),
+                              *(["--config", str(policy)] if k == 3 else []), quiet=False) for k in (1, 2, 3)]
+    assert [c.finish(timeout=300) for c in clients] == [0, 0, 0], [c.output for c in clients]
+    assert server.finish(timeout=60) == 0, server.output
+    clients[2].wait_for(r"privacy policy: requires secure aggregation with enrolled identities of at least 3 clients "
+                        r"and a threshold of at least 2 a round")
+    clients[0].wait_for(r"round 2: revealed the shares to unmask 3 updates")
+    assert [r["clients"] for r in read_metrics(tmp_path / "run" / "metrics.csv")] == [3, 3]

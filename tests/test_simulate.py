@@ -136,6 +136,25 @@ def test_a_resumed_simulation_ends_where_a_straight_one_does(tmp_path):
     assert all(torch.equal(x[name], y[name]) for name in x)
 
 
+def test_a_simulation_with_identities_signs_every_key_and_gives_the_same_model(tmp_path, capsys):
+    """fl_simulate.py --federation: each virtual client signs with the identity enrolled beside the
+    federation key, and checks its peers'; the model is the one without identities, within the
+    quantisation bound (the masks and the rounding are random). A client without an identity there
+    is one line."""
+    from fedsock import enrol
+
+    enrol.enrol(tmp_path / "federation", [1, 2, 3, 4, 5])
+    federation = str(tmp_path / "federation" / "federation.pub")
+    flags = [*LOGREG, "--num-clients", "5", "--num-rounds", "2", "--secure-aggregation", "--quiet"]
+    assert simulate_here(*flags, output_dir=tmp_path / "plain") == 0
+    assert simulate_here(*flags, "--federation", federation, output_dir=tmp_path / "signed") == 0
+    plain, signed = (torch.load(tmp_path / name / "model.pt") for name in ("plain", "signed"))
+    assert max(float((plain[k] - signed[k]).abs().max()) for k in plain) < 1e-6
+    code, output = run_cli("fl_simulate", [*flags, "--num-clients", "6", "--federation", federation,
+                                           "--output-dir", str(tmp_path / "six")])
+    assert code == 2 and f"no identity for client 6 beside {federation}" in output, output
+
+
 @processes
 def test_secure_aggregation_over_the_sockets_transport_gives_the_plain_model(cluster, tmp_path):
     """Virtual clients over TCP run the client's side of secure aggregation against the real server:
