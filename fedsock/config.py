@@ -525,8 +525,9 @@ class ClientConfig:
                                         group=POLICY, type=number(int, 2), metavar="T")
     require_dp: bool = setting(False, "take part only with DP noise that this client adds itself (local or "
                                       "distributed DP; central noise is the server's word)", group=POLICY)
-    min_noise_multiplier: float | None = setting(None, "... of at least Z times the clip on each round's sum",
-                                                 group=POLICY, type=positive_float, metavar="Z")
+    min_noise_multiplier: float | None = setting(None, "take part only if the DP noise on each round's sum is at "
+                                                       "least Z times the clip (implies --require-dp)", group=POLICY,
+                                                 type=positive_float, metavar="Z")
     max_epsilon: float | None = setting(None, "leave before a round that would take this client's own epsilon (its "
                                               "rounds, no sampling amplification) past E", group=POLICY,
                                         type=positive_float, metavar="E")

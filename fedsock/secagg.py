@@ -29,6 +29,15 @@ what it cannot read):
    and every coordinate of the sum must lie within what their clipped updates allow. A round
    that fails either is discarded.
 
+With identities (the server's --federation, each client's --identity: fedsock/identity.py),
+against a server that lies: in step 0 each client signs its keys and the whole setup with
+its enrolled identity key, and in step 1 checks every peer's signature and certificate, so
+that the server cannot put keys of its own in a peer's place; and before step 3, the
+consistency check (Bonawitz et al.'s active-adversary variant): <SECAGG_CHECK> tells each
+survivor U3, it signs what it was told (<SECAGG_SIGNED>), and <SECAGG_UNMASK> then carries
+the survivors' signatures, of which each client needs t on its own U3 before it reveals.
+Then a server that lies learns one update only with at least 2t - n colluding clients.
+
 The quantisation (the overflow rule). A client's delta is clipped per coordinate to [−C, C],
 multiplied by its weight w_u = n_u / W (its example count over W, the largest count among
 the round's clients; with DP every weight is 1), divided by C, and stochastically rounded

@@ -123,6 +123,14 @@ class SecureRound:
         for i, session in self.others.items():
             self.round.add(i, session.masked_update(1, START, START, 100), 100)
 
+    def until_masked(self) -> None:
+        """The honest round, up to the real client's masked update."""
+        self.welcome()
+        self.keys()
+        self.shares()
+        self.route()
+        self.train()
+
     def check(self, survivors: list[int], dropped: list[int]) -> dict | None:
         """<SECAGG_CHECK> to the real client, and the others' signatures of the same set."""
         ask = {"round": 1, "survivors": survivors, "dropped": dropped}
@@ -168,11 +176,7 @@ def test_an_honest_double_takes_the_client_through_a_round_with_identities(tmp_p
     reveal = {}
 
     def script(r: SecureRound) -> None:
-        r.welcome()
-        r.keys()
-        r.shares()
-        r.route()
-        r.train()
+        r.until_masked()
         answer = r.check([1, 2, 3], [])
         assert answer["header"] == "<SECAGG_SIGNED>", answer
         signatures = {str(i): text for i, text in r.round.signatures.items()}
@@ -263,11 +267,7 @@ def test_without_identities_a_client_cannot_tell_substituted_keys(tmp_path):
 def test_attack_2_an_unmask_without_enough_signatures_of_the_same_survivors_is_refused(tmp_path):
     """The real client signs survivors {1, 2, 3}; its peers were told, and signed, another set."""
     def script(r: SecureRound) -> None:
-        r.welcome()
-        r.keys()
-        r.shares()
-        r.route()
-        r.train()
+        r.until_masked()
         r.sock.sendall(encode_message("<SECAGG_CHECK>", round=1, survivors=[1, 2, 3], dropped=[]))
         signed = r.server.message(r.sock)
         elsewhere = r.others[2].answer({"header": "<SECAGG_CHECK>", "round": 1, "survivors": [1, 2], "dropped": [3]})
@@ -282,11 +282,7 @@ def test_attack_2_an_unmask_without_enough_signatures_of_the_same_survivors_is_r
 
 def test_attack_2_an_unmask_of_other_survivors_than_signed_is_refused(tmp_path):
     def script(r: SecureRound) -> None:
-        r.welcome()
-        r.keys()
-        r.shares()
-        r.route()
-        r.train()
+        r.until_masked()
         r.check([1, 2, 3], [])
         signatures = {str(i): text for i, text in r.round.signatures.items()}
         r.ask("<SECAGG_UNMASK>", round=1, survivors=[1, 2], dropped=[3], signatures=signatures)

@@ -574,6 +574,15 @@ def warnings_of(recorder) -> list[str]:
     return [e.message for e in recorder.of(Notice) if e.warning]
 
 
+def a_failed_round(clients, template) -> list[str]:
+    """Run one round that must fail: the warnings it logged. The global model stays as it was."""
+    engine, recorder = secure_engine(clients, template, num_rounds=1)
+    with pytest.raises(RunFailed, match="round 1 failed 1 times"):
+        run(engine)
+    assert torch.equal(engine.model.tensors["w"], template["w"])
+    return warnings_of(recorder)
+
+
 def five_clients(length: int) -> list[SecureFake]:
     """Clients 1..5, client i with step i and 10·i examples (150 in all), of which client 5 will lie."""
     return [SecureFake(i, float(i), 10 * i, length) for i in range(1, 6)]
@@ -588,13 +597,9 @@ def test_a_client_that_forges_its_masked_count_gets_the_round_discarded():
         words[-1] = (int(words[-1]) + 1 - 150) % 2**32
 
     clients[4].lie_masked = counts_sum_to_one
-    engine, recorder = secure_engine(clients, template, num_rounds=1)
-    with pytest.raises(RunFailed, match="round 1 failed 1 times"):
-        run(engine)
-    assert warnings_of(recorder) == [
+    assert a_failed_round(clients, template) == [
         "round 1: secure aggregation failed: the unmasked sum is discarded: the masked example counts add up to 1, "
         "not to 150 (the survivors' <UPDATE>s say so in all): a client masked a false count"]
-    assert torch.equal(engine.model.tensors["w"], template["w"])  # the global model stays as it was
 
 
 def test_a_client_that_masks_coordinates_beyond_its_clip_gets_the_round_discarded():
@@ -694,13 +699,9 @@ def test_bad_shares_that_leave_fewer_than_t_good_fail_the_round_with_a_sentence(
     clients = five_clients(8)
     clients[0].lie_reveal = flip_a_bit("seed_shares", 3, bit=0)
     clients[1].lie_reveal = flip_a_bit("seed_shares", 3, bit=3)
-    engine, recorder = secure_engine(clients, template, num_rounds=1)
-    with pytest.raises(RunFailed, match="round 1 failed 1 times"):
-        run(engine)
-    assert warnings_of(recorder) == [
+    assert a_failed_round(clients, template) == [
         "round 1: secure aggregation failed: unmasking failed: no 4 of the 5 shares of client 3's self-mask seed "
         "rebuild the seed it committed to: fewer than 4 of them are good (or client 3 dealt bad ones)"]
-    assert torch.equal(engine.model.tensors["w"], template["w"])
 
 
 def test_the_readme_seed_commitment_vector_is_the_codes():
