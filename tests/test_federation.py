@@ -196,3 +196,44 @@ def test_client_without_data_says_so_and_the_server_hears_why(cluster, tmp_path)
     honest = [cluster.client(2), cluster.client(3)]
     assert [c.finish() for c in honest] == [0, 0] and server.finish() == 0
     assert_no_traceback(broken)
+
+
+def test_bad_policy_files_and_identities_are_one_line_errors(tmp_path):
+    """--config's TOML, --identity's file and the server's --federation: each mistake, one line, exit 2."""
+    from fedsock import enrol
+
+    enrol.enrol(tmp_path / "federation", [1, 2])
+    fed = tmp_path / "federation"
+    tampered = tmp_path / "tampered.identity"
+    text = (fed / "client-1.identity").read_text()
+    tampered.write_text(text.replace('"client_id": 1', '"client_id": 2'))
+    files = {"bad.toml": "require_dp = [", "unknown.toml": "min_clients = 3\n", "typed.toml": "require_dp = 3\n",
+             "low.toml": "min_round_clients = 1\n"}
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    client = [
+        (["--config", str(tmp_path / "missing.toml")], f"cannot read --config {tmp_path / 'missing.toml'}"),
+        (["--config", str(tmp_path / "bad.toml")], "is not a TOML file"),
+        (["--config", str(tmp_path / "unknown.toml")], "'min_clients' is not a setting of fl_client.py"),
+        (["--config", str(tmp_path / "typed.toml")], "require_dp must be true or false"),
+        (["--config", str(tmp_path / "low.toml")], "--min-round-clients: must be at least 2"),
+        (["--identity", str(tmp_path / "none.identity")], "cannot read the identity file"),
+        (["--identity", str(fed / "client-2.identity")], "is the identity of client 2, not of client 1"),
+        (["--identity", str(tampered)], "is the identity of client 2, not of client 1"),
+        (["--identity", str(fed / "federation.pub")], "not a fedsock identity file"),
+    ]
+    for args, message in client:
+        code, output = run_cli("fl_client", ["--client-id", "1", "--server-port", str(free_port()), *args])
+        assert code == 2 and message in output and "Traceback" not in output, (args, output)
+    (tmp_path / "relabelled.identity").write_text(text.replace('"client_id": 1', '"client_id": 3'))
+    code, output = run_cli("fl_client", ["--client-id", "3", "--server-port", str(free_port()),
+                                         "--identity", str(tmp_path / "relabelled.identity")])
+    assert code == 2 and "its certificate does not verify under its federation key" in output, output
+    server = [
+        (["--federation", str(fed / "federation.pub")], "--federation needs --secure-aggregation"),
+        (["--secure-aggregation", "--federation", str(fed / "federation.key")], "is the federation's private key"),
+        (["--secure-aggregation", "--federation", str(tmp_path / "none.pub")], "cannot read the federation key file"),
+    ]
+    for args, message in server:
+        code, output = run_cli("fl_server", ["--output-dir", str(tmp_path / "run"), *args])
+        assert code == 2 and message in output and "Traceback" not in output, (args, output)
