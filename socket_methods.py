@@ -43,8 +43,10 @@ class Field:
     `kind` is int, float (an int is accepted too), str, bool, dict or list. Numbers must
     lie in low..high (`low_open`: low itself excluded); strings and lists have at most
     `max_len` characters or items, list items are of type `items`. `nullable` fields may
-    be JSON null. Checks that depend on the run (a client id within 1..N, a round that was
-    sent, an example count within what the client holds) are the receiver's, after these.
+    be JSON null. An object's `keys` are checked the same way, each required unless optional;
+    keys not listed are ignored, as a message's unknown fields are. Checks that depend on the
+    run (a client id within 1..N, a round that was sent, an example count within what the
+    client holds) are the receiver's, after these.
     """
 
     kind: type
@@ -55,6 +57,7 @@ class Field:
     items: type | None = None
     nullable: bool = False
     optional: bool = False  # may be absent (present only when the run uses the feature)
+    keys: Mapping[str, "Field"] | None = None  # an object's known keys
     meaning: str = ""
 
     def problem(self, value: Any) -> str | None:
@@ -72,6 +75,14 @@ class Field:
             return f"is longer than {self.max_len} {'characters' if self.kind is str else 'items'}"
         if self.items is not None and not all(_has_type(item, self.items) for item in value):
             return f"must hold only {_type_name(self.items).split(' ', 1)[1]}s"
+        for key, spec in (self.keys or {}).items():
+            if key not in value:
+                if spec.optional:
+                    continue
+                return f"lacks the key '{key}'"
+            problem = spec.problem(value[key])
+            if problem:
+                return f"key '{key}' {problem}"
         return None
 
     def range_text(self) -> str:
@@ -95,6 +106,22 @@ ID = Field(int, meaning="a client id; the server admits 1..num_clients")
 ROUND = Field(int, 1, 10**6, meaning="a round number, from 1")
 SECONDS = Field(float, 0, meaning="seconds, >= 0")
 TEXT = Field(str, max_len=4096, meaning="a sentence for people")
+
+# <HELLO>'s `policy`, as fedsock.policy.Policy.to_json writes it. The server only shows it, but it is
+# a peer's bytes all the same: a key missing or of the wrong type is a bad <HELLO>, refused as any
+# other; a key not listed is dropped (fedsock/lobby.py keeps only these), as a message's unknown
+# fields are ignored, so that a newer client may state more without being refused for it. Counts
+# stop at 10**6, the most clients a run may have (<METADATA>'s num_clients).
+POLICY_KEYS = {
+    "identity": Field(bool, meaning="secure aggregation with enrolled identities"),
+    "secure_aggregation": Field(bool, meaning="the server sees only the sum of a round's updates"),
+    "min_round_clients": Field(int, 1, 10**6, nullable=True, meaning="... of at least this many clients"),
+    "min_threshold": Field(int, 1, 10**6, nullable=True, meaning="... with a threshold of at least this"),
+    "dp": Field(bool, meaning="DP noise that the client adds itself"),
+    "min_noise_multiplier": Field(float, 0, low_open=True, nullable=True, meaning="... of at least this multiplier"),
+    "max_epsilon": Field(float, 0, low_open=True, nullable=True, meaning="... until its own epsilon would pass this"),
+    "delta": Field(float, 0, 1, low_open=True, nullable=True, meaning="the delta of max_epsilon"),
+}
 
 # Every message's header, written once: the code names a message by its constant. Which one may
 # come when is fedsock/order.py's business; the fields each one carries are MESSAGES', below.
@@ -130,8 +157,8 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "protocol_version": Field(int, meaning=f"{PROTOCOL_VERSION}; any other is refused"),
         "client_id": ID,
         "features": Field(list, max_len=64, items=str, meaning="the optional features this client supports"),
-        "policy": Field(dict, optional=True, meaning="the client's privacy policy, for the server to show "
-                                                     "(see Privacy policy)"),
+        "policy": Field(dict, optional=True, keys=POLICY_KEYS,
+                        meaning="the client's privacy policy, for the server to show (see Privacy policy)"),
     },
     CHALLENGE: {"nonce": Field(str, max_len=64, meaning="32 random bytes as 64 lower-case hex digits")},
     AUTH: {"mac": Field(str, max_len=64, meaning="HMAC-SHA256 as 64 hex digits (either case)")},

@@ -54,6 +54,7 @@ from aiohttp import web
 from fedsock.config import LAUNCH_LIMITS
 from fedsock.console import warn
 from fedsock.events import WHO, Event, Observer, drop_line, id_ranges
+from fedsock.policy import policy_text
 from fedsock.run_files import metrics_text, model_bytes, plot_png
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -134,7 +135,8 @@ class DashboardState(Observer):
         if row is None:
             row = self.clients[client_id] = {"id": client_id, "peer": "", "joined": None, "state": "connected",
                                              "round": None, "reason": "", "examples": None, "loss": None,
-                                             "accuracy": None, "fit_seconds": None}
+                                             "accuracy": None, "fit_seconds": None, "policy": None,
+                                             "policy_text": ""}
         return row
 
     def note(self, message: str, warning: bool = False) -> None:
@@ -147,7 +149,8 @@ class DashboardState(Observer):
 
     def on_ClientJoined(self, e) -> None:
         row = self.client(e.client_id)
-        row.update(peer=e.peer, joined=time.time(), state="connected", reason="rejoined" if e.rejoined else "")
+        row.update(peer=e.peer, joined=time.time(), state="connected", reason="rejoined" if e.rejoined else "",
+                   policy=e.policy, policy_text=policy_text(e.policy))
 
     def on_ClientReady(self, e) -> None:
         self.client(e.client_id).update(state="waiting", examples=e.num_examples, reason="")

@@ -39,6 +39,7 @@ class ClientJoined(Event):
     client_id: int
     peer: str
     rejoined: bool
+    policy: dict[str, Any] | None = None  # its <HELLO>'s privacy policy (fedsock.policy); None: it stated none
 
 
 @dataclass

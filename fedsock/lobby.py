@@ -48,6 +48,7 @@ from socket_methods import (
     FINISHED,
     METADATA,
     MODEL,
+    POLICY_KEYS,
     PRE_AUTH_CONTROL_BYTES,
     PROTOCOL_VERSION,
     READY,
@@ -625,7 +626,9 @@ class Lobby:
         rejoined = self.pool.training_started
         self.pool.joined(client)
         await conn.send([encode_message(METADATA, **self.welcome.fields(client_id))])
-        self.events.emit(ClientJoined(client_id, conn.peer, rejoined))
+        stated = hello.get("policy")  # checked by decode_message; the keys this server does not know are dropped
+        policy = None if stated is None else {key: stated[key] for key in POLICY_KEYS}
+        self.events.emit(ClientJoined(client_id, conn.peer, rejoined, policy))
         return client
 
     # ---- heartbeats

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Mapping
 
 from fedsock.console import FedsockError
@@ -62,6 +63,16 @@ class Policy:
         return cls(bool(config.identity), secagg, config.min_round_clients, config.min_threshold, dp,
                    config.min_noise_multiplier, config.max_epsilon, config.policy_delta)
 
+    @classmethod
+    def stated(cls, fields: Mapping[str, Any]) -> "Policy":
+        """A policy as a client's <HELLO> states it: to_json's keys, checked by the server
+        (socket_methods.POLICY_KEYS). As in of(), each stronger setting implies what it rests on."""
+        return cls.of(SimpleNamespace(
+            identity=fields["identity"], require_secure_aggregation=fields["secure_aggregation"],
+            min_round_clients=fields["min_round_clients"], min_threshold=fields["min_threshold"],
+            require_dp=fields["dp"], min_noise_multiplier=fields["min_noise_multiplier"],
+            max_epsilon=fields["max_epsilon"], policy_delta=fields["delta"] or cls.delta))
+
     @property
     def empty(self) -> bool:
         return not (self.require_secure_aggregation or self.require_dp)
@@ -85,6 +96,28 @@ class Policy:
                 dp += f", epsilon at most {self.max_epsilon:g} at delta {self.delta:g} (its own count)"
             parts.append(dp)
         return "requires " + "; ".join(parts)
+
+    def summary(self) -> str:
+        """The policy in a few words, for the dashboard's clients table:
+        "secure aggregation with identities, ≥ 5 clients, t ≥ 4; DP noise it adds itself, z ≥ 1, ε ≤ 8 at δ 1e-05"."""
+        if self.empty:
+            return "none"
+        parts = []
+        if self.require_secure_aggregation:
+            each = ["secure aggregation" + (" with identities" if self.identity else "")]
+            if self.min_round_clients:
+                each.append(f"≥ {self.min_round_clients} clients")
+            if self.min_threshold:
+                each.append(f"t ≥ {self.min_threshold}")
+            parts.append(", ".join(each))
+        if self.require_dp:
+            each = ["DP noise it adds itself"]
+            if self.min_noise_multiplier:
+                each.append(f"z ≥ {self.min_noise_multiplier:g}")
+            if self.max_epsilon:
+                each.append(f"ε ≤ {self.max_epsilon:g} at δ {self.delta:g}")
+            parts.append(", ".join(each))
+        return "; ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
         """What <HELLO> tells the server (which shows it on the dashboard): the policy, not a secret."""
@@ -122,6 +155,12 @@ class Policy:
         if self.min_threshold and t < self.min_threshold:
             raise PolicyRefused(f"round {params.round} has threshold {t}, below this client's --min-threshold "
                                 f"{self.min_threshold}")
+
+
+def policy_text(stated: Mapping[str, Any] | None) -> str:
+    """What the dashboard shows of a client's stated policy; a client that states none (an older or
+    a third-party one) is "not stated", which is not the same as "none"."""
+    return "not stated" if stated is None else Policy.stated(stated).summary()
 
 
 class PrivacyLedger:

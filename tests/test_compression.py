@@ -278,11 +278,11 @@ IO_TIMEOUT_S = 60.0  # a bound, not a wait: reached only on a loaded machine (th
 class RawPeer:
     """A hand-driven client on a raw socket that speaks compression."""
 
-    def __init__(self, port: int, client_id: int = 2, features=("compression",)):
+    def __init__(self, port: int, client_id: int = 2, features=("compression",), **hello):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT_S)
         self.client_id = client_id
         self.send(encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=client_id,
-                                 features=list(features)))
+                                 features=list(features), **hello))
 
     def send(self, *chunks: bytes) -> None:
         self.sock.sendall(b"".join(chunks))

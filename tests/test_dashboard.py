@@ -30,6 +30,7 @@ from support import run_cli
 from fedsock.console import ExitStatus
 from fedsock.dashboard import Dashboard, DashboardState, host_name, parse_address
 from fedsock.events import ClientJoined, ClientReady, ConnectionRefused, Listening, RoundSaved, UpdateAccepted
+from fedsock.policy import Policy, policy_text
 from fedsock.run_files import read_checkpoint
 from test_compression import RawPeer
 from test_engine import FakeClient, engine_for
@@ -172,6 +173,43 @@ def test_the_page_shows_the_lobby_starts_the_run_trains_more_and_stops_it(cluste
     assert (out / "metrics.csv").read_text().count("\n") == checkpoint.round + 1
 
 
+@pytest.mark.processes
+def test_the_page_shows_each_clients_policy_as_its_hello_stated_it(cluster, tmp_path):
+    """Client 1 is fl_client.py with a DP policy; clients 2 and 3 are raw peers, one stating a policy with a
+    key this server does not know (which it drops), one stating none, as an older or a third-party client."""
+    from playwright.sync_api import expect, sync_playwright
+
+    server = cluster.server(*FAST, "--num-clients", "3", "--start", "manual", "--dp-clip", "1",
+                            "--dp-noise-multiplier", "1", "--dp-mode", "local", "--dashboard", "127.0.0.1:0")
+    link, url = server.wait_for(DASHBOARD_LINK, timeout=30).groups()
+    cluster.client(1, "--require-dp", "--min-noise-multiplier", "1", "--max-epsilon", "8")
+    stated = Policy(require_secure_aggregation=True, min_round_clients=5).to_json()  # a raw peer says what it likes
+    peers = [RawPeer(cluster.port, client_id=2, features=["dp-local"], policy={**stated, "max_rounds": 3}),
+             RawPeer(cluster.port, client_id=3, features=["dp-local"])]
+    try:
+        for k in (1, 2, 3):
+            server.wait_for(rf"client {k} joined from", timeout=120)
+        status, state = request(url + "api/state", headers=bearer(link))
+        assert status == 200
+        clients = {c["id"]: c for c in state["clients"]}
+        assert clients[1]["policy"] == Policy(require_dp=True, min_noise_multiplier=1.0, max_epsilon=8.0).to_json()
+        assert (clients[2]["policy"], clients[3]["policy"]) == (stated, None)  # without max_rounds
+        texts = ["DP noise it adds itself, z ≥ 1, ε ≤ 8 at δ 1e-05", "secure aggregation, ≥ 5 clients", "not stated"]
+        assert [clients[k]["policy_text"] for k in (1, 2, 3)] == texts
+
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(link)
+                expect(page.locator("#clients td.policy")).to_have_text(texts, timeout=UI_TIMEOUT_MS)
+            finally:
+                browser.close()
+    finally:
+        for peer in peers:
+            peer.close()
+
+
 # --------------------------------------------------------------------------- the HTTP checks
 
 
@@ -309,6 +347,30 @@ def test_the_state_keeps_each_clients_last_numbers_and_sends_only_what_changed()
 
     assert json.loads(dumps(state.snapshot()))["rounds"][0]["train_loss"] is None  # NaN is not JSON
     assert "/secret/path" not in dumps(state.snapshot())
+
+
+def test_the_state_says_each_clients_policy_in_words():
+    engine, _ = engine_for([FakeClient(1), FakeClient(2), FakeClient(3)])
+    state = DashboardState(engine)
+    strict = Policy(True, True, 5, 4, True, 1.0, 8.0, 1e-5).to_json()
+    state.notify(ClientJoined(1, "127.0.0.1:1", False, strict))
+    state.notify(ClientJoined(2, "127.0.0.1:2", False, Policy().to_json()))
+    state.notify(ClientJoined(3, "127.0.0.1:3", False))  # a client that stated no policy
+    clients = {c["id"]: c for c in state.changes()["clients"]}
+    assert clients[1]["policy"] == strict and clients[3]["policy"] is None
+    assert [clients[k]["policy_text"] for k in (1, 2, 3)] == [
+        "secure aggregation with identities, ≥ 5 clients, t ≥ 4; DP noise it adds itself, z ≥ 1, ε ≤ 8 at δ 1e-05",
+        "none", "not stated"]
+
+
+@pytest.mark.parametrize("changes, text", [
+    ({"min_threshold": 3}, "secure aggregation, t ≥ 3"),  # a stronger setting implies what it rests on, as in
+    ({"identity": True}, "secure aggregation with identities"),  # fl_client.py
+    ({"max_epsilon": 2.5, "delta": 1e-6}, "DP noise it adds itself, ε ≤ 2.5 at δ 1e-06"),
+    ({"dp": True, "min_noise_multiplier": 0.7}, "DP noise it adds itself, z ≥ 0.7"),
+])
+def test_a_stated_policy_in_words(changes, text):
+    assert policy_text({**Policy().to_json(), **changes}) == text
 
 
 @pytest.mark.parametrize("value, expected", [("8080", ("127.0.0.1", 8080)), ("0.0.0.0:0", ("0.0.0.0", 0)),

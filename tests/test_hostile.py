@@ -32,6 +32,7 @@ from typing import Callable
 import pytest
 
 from conftest import Cluster, read_metrics
+from fedsock.policy import Policy
 from socket_methods import PROTOCOL_VERSION, decode_message, encode_message, frame_header
 
 # The cases during training use 20..26 rounds here (one per bad <UPDATE>, more while a case waits
@@ -271,6 +272,14 @@ def hang_up_after_each_case(fed):
 # --------------------------------------------------------------------------- before joining
 # In the lobby: clients 1 and 2 are in, the server waits for id 3.
 
+POLICY = Policy(require_dp=True, max_epsilon=8.0).to_json()  # as fl_client.py states it
+
+
+def stating(policy) -> bytes:
+    """A <HELLO> with this `policy`: shown by the server, but checked as any field is."""
+    return raw_json(header="<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=3, features=[], policy=policy)
+
+
 UPDATE_FIELDS = dict(round=1, client_id=HOSTILE_ID, num_examples=100, train_loss=0.5, local_test_accuracy=0.9,
                      fit_seconds=1.0, weights={"byte_order": "little", "nbytes": 0, "tensors": []})
 
@@ -307,6 +316,15 @@ BEFORE_JOINING = [
      r"<HELLO> field 'features' must be a list"),
     ("features not strings", raw_json(header="<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=3, features=[1]),
      r"<HELLO> field 'features' must hold only strings"),
+    ("policy not an object", stating("secure aggregation"), r"<HELLO> field 'policy' must be an object"),
+    ("policy with a key of the wrong type", stating({**POLICY, "dp": "yes"}),
+     r"<HELLO> field 'policy' key 'dp' must be true or false"),
+    ("policy with a count as a float", stating({**POLICY, "min_round_clients": 5.0}),
+     r"<HELLO> field 'policy' key 'min_round_clients' must be an integer"),
+    ("policy with a count out of range", stating({**POLICY, "min_threshold": 0}),
+     r"<HELLO> field 'policy' key 'min_threshold' is 0, outside 1\.\.1000000"),
+    ("policy without a key", stating({k: v for k, v in POLICY.items() if k != "max_epsilon"}),
+     r"<HELLO> field 'policy' lacks the key 'max_epsilon'"),
     ("<UPDATE> before <HELLO>", encode_message("<UPDATE>", **UPDATE_FIELDS), r"<UPDATE> is not expected when the client is in state connected"),
     ("<ERROR> before <HELLO>", encode_message("<ERROR>", message="hi"), r"<ERROR> is not expected when the client is in state connected"),
     ("protocol version 1", hello(version=1), rf"protocol version 1 is not supported; this server speaks {PROTOCOL_VERSION}"),

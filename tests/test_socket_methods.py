@@ -10,6 +10,7 @@ import torch
 from socket_methods import (
     ALIGNMENT,
     DTYPE_SIZES,
+    PROTOCOL_VERSION,
     BadMessage,
     BadWeights,
     ConnectionClosed,
@@ -28,6 +29,7 @@ from socket_methods import (
     weights_buffers,
     WeightsSender,
 )
+from fedsock.policy import Policy
 from fedsock.transport import after_sent, coalesced
 
 
@@ -170,6 +172,19 @@ def test_a_bad_frame_read_ahead_is_refused_when_it_is_asked_for():
 def test_bad_control_messages_raise_bad_message(payload, reason):
     with pytest.raises(BadMessage, match=reason):
         decode_message(payload)
+
+
+def test_a_hellos_policy_is_checked_key_by_key_and_a_newer_clients_keys_pass():
+    stated = Policy(True, True, 5, 4, True, 1.0, 8.0, 1e-5).to_json()
+    hello = {"header": "<HELLO>", "protocol_version": PROTOCOL_VERSION, "client_id": 1, "features": []}
+    newer = {**stated, "max_rounds": 3}
+    assert decode_message(json.dumps({**hello, "policy": newer}).encode())["policy"] == newer  # the server drops it
+    for policy, reason in [({**stated, "identity": 1}, "key 'identity' must be true or false"),
+                           ({**stated, "max_epsilon": "8"}, "key 'max_epsilon' must be a number"),
+                           ({**stated, "delta": 2}, r"key 'delta' is 2, outside > 0 and <= 1"),
+                           ({}, "lacks the key 'identity'")]:
+        with pytest.raises(BadMessage, match=rf"<HELLO> field 'policy' {reason}"):
+            decode_message(json.dumps({**hello, "policy": policy}).encode())
 
 
 def test_a_malicious_pickle_is_just_bad_json(tmp_path):

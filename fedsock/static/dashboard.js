@@ -172,10 +172,15 @@ function drawClients() {
       c.round ?? "", num(c.loss, 4), c.accuracy == null ? "" : (100 * c.accuracy).toFixed(2) + "%",
       c.examples ?? "", num(c.fit_seconds, 1)];
     const html = cells.map((v, i) => (i === 3 ? `<td>${v}</td>` : `<td>${esc(String(v))}</td>`)).join("") +
-      `<td class="note">${esc(c.reason || "")}</td>`;
+      `<td class="policy"></td><td class="note">${esc(c.reason || "")}</td>`;
+    const drawn = html + "\n" + c.policy_text;
     let tr = rowsById.get(id);
     if (!tr) { tr = document.createElement("tr"); tr.dataset.id = id; rowsById.set(id, tr); insertRow(body, tr, id); }
-    if (tr.dataset.html !== html) { tr.innerHTML = html; tr.dataset.html = html; }
+    if (tr.dataset.html !== drawn) {
+      tr.innerHTML = html;
+      tr.querySelector(".policy").textContent = c.policy_text;  // text, never markup
+      tr.dataset.html = drawn;
+    }
   }
   $("client-count").textContent = "(" + Object.entries(counts).map(([k, v]) => `${v} ${k}`).join(", ") + ")" +
     (ids.length > ROWS_SHOWN ? ` — the first ${ROWS_SHOWN} of ${ids.length} listed` : "");
