@@ -38,7 +38,7 @@ import numpy as np
 
 HEADER = struct.Struct(">Q")
 MAX_CONTROL_BYTES = 1 << 20
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 SOCKET_BUFFER_BYTES = 128 << 10
 SCRATCH_BYTES = 64 << 10
 NUMPY_DTYPES = {"float32": "<f4", "float64": "<f8", "float16": "<f2", "int64": "<i8", "int32": "<i4",

@@ -303,7 +303,7 @@ def model_cases():
          + frame(blob), False, r"<MODEL> field 'local_epochs' is 0, outside 1\.\.1000"),
         ("an unknown augmentation", model_frames(layout, blob, augment="mixup"), False,
          r"<MODEL> asks for augmentation 'mixup', which this client does not know for image examples"),
-        ("<HELLO> instead of <MODEL>", encode_message("<HELLO>", protocol_version=2, client_id=1, features=[]), False,
+        ("<HELLO> instead of <MODEL>", encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=1, features=[]), False,
          r"<HELLO> is not expected when the client is in state idle"),
         ("oversize frame", frame_header(2**40), False, r"frame of 1099511627776 bytes is over the 1048576-byte limit"),
         ("a 60 MB <WAITING>", frame_header(60 << 20), False,

@@ -328,7 +328,8 @@ BEFORE_JOINING = [
     ("<UPDATE> before <HELLO>", encode_message("<UPDATE>", **UPDATE_FIELDS), r"<UPDATE> is not expected when the client is in state connected"),
     ("<ERROR> before <HELLO>", encode_message("<ERROR>", message="hi"), r"<ERROR> is not expected when the client is in state connected"),
     ("protocol version 1", hello(version=1), rf"protocol version 1 is not supported; this server speaks {PROTOCOL_VERSION}"),
-    ("protocol version 3", hello(version=3), rf"protocol version 3 is not supported; this server speaks {PROTOCOL_VERSION}"),
+    ("protocol version 2", hello(version=2), rf"protocol version 2 is not supported; this server speaks {PROTOCOL_VERSION}"),
+    ("protocol version 4", hello(version=4), rf"protocol version 4 is not supported; this server speaks {PROTOCOL_VERSION}"),
     ("protocol version 0", hello(version=0), r"protocol version 0 is not supported"),
     ("protocol version -1", hello(version=-1), r"protocol version -1 is not supported"),
 ]

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import FAST, Cluster
-from socket_methods import encode_message, frame_header
+from socket_methods import PROTOCOL_VERSION, encode_message, frame_header
 from test_hostile import Peer
 
 pytestmark = pytest.mark.processes  # every test here starts real processes
@@ -94,7 +94,7 @@ def test_a_peer_that_stops_reading_is_cut_off_after_the_stall_timeout(tmp_path):
                                 "--stall-timeout", str(STALL_S), "--round-timeout", str(ROUND_TIMEOUT_S),
                                 "--time-to-wait", "0")
         peer = Peer(cluster.port, receive_buffer=4096)
-        peer.send(*[encode_message("<HELLO>", protocol_version=2, client_id=1, features=[]),
+        peer.send(*[encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=1, features=[]),
                     encode_message("<READY>", num_examples=1000, test_examples=0)])
         started = time.monotonic()
         server.wait_for(r"client 1 in round 1 \(stalled: the peer took no byte for 1 s\)", timeout=ROUND_TIMEOUT_S / 2)

@@ -7,7 +7,8 @@ import threading
 
 import torch
 
-from socket_methods import WeightsBuffer, encode_message, encode_weights, frame_header, frame_weights, weights_buffers
+from socket_methods import (PROTOCOL_VERSION, WeightsBuffer, encode_message, encode_weights, frame_header, frame_weights,
+                            weights_buffers)
 from fedsock.transport import BlockingConnection, Traffic, open_accepted
 
 SMALL = 64 << 10
@@ -31,7 +32,7 @@ def client(port: int, result: dict) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)
         conn = BlockingConnection(sock, idle_timeout_s=TIMEOUT_S)
-        conn.send([encode_message("<HELLO>", protocol_version=2, client_id=1, features=[])])
+        conn.send([encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=1, features=[])])
         message = conn.recv_message()
         received = WeightsBuffer(message["weights"])
         conn.recv_blob(received.buffer)
@@ -130,7 +131,7 @@ def test_a_connection_reads_only_so_much_at_once_before_the_event_loop_gets_a_tu
         with peer:
             sock.setblocking(False)
             traffic = Traffic()
-            peer.sendall(encode_message("<HELLO>", protocol_version=2, client_id=1, features=[]))
+            peer.sendall(encode_message("<HELLO>", protocol_version=PROTOCOL_VERSION, client_id=1, features=[]))
             conn = await open_accepted(sock, traffic, None, TIMEOUT_S, TIMEOUT_S)
             await asyncio.wait_for(conn.recv_message(), TIMEOUT_S)
             before = traffic.received
