@@ -16,14 +16,19 @@ at most (epsilon, delta). It rests on three things done here:
    - `local`: every client clips and adds N(0, z²S²) to its own delta before sending; the
      server only averages. The server never sees an un-noised update, and each update is
      private on its own, but the mean carries √m times more noise than central's.
-3. **Accounting** with Google's `dp-accounting` (its RDP accountant), for the sampling that
-   is really done, round by round:
+3. **Accounting**, for the sampling that is really done, round by round: exactly where a
+   closed form exists, else with Google's `dp-accounting`, its PLD accountant (privacy loss
+   distributions: exact up to a discretisation that only ever rounds epsilon up) where that
+   analyses the sampling, else its RDP one:
    - every ready client each round (no sampling): the Gaussian mechanism composed, no
-     amplification;
+     amplification, which is one Gaussian mechanism again: its exact epsilon (Balle and Wang
+     2018, "Improving the Gaussian Mechanism for Differential Privacy");
    - `--sampling fixed` (K of the n ready clients, uniformly, without replacement):
-     `SampledWithoutReplacementDpEvent(n, K, ...)`, under the replace-one relation;
+     `SampledWithoutReplacementDpEvent(n, K, ...)`, under the replace-one relation (RDP: the
+     PLD accountant has no analysis of sampling without replacement);
    - `--sampling poisson` (each ready client with probability q): `PoissonSampledDpEvent`,
-     under add-or-remove-one.
+     under add-or-remove-one (PLD; RDP when a round's multiplier is below 0.2, where PLD's grid
+     grows to gigabytes and epsilon is in the hundreds anyway).
    Under replace-one, swapping one client's data for another's can move the sum by 2S, so
    the Gaussian's noise multiplier there is z/2; under add-or-remove it is z.
    The sampling uses a secret seed drawn when the run starts (kept in the checkpoint), not
@@ -43,6 +48,17 @@ from typing import Any, Mapping
 import torch
 
 NEIGHBOURS = {"none": "replace", "fixed": "replace", "poisson": "add-remove"}
+# How each sampling's epsilon is computed: the closed form where there is one, dp-accounting's PLD where
+# it has the analysis (much tighter than RDP: at q = 0.01, z = 1.1, 10 rounds, epsilon 0.27 against
+# RDP's 0.83), RDP where it has not.
+METHODS = {"none": "exact", "poisson": "PLD", "fixed": "RDP"}
+# PLD's discretisation of the privacy loss. It rounds the loss up, so a coarser grid can only overstate
+# epsilon: this one is within 1e-4 of dp-accounting's default (1e-4) at z 0.3..2 over 10..1,000 rounds,
+# and ten times faster (about 0.07 s for 100 rounds, which the server pays every round).
+PLD_INTERVAL = 1e-3
+PLD_MIN_MULTIPLIER = 0.2  # below it, PLD's grid of a Poisson round grows past a gigabyte: RDP instead
+ACCOUNTED = {"exact": "exact (the Gaussian mechanism's)", "PLD": "from dp-accounting's PLD accountant",
+             "RDP": "from dp-accounting's RDP accountant"}
 MAX_NOISE_MULTIPLIER = 1000.0
 
 
@@ -148,11 +164,35 @@ def _dp_event(z: float, sampling: str, population: int, sampled: int, rate: floa
     return gaussian
 
 
-def _accountant(relation: str):
-    import dp_accounting
-    from dp_accounting import rdp
+def gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The exact epsilon at `delta` of the Gaussian mechanism of sensitivity 1 and noise std `sigma`
+    (Balle and Wang 2018, Theorem 8): the epsilon where
+    Phi(1/(2 sigma) - epsilon sigma) - e^epsilon Phi(-1/(2 sigma) - epsilon sigma) = delta, by bisection
+    (the left side falls with epsilon), in log space where e^epsilon would overflow."""
+    from scipy.special import log_ndtr, ndtr
 
-    neighbours = (dp_accounting.NeighboringRelation.REPLACE_ONE if relation == "replace"
+    def delta_at(epsilon: float) -> float:
+        a, b = 1 / (2 * sigma) - epsilon * sigma, -1 / (2 * sigma) - epsilon * sigma
+        return float(ndtr(a) - math.exp(min(epsilon + log_ndtr(b), 0.0)))
+
+    low, high = 0.0, 1.0
+    while delta_at(high) > delta:
+        low, high = high, 2 * high
+    while high - low > 1e-12 * max(high, 1.0):
+        middle = (low + high) / 2
+        low, high = (middle, high) if delta_at(middle) > delta else (low, middle)
+    return high
+
+
+def _accountant(sampling: str, method: str):
+    """dp-accounting's accountant (PLD or RDP) for a run's sampling."""
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
+    if method == "PLD":
+        return pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                                 value_discretization_interval=PLD_INTERVAL)
+    neighbours = (dp_accounting.NeighboringRelation.REPLACE_ONE if NEIGHBOURS[sampling] == "replace"
                   else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
     return rdp.RdpAccountant(neighboring_relation=neighbours)
 
@@ -160,12 +200,14 @@ def _accountant(relation: str):
 @dataclass
 class Accountant:
     """The privacy spent so far: one entry per released round, (noise multiplier, ready clients,
-    clients sampled, sampling rate), and epsilon at delta from dp-accounting's RDP accountant.
-    The history is what the checkpoint keeps, so a resumed run continues the same budget."""
+    clients sampled, sampling rate), and epsilon at delta from dp-accounting's accountant for the
+    run's sampling (METHODS). The history is what the checkpoint keeps, so a resumed run continues
+    the same budget."""
 
     delta: float
     sampling: str
     history: list[list[float]] = field(default_factory=list)
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)  # the last question and its answer
 
     def record(self, noise_multiplier: float, population: int, sampled: int, rate: float) -> None:
         self.history.append([noise_multiplier, population, sampled, rate])
@@ -176,12 +218,27 @@ class Accountant:
             return 0.0
         if any(z <= 0 for z, *_ in events):
             return math.inf
-        accountant = _accountant(NEIGHBOURS[self.sampling])
-        # RDP adds up over rounds, in any order: each distinct round is analysed once, times its count
+        # Privacy adds up over rounds, in any order: each distinct round is analysed once, times its count
         # (a run's rounds are mostly alike; composing them one by one costs a run quadratic time)
-        for (z, population, sampled, rate), count in Counter(map(tuple, events)).items():
+        rounds = tuple(sorted(Counter(map(tuple, events)).items()))
+        if rounds not in self._cache:  # a round's budget check and its record ask the same question
+            self._cache = {rounds: self._epsilon(rounds)}
+        return self._cache[rounds]
+
+    def _epsilon(self, rounds: tuple) -> float:
+        method = self.method_for(z for (z, *_), _ in rounds)
+        if method == "exact":  # Gaussians compose to one: its multiplier is 1/sqrt(sum of 1/z_i^2), each z_i/2
+            return gaussian_epsilon(1 / math.sqrt(sum(count / (z / 2) ** 2 for (z, *_), count in rounds)), self.delta)
+        accountant = _accountant(self.sampling, method)
+        for (z, population, sampled, rate), count in rounds:
             accountant.compose(_dp_event(z, self.sampling, int(population), int(sampled), rate), count)
         return float(accountant.get_epsilon(self.delta))
+
+    def method_for(self, multipliers) -> str:
+        """exact, PLD or RDP: how this run's epsilon is computed, for rounds of these noise multipliers."""
+        if METHODS[self.sampling] == "PLD" and min(multipliers, default=1.0) < PLD_MIN_MULTIPLIER:
+            return "RDP"
+        return METHODS[self.sampling]
 
     def to_json(self) -> dict[str, Any]:
         return {"delta": self.delta, "sampling": self.sampling, "history": self.history}
@@ -269,10 +326,11 @@ class Privacy:
                 "noise_multiplier": self.settings.noise_multiplier}
 
     def describe(self) -> str:
+        method = self.accountant.method_for([self.settings.noise_multiplier])
         where = "the server clips and adds it" if self.settings.mode == "central" else "each client noises its own"
         return (f"client-level DP ({self.settings.mode}: {where}): clip S = {self.settings.clip:g}, noise multiplier "
                 f"z = {self.settings.noise_multiplier:.4g}, delta = {self.settings.delta:.3g}, sampling "
-                f"{self.settings.sampling} ({self.settings.relation} neighbours)")
+                f"{self.settings.sampling} ({self.settings.relation} neighbours), epsilon {ACCOUNTED[method]}")
 
 
 class ExampleLevelDP:

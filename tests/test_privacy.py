@@ -9,11 +9,12 @@ import re
 import dp_accounting
 import pytest
 import torch
-from dp_accounting import dp_event, rdp
+from dp_accounting import dp_event, pld, rdp
 
 from conftest import FAST, read_metrics
 from support import run_cli
 from fedsock.privacy import (
+    PLD_INTERVAL,
     Accountant,
     DPMean,
     Privacy,
@@ -57,23 +58,63 @@ def test_the_noise_has_the_stated_standard_deviation():
     assert abs(float(released.mean())) <= 5 * (s / m) / math.sqrt(n)
 
 
-@pytest.mark.parametrize("sampling, relation, event", [
-    ("none", dp_accounting.NeighboringRelation.REPLACE_ONE, lambda: dp_event.GaussianDpEvent(0.55)),
-    ("fixed", dp_accounting.NeighboringRelation.REPLACE_ONE,
+def pld_accountant(interval: float = PLD_INTERVAL):
+    return pld.PLDAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+                             value_discretization_interval=interval)
+
+
+@pytest.mark.parametrize("sampling, method, library, event", [
+    ("none", "exact", lambda: pld_accountant(1e-4), lambda: dp_event.GaussianDpEvent(0.55)),
+    ("fixed", "RDP", lambda: rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE),
      lambda: dp_event.SampledWithoutReplacementDpEvent(1000, 50, dp_event.GaussianDpEvent(0.55))),
-    ("poisson", dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
-     lambda: dp_event.PoissonSampledDpEvent(0.05, dp_event.GaussianDpEvent(1.1))),
+    ("poisson", "PLD", pld_accountant, lambda: dp_event.PoissonSampledDpEvent(0.05, dp_event.GaussianDpEvent(1.1))),
 ])
-def test_epsilon_is_the_librarys_answer_for_the_sampling_done(sampling, relation, event):
-    """z = 1.1: under replace-one the Gaussian's multiplier is z/2 = 0.55 (one client's swap moves the sum by 2S)."""
+def test_epsilon_is_the_librarys_answer_for_the_sampling_done(sampling, method, library, event):
+    """z = 1.1: under replace-one the Gaussian's multiplier is z/2 = 0.55 (one client's swap moves the sum by 2S).
+    PLD where dp-accounting's PLD accountant analyses the sampling, RDP for sampling without replacement, and
+    without sampling the closed form (which PLD, given the 30 rounds as one Gaussian, matches)."""
     ours = Accountant(1e-5, sampling)
-    library = rdp.RdpAccountant(neighboring_relation=relation)
+    assert ours.method_for([1.1]) == method
+    theirs = library()
     for _ in range(30):
         ours.record(1.1, 1000, 50 if sampling != "none" else 1000, 0.05)
-        library.compose(event())
-    assert ours.epsilon() == pytest.approx(library.get_epsilon(1e-5), rel=1e-12)
+    theirs.compose(event(), 30)
+    assert ours.epsilon() == pytest.approx(theirs.get_epsilon(1e-5), rel=1e-9)
     again = Accountant.from_json(ours.to_json())  # what a checkpoint keeps
     assert again.epsilon() == ours.epsilon()
+
+
+@pytest.mark.parametrize("rate, z, rounds, rdp_epsilon, pld_epsilon", [(0.01, 1.1, 10, 0.833, 0.272),
+                                                                       (0.05, 0.8, 100, 6.66, 5.74)])
+def test_pld_is_tighter_than_rdp_where_it_applies(rate, z, rounds, rdp_epsilon, pld_epsilon):
+    """The issue's figures (Poisson sampling, delta 1e-5): the same mechanism, a much smaller epsilon. The
+    replace-one Gaussian without sampling is exact in closed form (Balle and Wang 2018), and PLD matches it."""
+    events = [[z, 1000, 1000 * rate, rate]] * rounds
+    rdp_side = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    rdp_side.compose(dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(z)), rounds)
+    assert rdp_side.get_epsilon(1e-5) == pytest.approx(rdp_epsilon, abs=5e-3)
+    ours = Accountant(1e-5, "poisson", events).epsilon()
+    assert ours == pytest.approx(pld_epsilon, abs=5e-3)  # the figures are rounded
+    finest = pld_accountant(1e-4)  # dp-accounting's default grid: ours is within 1e-4 of it, and above
+    finest.compose(dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(z)), rounds)
+    assert 0 <= ours - finest.get_epsilon(1e-5) <= 1e-4
+    sigma = 0.55 / math.sqrt(rounds)  # 'none': rounds Gaussians of z/2 compose to one of z/2/sqrt(rounds)
+    epsilon = Accountant(1e-5, "none", [[1.1, 10, 10, 1.0]] * rounds).epsilon()
+    assert analytic_delta(epsilon, sigma) == pytest.approx(1e-5, rel=1e-6)
+
+
+def test_tiny_noise_multipliers_are_accounted_without_blowing_up():
+    """z = 1e-6 without sampling: the closed form, at once (PLD's grid would need petabytes); z = 0.1 with
+    Poisson sampling: RDP, as the start-up line says."""
+    assert Accountant(1e-5, "none", [[1e-6, 10, 10, 1.0]] * 1000).epsilon() > 1e12
+    tiny = Accountant(1e-5, "poisson", [[0.1, 1000, 50, 0.05]] * 10)
+    assert tiny.method_for([0.1]) == "RDP" and tiny.epsilon() > 100
+
+
+def analytic_delta(epsilon: float, sigma: float) -> float:
+    """The exact delta of the Gaussian mechanism of sensitivity 1 and std sigma at epsilon (Balle and Wang)."""
+    phi = lambda x: 0.5 * math.erfc(-x / math.sqrt(2))  # noqa: E731
+    return phi(1 / (2 * sigma) - epsilon * sigma) - math.exp(epsilon) * phi(-1 / (2 * sigma) - epsilon * sigma)
 
 
 def test_a_budget_plans_the_smallest_noise_that_meets_it():
