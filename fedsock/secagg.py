@@ -159,6 +159,13 @@ def survivors_message(digest: bytes, survivors: Iterable[int], dropped: Iterable
     return TAG + b" survivors" + digest + _ids(len(survivors), *survivors, len(dropped), *dropped)
 
 
+def identity_fields(entry: Mapping[str, Any]) -> tuple[bytes, bytes, bytes]:
+    """A signed entry's identity key, certificate and signature, decoded and of their sizes (SecAggError)."""
+    return (unb64(entry.get("identity_key"), ident.KEY_BYTES, "identity_key"),
+            unb64(entry.get("certificate"), ident.SIGNATURE_BYTES, "certificate"),
+            unb64(entry.get("signature"), ident.SIGNATURE_BYTES, "signature"))
+
+
 def public_key(private: bytes) -> bytes:
     """The X25519 public key of a raw private key: what a rebuilt mask key is checked against."""
     from cryptography.hazmat.primitives import serialization
@@ -366,9 +373,7 @@ class ClientRound:
             entry = signed[str(v)]
             if not isinstance(entry, Mapping):
                 raise SecAggError(f"<SECAGG_PEERS> signed entry of client {v} is not an object")
-            key = unb64(entry.get("identity_key"), ident.KEY_BYTES, "identity_key")
-            certificate = unb64(entry.get("certificate"), ident.SIGNATURE_BYTES, "certificate")
-            signature = unb64(entry.get("signature"), ident.SIGNATURE_BYTES, "signature")
+            key, certificate, signature = identity_fields(entry)
             commitment = unb64(entry.get("seed_commitment"), KEY_BYTES, "seed_commitment")
             if not ident.certified(self.identity.federation_key, v, key, certificate):
                 raise SecAggError(f"<SECAGG_PEERS> gives client {v} an identity that this federation did not enrol: "
@@ -521,9 +526,7 @@ class ServerRound:
         entry = message.get("identity")
         if not isinstance(entry, Mapping):
             raise SecAggError(f"client {client_id} sent no identity with its keys (the run has --federation)")
-        key = unb64(entry.get("identity_key"), ident.KEY_BYTES, "identity_key")
-        certificate = unb64(entry.get("certificate"), ident.SIGNATURE_BYTES, "certificate")
-        signature = unb64(entry.get("signature"), ident.SIGNATURE_BYTES, "signature")
+        key, certificate, signature = identity_fields(entry)
         if not ident.certified(self.federation_key, client_id, key, certificate):
             raise SecAggError(f"client {client_id}'s identity is not one this federation enrolled")
         signed = keys_message(self.params.digest(), client_id, *(unb64(message[k]) for k in ("c_public", "s_public",
