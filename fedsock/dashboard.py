@@ -8,7 +8,7 @@ engine a dict update, whatever the number of pages or clients.
 
     GET  /?token=TOKEN     the printed link: sets the cookie, then 303 to /
     GET  /                 the page (fedsock/static/: dashboard.html, .js, .css, and uPlot)
-    GET  /api/state        everything the page shows, as one JSON object
+    GET  /api/state        everything the page shows, as one JSON object (its `privacy`: the Privacy card)
     GET  /api/events       the live feed (text/event-stream): `snapshot`, then batches of changes
     GET  /download/<file>  model.pt (the current global model), metrics.csv, accuracy.png
     POST /api/start        {"num_rounds", "local_epochs", "batch_size", "lr"}: --start manual's launch
@@ -54,7 +54,9 @@ from aiohttp import web
 from fedsock.config import LAUNCH_LIMITS
 from fedsock.console import warn
 from fedsock.events import WHO, Event, Observer, drop_line, id_ranges
+from fedsock.identity import fingerprint
 from fedsock.policy import policy_text
+from fedsock.privacy import ACCOUNTED, Accountant
 from fedsock.run_files import metrics_text, model_bytes, plot_png
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -98,6 +100,111 @@ def parse_address(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
+NO_DEFENCE = ("No privacy protection: the server sees every client's update in the clear, and updates can leak "
+              "training data (see the README's Differential privacy and Secure aggregation sections).")
+CENTRAL_IN_CLEAR = ("The server clips and noises the updates itself, so it sees each client's update in the clear: "
+                    "DP protects the clients from whoever gets the model, not from the server, which must be trusted.")
+CENTRAL_SUM_IN_CLEAR = ("The server adds the noise to the unmasked sum, so it sees that sum without noise: DP protects "
+                        "the clients from whoever gets the model; from the server, only secure aggregation does "
+                        "(it sees no single update).")
+SUM_LEAKS = ("Secure aggregation hides each client's update, not their sum: the sum, and the model made from it, "
+             "can still leak training data. Differential privacy (--dp-clip) bounds that leak.")
+MODES = {
+    "central": "central: the server clips each update and adds the noise (it sees the updates, so it must be trusted)",
+    "local": "local: each client clips its own update and adds all the noise before sending it",
+    "distributed": "distributed: each client clips its update and adds its share of the noise; secure aggregation "
+                   "shows the server only the noised sum",
+}
+RELATIONS = {"add-remove": "add-or-remove-one client (runs that differ by one client's presence)",
+             "replace": "replace-one client (runs that differ in one client's data)"}
+
+
+def privacy_warnings(dp_mode: str | None, secure: bool) -> list[dict[str, str]]:
+    """What the Privacy card warns of, for DP's mode (None: no DP) and secure aggregation: `danger` when
+    nothing protects the updates, `note` where a protection leaves something in the clear."""
+    if dp_mode is None:
+        return [{"level": "note", "text": SUM_LEAKS}] if secure else [{"level": "danger", "text": NO_DEFENCE}]
+    if dp_mode == "central":
+        return [{"level": "note", "text": CENTRAL_SUM_IN_CLEAR if secure else CENTRAL_IN_CLEAR}]
+    return []
+
+
+class PrivacyPanel:
+    """The Privacy card's facts: what protects the clients, and the epsilon spent and planned. The settings
+    are fixed for the run; epsilon spent is the last released round's (metrics.csv's), and epsilon planned
+    is computed once per round (or change of --num-rounds), never per push or page."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.fixed = self.settings()
+        self._planned_key: tuple | None = None
+        self._planned: float | None = None
+
+    def settings(self) -> dict[str, Any]:
+        engine, config, strategy = self.engine, self.engine.config, self.engine.strategy
+        privacy, secure = engine.privacy, engine.secure
+        n = engine.pool.num_clients
+        sampling = config.sampling if strategy.sampled else "none"
+        if sampling == "none":
+            sampling_text = "none: every ready client trains every round (no amplification)"
+        elif sampling == "poisson":
+            sampling_text = (f"Poisson: each ready client with probability q = {strategy.sampling_rate(n):.3g} "
+                             f"(about {strategy.sampling_rate(n) * n:.3g} of {n} a round)")
+        else:
+            sampling_text = f"fixed: {strategy.clients_to_pick(n)} of the {n} clients a round, without replacement"
+        facts: dict[str, Any] = {
+            "dp": privacy is not None, "sampling": sampling, "sampling_text": sampling_text,
+            "secure_aggregation": secure is not None, "secure_text": "",
+            "compression": "" if config.compression == "none" and config.compress_broadcast == "none" else
+            f"updates {config.compression}, broadcast {config.compress_broadcast}",
+            "warnings": privacy_warnings(privacy.settings.mode if privacy else None, secure is not None),
+        }
+        if privacy is not None:
+            s = privacy.settings
+            method = privacy.accountant.method_for([s.noise_multiplier])
+            facts.update(mode=s.mode, mode_text=MODES[s.mode], clip=s.clip, noise_multiplier=s.noise_multiplier,
+                         delta=s.delta, relation=s.relation, relation_text=RELATIONS[s.relation],
+                         accounting=method, accounting_text=ACCOUNTED[method], budget=privacy.budget)
+        if secure is not None:
+            if sampling == "poisson":
+                shown = f"threshold {secure.settings.threshold_fraction:.0%} of each round's clients"
+            else:
+                picked = strategy.clients_to_pick(n)
+                shown = f"threshold {secure.threshold(picked)} of {picked} clients a round"
+            key = secure.settings.federation_key
+            facts["secure_text"] = shown + (f", with identities (federation {fingerprint(key)})" if key is not None
+                                            else ", without identities (it holds against a server that follows "
+                                                 "the protocol, not one that lies)")
+        return facts
+
+    def state(self) -> dict[str, Any]:
+        privacy = self.engine.privacy
+        if privacy is None:
+            return self.fixed
+        metrics = self.engine.metrics
+        last = next((row for row in reversed(metrics) if row.get("epsilon") is not None), None)
+        return {**self.fixed, "epsilon_spent": last["epsilon"] if last else 0.0,
+                "rounds_spent": last["round"] if last else 0, "epsilon_planned": self.planned(),
+                "planned_rounds": self.engine.config.num_rounds}
+
+    def planned(self) -> float:
+        """The budget, if one was set (the noise was planned to spend it); else what the rounds done and
+        the rounds still to run at the planned sampling would spend, from a copy of the server's accountant
+        (asking the server's own would evict the answer it keeps for its next round)."""
+        engine, privacy = self.engine, self.engine.privacy
+        if privacy.budget is not None:
+            return privacy.budget
+        spent = privacy.accountant
+        key = (len(spent.history), engine.config.num_rounds)
+        if key != self._planned_key:
+            n, strategy = engine.pool.num_clients, engine.strategy
+            to_run = max(engine.config.num_rounds - len(spent.history), 0)
+            copy = Accountant(spent.delta, spent.sampling, [list(e) for e in spent.history])
+            one = [privacy.settings.noise_multiplier, n, strategy.clients_to_pick(n), strategy.sampling_rate(n)]
+            self._planned, self._planned_key = copy.epsilon([one] * to_run), key
+        return self._planned
+
+
 class Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -121,7 +228,8 @@ class DashboardState(Observer):
         self._dirty_rounds: set[int] = set()
         self._new_log: list = []
         self._new_refused: list = []
-        self._last: dict[str, Any] = {}  # the run and settings as last sent
+        self._last: dict[str, Any] = {}  # the run, settings and privacy as last sent
+        self.privacy = PrivacyPanel(engine)
 
     # ---- events
     def notify(self, event: Event) -> None:
@@ -249,7 +357,7 @@ class DashboardState(Observer):
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "run": self.run(), "settings": self.settings(), "listening": self.listening,
+            "run": self.run(), "settings": self.settings(), "privacy": self.privacy.state(), "listening": self.listening,
             "limits": {name: [low, high] for name, (_, low, high) in LAUNCH_LIMITS.items()},
             "clients": list(self.clients.values()),
             "rounds": [self.rounds[n] for n in sorted(self.rounds)], "log": list(self.log),
@@ -259,7 +367,7 @@ class DashboardState(Observer):
     def changes(self) -> dict[str, Any] | None:
         """What changed since the last call (None: nothing did)."""
         batch: dict[str, Any] = {}
-        for key, value in (("run", self.run()), ("settings", self.settings())):
+        for key, value in (("run", self.run()), ("settings", self.settings()), ("privacy", self.privacy.state())):
             if value != self._last.get(key):
                 batch[key] = self._last[key] = value
         if self._dirty_clients:

@@ -1,7 +1,7 @@
 // fedsock dashboard: one live feed (server-sent events) into one state, drawn at most once a frame.
 "use strict";
 
-const state = { run: {}, settings: {}, limits: {}, clients: new Map(), rounds: new Map(), log: [], refused: [],
+const state = { run: {}, settings: {}, privacy: {}, limits: {}, clients: new Map(), rounds: new Map(), log: [], refused: [],
                 listening: {} };
 const $ = (id) => document.getElementById(id);
 let charts = {};
@@ -35,6 +35,7 @@ function replace(snapshot) {
 function merge(batch) {
   if (batch.run) state.run = batch.run;
   if (batch.settings) state.settings = batch.settings;
+  if (batch.privacy) state.privacy = batch.privacy;
   for (const c of batch.clients || []) state.clients.set(c.id, c);
   for (const r of batch.rounds || []) state.rounds.set(r.round, r);
   if (batch.rounds) roundsVersion += 1;
@@ -55,6 +56,7 @@ function draw() {
   $("phase").className = "badge " + (phase || "").replace(/ /g, "-");
   drawControls(run, s);
   drawSettings(s);
+  drawPrivacy(state.privacy);
   if (chartsVersion !== roundsVersion && typeof uPlot !== "undefined") { chartsVersion = roundsVersion; drawCharts(); }
   drawClients();
   drawLog("log", state.log, (e) => [e.time, e.message, e.warning]);
@@ -99,6 +101,59 @@ function drawSettings(s) {
   const rows = Object.entries(s).filter(([, v]) => v !== null && v !== false)
     .map(([k, v]) => `<tr><td>${esc(k.replace(/_/g, " "))}</td><td>${esc(String(v))}</td></tr>`).join("");
   if (table.dataset.html !== rows) { table.innerHTML = rows; table.dataset.html = rows; }
+}
+
+// The Privacy card: what protects the clients, in words; epsilon spent and planned; its warnings first.
+function drawPrivacy(p) {
+  if (p.dp === undefined) return;
+  const rows = [];
+  const row = (key, name, text, extra = "") => rows.push(
+    `<tr data-key="${key}"><td>${esc(name)}</td><td>${esc(text)}${extra}</td></tr>`);
+  if (p.dp) {
+    row("dp", "differential privacy", "on, " + p.mode_text);
+    row("noise", "clip, noise", `S = ${g(p.clip)}, z = ${g(p.noise_multiplier, 4)} (noise std z·S = ${g(p.clip * p.noise_multiplier)})`);
+    row("relation", "neighbours", p.relation_text);
+  } else {
+    row("dp", "differential privacy", "off");
+  }
+  row("sampling", "sampling", p.sampling_text);
+  if (p.dp) {
+    const share = p.epsilon_planned ? Math.min(1, p.epsilon_spent / p.epsilon_planned) : 0;
+    row("epsilon_spent", "ε spent", `${g(p.epsilon_spent)} after ${p.rounds_spent} round(s)`,
+      `<span class="spent" title="${(100 * share).toFixed(0)}% of ε planned"><span style="width:${(100 * share).toFixed(1)}%"></span></span>`);
+    row("epsilon_planned", "ε planned", p.budget != null
+      ? `${g(p.epsilon_planned)}: the budget (--dp-epsilon); the run stops before a round would pass it`
+      : `${g(p.epsilon_planned)}: what the ${p.planned_rounds} planned rounds spend`);
+    row("delta", "δ", `${g(p.delta)} (the chance the guarantee may fail)`);
+    row("accounting", "accounting", `${p.accounting}: ε ${p.accounting_text}`);
+  }
+  row("secure_aggregation", "secure aggregation", p.secure_aggregation ? "on, " + p.secure_text
+    : "off: the server sees each update" + (p.dp && p.mode === "local" ? " (noised by its client)" : ""));
+  if (p.compression) row("compression", "compression", p.compression);
+  const html = rows.join("");
+  const facts = $("privacy-facts");
+  if (facts.dataset.html !== html) { facts.innerHTML = html; facts.dataset.html = html; }
+  const warnings = p.warnings.map((w) => `<p class="warn ${w.level}">${esc(w.text)}</p>`).join("");
+  if ($("privacy-warnings").dataset.html !== warnings) {
+    $("privacy-warnings").innerHTML = warnings; $("privacy-warnings").dataset.html = warnings;
+  }
+  const badge = $("privacy-badge");
+  badge.hidden = false;
+  badge.className = "badge" + (p.warnings.some((w) => w.level === "danger") ? " none" : "");
+  badge.textContent = p.dp ? `DP: ε ${g(p.epsilon_spent)} of ${g(p.epsilon_planned)}` + (p.secure_aggregation ? " · secure aggregation" : "")
+    : p.secure_aggregation ? "secure aggregation, no DP" : "no privacy protection";
+}
+
+// Like Python's format(v, ".3g"): 0.532, 12.3, 1e-05 (null: a dash; an infinite epsilon came as null too).
+function g(v, digits = 3) {
+  if (v == null) return "—";
+  const a = Math.abs(v);
+  if (a !== 0 && (a < 1e-4 || a >= 10 ** digits)) {
+    const [m, e] = v.toExponential(digits - 1).split("e");
+    const exp = Number(e);
+    return `${Number(m)}e${exp < 0 ? "-" : "+"}${String(Math.abs(exp)).padStart(2, "0")}`;
+  }
+  return String(Number(v.toPrecision(digits)));
 }
 
 // As many decimals as the ticks' spacing needs (3.9885, 3.9890 rather than 3.989, 3.989).
