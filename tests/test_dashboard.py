@@ -28,12 +28,16 @@ import torch
 from conftest import FAST
 from support import run_cli
 from fedsock.console import ExitStatus
-from fedsock.dashboard import Dashboard, DashboardState, host_name, parse_address
+from fedsock import dashboard as dashboard_module, secagg
+from fedsock.dashboard import (CENTRAL_IN_CLEAR, CENTRAL_SUM_IN_CLEAR, NO_DEFENCE, SUM_LEAKS, Dashboard,
+                               DashboardState, host_name, parse_address, privacy_warnings)
 from fedsock.events import ClientJoined, ClientReady, ConnectionRefused, Listening, RoundSaved, UpdateAccepted
+from fedsock.identity import fingerprint
 from fedsock.policy import Policy, policy_text
+from fedsock.privacy import Accountant, Privacy, PrivacySettings
 from fedsock.run_files import read_checkpoint
 from test_compression import RawPeer
-from test_engine import FakeClient, engine_for
+from test_engine import FakeClient, engine_for, run
 
 DASHBOARD_LINK = r"dashboard: ((http://127\.0\.0\.1:\d+/)\?token=[\w-]+)"  # the link, then its bare URL
 UI_TIMEOUT_MS = 120_000  # a bound on every wait in the page (each takes seconds)
@@ -371,6 +375,90 @@ def test_the_state_says_each_clients_policy_in_words():
 ])
 def test_a_stated_policy_in_words(changes, text):
     assert policy_text({**Policy().to_json(), **changes}) == text
+
+
+# --------------------------------------------------------------------------- the privacy card
+
+
+def test_the_privacy_card_warns_in_plain_words_when_nothing_protects_the_updates():
+    engine, _ = engine_for([FakeClient(1), FakeClient(2)])
+    card = json.loads(dashboard_module.dumps(DashboardState(engine).snapshot()))["privacy"]
+    assert (card["dp"], card["secure_aggregation"], card["sampling"]) == (False, False, "none")
+    assert card["warnings"] == [{"level": "danger", "text": NO_DEFENCE}]
+    assert NO_DEFENCE.startswith("No privacy protection: the server sees every client's update in the clear")
+    assert "epsilon_spent" not in card  # no DP: no epsilon to show, not a zero
+
+
+def test_the_privacy_card_follows_epsilon_round_by_round_and_plans_it_once_a_round(monkeypatch):
+    """Central DP with Poisson sampling: add-or-remove neighbours, PLD; epsilon spent is the released
+    rounds' (metrics.csv's); epsilon planned is what the run's rounds spend, computed once per round."""
+    asked = []
+
+    class Counting(Accountant):
+        def epsilon(self, extra=None):
+            asked.append(len(extra or []))
+            return super().epsilon(extra)
+
+    monkeypatch.setattr(dashboard_module, "Accountant", Counting)
+    engine, recorder = engine_for([FakeClient(k) for k in (1, 2, 3, 4)], num_rounds=3, clients_per_round=2,
+                                  sampling="poisson", min_clients=1)
+    privacy = Privacy(PrivacySettings(clip=1.0, noise_multiplier=1.5, delta=1e-5, sampling="poisson"))
+    engine.strategy.privacy = engine.privacy = privacy
+    state = DashboardState(engine)
+
+    before = [state.changes()["privacy"]] + [state.snapshot()["privacy"] for _ in range(20)]
+    assert all(card == before[0] for card in before) and asked == [3]  # 21 asks, one computation
+    card = before[0]
+    assert (card["mode"], card["relation"], card["sampling"], card["accounting"]) == ("central", "add-remove",
+                                                                                     "poisson", "PLD")
+    assert card["relation_text"].startswith("add-or-remove-one client")
+    assert "probability q = 0.5" in card["sampling_text"] and "about 2 of 4 a round" in card["sampling_text"]
+    assert (card["clip"], card["noise_multiplier"], card["delta"], card["budget"]) == (1.0, 1.5, 1e-5, None)
+    assert (card["epsilon_spent"], card["rounds_spent"], card["planned_rounds"]) == (0.0, 0, 3)
+    planned = Accountant(1e-5, "poisson").epsilon([[1.5, 4, 2, 0.5]] * 3)
+    assert card["epsilon_planned"] == pytest.approx(planned, rel=1e-9) and 0 < planned < 10
+    assert card["warnings"] == [{"level": "note", "text": CENTRAL_IN_CLEAR}]
+    assert state.changes() is None  # nothing changed: nothing sent
+
+    assert run(engine) == ExitStatus.OK
+    rows = recorder.rows()
+    after = state.changes()["privacy"]
+    assert after["epsilon_spent"] == rows[-1]["epsilon"] and after["rounds_spent"] == 3
+    assert 0 < rows[0]["epsilon"] < rows[-1]["epsilon"] == pytest.approx(planned, rel=1e-3)  # as planned
+    assert after["epsilon_planned"] == pytest.approx(rows[-1]["epsilon"], rel=1e-9)  # every planned round done
+    assert len(asked) == 2  # once more, for the rounds now accounted
+
+
+def test_the_privacy_card_shows_a_budget_and_secure_aggregation_with_its_threshold_and_identities():
+    engine, _ = engine_for([FakeClient(k) for k in (1, 2, 3, 4, 5)], secure_aggregation=True, clients_per_round=4)
+    key = bytes(range(32))
+    engine.secure = secagg.SecureAggregation(secagg.Settings(federation_key=key), {"w": torch.zeros(2)})
+    card = DashboardState(engine).snapshot()["privacy"]
+    assert card["secure_aggregation"] and card["sampling_text"].startswith("fixed: 4 of the 5 clients a round")
+    assert card["secure_text"] == f"threshold 3 of 4 clients a round, with identities (federation {fingerprint(key)})"
+    assert card["warnings"] == [{"level": "note", "text": SUM_LEAKS}]  # the sum still leaks without DP
+
+    budget = Privacy(PrivacySettings(clip=2.0, noise_multiplier=0.8, delta=1e-6, mode="distributed",
+                                     sampling="fixed"), budget=4.0)
+    engine.strategy.privacy = engine.privacy = budget
+    engine.secure.settings.federation_key = None
+    card = DashboardState(engine).snapshot()["privacy"]
+    assert (card["epsilon_planned"], card["budget"], card["relation"], card["accounting"]) == (4.0, 4.0, "replace",
+                                                                                            "RDP")
+    assert card["warnings"] == [] and card["mode_text"].startswith("distributed: each client")
+    assert "without identities" in card["secure_text"]
+
+
+@pytest.mark.parametrize("dp_mode, secure, expected", [
+    (None, False, [("danger", NO_DEFENCE)]),
+    (None, True, [("note", SUM_LEAKS)]),
+    ("central", False, [("note", CENTRAL_IN_CLEAR)]),
+    ("central", True, [("note", CENTRAL_SUM_IN_CLEAR)]),
+    ("local", False, []),
+    ("distributed", True, []),
+])
+def test_privacy_warnings(dp_mode, secure, expected):
+    assert [(w["level"], w["text"]) for w in privacy_warnings(dp_mode, secure)] == expected
 
 
 @pytest.mark.parametrize("value, expected", [("8080", ("127.0.0.1", 8080)), ("0.0.0.0:0", ("0.0.0.0", 0)),
