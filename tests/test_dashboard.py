@@ -11,10 +11,12 @@ cross-site requests) run a Dashboard in this process, on a real socket.
 from __future__ import annotations
 
 import asyncio
+import csv
 import http.client
 import http.cookies
 import io
 import json
+import re
 import shutil
 import signal
 import socket
@@ -212,6 +214,63 @@ def test_the_page_shows_each_clients_policy_as_its_hello_stated_it(cluster, tmp_
     finally:
         for peer in peers:
             peer.close()
+
+
+@pytest.mark.processes
+def test_the_privacy_card_shows_the_epsilon_the_run_spends(cluster, tmp_path):
+    """A real federation with central DP: the card before Start (epsilon planned for the two rounds, none
+    spent yet), then after them: the epsilon spent that metrics.csv and the server's round line say."""
+    from playwright.sync_api import expect, sync_playwright
+
+    server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "2", "--start", "manual", "--stay",
+                            "--dp-clip", "1", "--dp-noise-multiplier", "1.1", "--dashboard", "127.0.0.1:0")
+    link, url = server.wait_for(DASHBOARD_LINK, timeout=30).groups()
+    server.wait_for(r"client-level DP \(central: the server clips and adds it\).*epsilon exact", timeout=30)
+    clients = [cluster.client(k) for k in (1, 2)]
+    planned = format(Accountant(1e-5, "none").epsilon([[1.1, 2, 2, 1.0]] * 2), ".3g")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(link)
+            expect(page.locator("#client-count")).to_have_text("(2 waiting)", timeout=UI_TIMEOUT_MS)
+            card = page.locator("#privacy")
+
+            def fact(key: str):
+                return card.locator(f"tr[data-key={key}] td").nth(1)
+
+            expect(fact("dp")).to_have_text(re.compile(r"^on, central: the server clips each update"))
+            expect(fact("noise")).to_have_text(re.compile(r"^S = 1, z = 1\.1 "))
+            expect(fact("relation")).to_have_text(re.compile(r"^replace-one client"))
+            expect(fact("sampling")).to_have_text(re.compile(r"^none: every ready client trains every round"))
+            expect(fact("epsilon_spent")).to_have_text("0 after 0 round(s)")
+            expect(fact("epsilon_planned")).to_have_text(f"{planned}: what the 2 planned rounds spend")
+            expect(fact("delta")).to_have_text(re.compile(r"^1e-05 "))
+            expect(fact("accounting")).to_have_text("exact: ε exact (the Gaussian mechanism's)")
+            expect(fact("secure_aggregation")).to_have_text("off: the server sees each update")
+            expect(card.locator(".warn")).to_have_text([CENTRAL_IN_CLEAR])  # a note, not the no-defence warning
+            expect(page.locator("#privacy-badge")).to_have_text(f"DP: ε 0 of {planned}")
+
+            page.click("#start")
+            expect(page.locator("#phase")).to_have_text("between sessions", timeout=UI_TIMEOUT_MS)
+            answer = page.request.get(url + "download/metrics.csv")
+            rows = list(csv.DictReader(io.StringIO(answer.text())))
+            epsilon = float(rows[-1]["epsilon"])
+            assert [r["round"] for r in rows] == ["1", "2"] and 0 < float(rows[0]["epsilon"]) < epsilon
+            expect(fact("epsilon_spent")).to_have_text(f"{epsilon:.3g} after 2 round(s)")
+            assert server.wait_for(r"round 2/2 .*  ε (\S+)").group(1) == f"{epsilon:.3g}"  # the server's log line
+            assert fact("epsilon_spent").text_content().split()[0] == planned  # the rounds spent what was planned
+            expect(page.locator("#privacy-badge")).to_have_text(f"DP: ε {epsilon:.3g} of {planned}")
+            page.click("#stop")
+            expect(page.locator("#phase")).to_have_text("finished", timeout=UI_TIMEOUT_MS)
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert server.finish(timeout=60) == ExitStatus.OK  # Stop between sessions: every round asked for was done
+    for client in clients:
+        assert client.finish(timeout=60) == 0, client.output
 
 
 # --------------------------------------------------------------------------- the HTTP checks
