@@ -146,7 +146,7 @@ class PrivacyPanel:
         n = engine.pool.num_clients
         sampling = config.sampling if strategy.sampled else "none"
         if sampling == "none":
-            sampling_text = "none: every ready client trains every round (no amplification)"
+            sampling_text = "none: every ready client trains every round (so sampling adds no privacy)"
         elif sampling == "poisson":
             sampling_text = (f"Poisson: each ready client with probability q = {strategy.sampling_rate(n):.3g} "
                              f"(about {strategy.sampling_rate(n) * n:.3g} of {n} a round)")
@@ -166,11 +166,8 @@ class PrivacyPanel:
                          delta=s.delta, relation=s.relation, relation_text=RELATIONS[s.relation],
                          accounting=method, accounting_text=ACCOUNTED[method], budget=privacy.budget)
         if secure is not None:
-            if sampling == "poisson":
-                shown = f"threshold {secure.settings.threshold_fraction:.0%} of each round's clients"
-            else:
-                picked = strategy.clients_to_pick(n)
-                shown = f"threshold {secure.threshold(picked)} of {picked} clients a round"
+            picked = strategy.clients_to_pick(n)  # secure aggregation goes with no Poisson sampling
+            shown = f"threshold {secure.threshold(picked)} of {picked} clients a round"
             key = secure.settings.federation_key
             facts["secure_text"] = shown + (f", with identities (federation {fingerprint(key)})" if key is not None
                                             else ", without identities (it holds against a server that follows "

@@ -245,11 +245,11 @@ def test_the_privacy_card_shows_the_epsilon_the_run_spends(cluster, tmp_path):
             expect(fact("noise")).to_have_text(re.compile(r"^S = 1, z = 1\.1 "))
             expect(fact("relation")).to_have_text(re.compile(r"^replace-one client"))
             expect(fact("sampling")).to_have_text(re.compile(r"^none: every ready client trains every round"))
-            expect(fact("epsilon_spent")).to_have_text("0 after 0 round(s)")
+            expect(fact("epsilon_spent")).to_have_text("0 after 0 of 2 rounds (0% of ε planned)")
             expect(fact("epsilon_planned")).to_have_text(f"{planned}: what the 2 planned rounds spend")
             expect(fact("delta")).to_have_text(re.compile(r"^1e-05 "))
             expect(fact("accounting")).to_have_text("exact: ε exact (the Gaussian mechanism's)")
-            expect(fact("secure_aggregation")).to_have_text("off: the server sees each update")
+            expect(fact("secure_aggregation")).to_have_text("off: the server sees each client's update")
             expect(card.locator(".warn")).to_have_text([CENTRAL_IN_CLEAR])  # a note, not the no-defence warning
             expect(page.locator("#privacy-badge")).to_have_text(f"DP: ε 0 of {planned}")
 
@@ -259,7 +259,7 @@ def test_the_privacy_card_shows_the_epsilon_the_run_spends(cluster, tmp_path):
             rows = list(csv.DictReader(io.StringIO(answer.text())))
             epsilon = float(rows[-1]["epsilon"])
             assert [r["round"] for r in rows] == ["1", "2"] and 0 < float(rows[0]["epsilon"]) < epsilon
-            expect(fact("epsilon_spent")).to_have_text(f"{epsilon:.3g} after 2 round(s)")
+            expect(fact("epsilon_spent")).to_have_text(f"{epsilon:.3g} after 2 of 2 rounds (100% of ε planned)")
             assert server.wait_for(r"round 2/2 .*  ε (\S+)").group(1) == f"{epsilon:.3g}"  # the server's log line
             assert fact("epsilon_spent").text_content().split()[0] == planned  # the rounds spent what was planned
             expect(page.locator("#privacy-badge")).to_have_text(f"DP: ε {epsilon:.3g} of {planned}")

@@ -119,8 +119,9 @@ function drawPrivacy(p) {
   row("sampling", "sampling", p.sampling_text);
   if (p.dp) {
     const share = p.epsilon_planned ? Math.min(1, p.epsilon_spent / p.epsilon_planned) : 0;
-    row("epsilon_spent", "ε spent", `${g(p.epsilon_spent)} after ${p.rounds_spent} round(s)`,
-      `<span class="spent" title="${(100 * share).toFixed(0)}% of ε planned"><span style="width:${(100 * share).toFixed(1)}%"></span></span>`);
+    row("epsilon_spent", "ε spent", `${g(p.epsilon_spent)} after ${p.rounds_spent} of ${p.planned_rounds} rounds ` +
+      `(${(100 * share).toFixed(0)}% of ε planned)`,
+      `<span class="spent"><span style="width:${(100 * share).toFixed(1)}%"></span></span>`);
     row("epsilon_planned", "ε planned", p.budget != null
       ? `${g(p.epsilon_planned)}: the budget (--dp-epsilon); the run stops before a round would pass it`
       : `${g(p.epsilon_planned)}: what the ${p.planned_rounds} planned rounds spend`);
@@ -128,7 +129,7 @@ function drawPrivacy(p) {
     row("accounting", "accounting", `${p.accounting}: ε ${p.accounting_text}`);
   }
   row("secure_aggregation", "secure aggregation", p.secure_aggregation ? "on, " + p.secure_text
-    : "off: the server sees each update" + (p.dp && p.mode === "local" ? " (noised by its client)" : ""));
+    : "off: the server sees each client's update" + (p.dp && p.mode === "local" ? " (noised by its client)" : ""));
   if (p.compression) row("compression", "compression", p.compression);
   const html = rows.join("");
   const facts = $("privacy-facts");
