@@ -354,7 +354,8 @@ class DashboardState(Observer):
 
     def snapshot(self) -> dict[str, Any]:
         return {
-            "run": self.run(), "settings": self.settings(), "privacy": self.privacy.state(), "listening": self.listening,
+            "run": self.run(), "settings": self.settings(), "privacy": self.privacy.state(),
+            "listening": self.listening,
             "limits": {name: [low, high] for name, (_, low, high) in LAUNCH_LIMITS.items()},
             "clients": list(self.clients.values()),
             "rounds": [self.rounds[n] for n in sorted(self.rounds)], "log": list(self.log),

@@ -478,6 +478,7 @@ def test_the_privacy_card_follows_epsilon_round_by_round_and_plans_it_once_a_rou
     assert card["epsilon_planned"] == pytest.approx(planned, rel=1e-9) and 0 < planned < 10
     assert card["warnings"] == [{"level": "note", "text": CENTRAL_IN_CLEAR}]
     assert state.changes() is None  # nothing changed: nothing sent
+    assert str(privacy.sampling_seed) not in dashboard_module.dumps(state.snapshot())  # the sampling's secret
 
     assert run(engine) == ExitStatus.OK
     rows = recorder.rows()

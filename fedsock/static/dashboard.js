@@ -1,8 +1,8 @@
 // fedsock dashboard: one live feed (server-sent events) into one state, drawn at most once a frame.
 "use strict";
 
-const state = { run: {}, settings: {}, privacy: {}, limits: {}, clients: new Map(), rounds: new Map(), log: [], refused: [],
-                listening: {} };
+const state = { run: {}, settings: {}, privacy: {}, limits: {}, clients: new Map(), rounds: new Map(), log: [],
+                refused: [], listening: {} };
 const $ = (id) => document.getElementById(id);
 let charts = {};
 let drawPending = false;
@@ -111,7 +111,8 @@ function drawPrivacy(p) {
     `<tr data-key="${key}"><td>${esc(name)}</td><td>${esc(text)}${extra}</td></tr>`);
   if (p.dp) {
     row("dp", "differential privacy", "on, " + p.mode_text);
-    row("noise", "clip, noise", `S = ${g(p.clip)}, z = ${g(p.noise_multiplier, 4)} (noise std z·S = ${g(p.clip * p.noise_multiplier)})`);
+    row("noise", "clip, noise",
+      `S = ${g(p.clip)}, z = ${g(p.noise_multiplier, 4)} (noise std z·S = ${g(p.clip * p.noise_multiplier)})`);
     row("relation", "neighbours", p.relation_text);
   } else {
     row("dp", "differential privacy", "off");
@@ -141,7 +142,8 @@ function drawPrivacy(p) {
   const badge = $("privacy-badge");
   badge.hidden = false;
   badge.className = "badge" + (p.warnings.some((w) => w.level === "danger") ? " none" : "");
-  badge.textContent = p.dp ? `DP: ε ${g(p.epsilon_spent)} of ${g(p.epsilon_planned)}` + (p.secure_aggregation ? " · secure aggregation" : "")
+  badge.textContent = p.dp
+    ? `DP: ε ${g(p.epsilon_spent)} of ${g(p.epsilon_planned)}` + (p.secure_aggregation ? " · secure aggregation" : "")
     : p.secure_aggregation ? "secure aggregation, no DP" : "no privacy protection";
 }
 
