@@ -369,6 +369,9 @@ class OutputSettings:
                                                "(TLS, authentication, secure aggregation, DP), or without checking its "
                                                "seal; a warning says what is dropped", group=OUTPUT)
     quiet: bool = setting(False, "print only the round lines, warnings and errors", group=OUTPUT)
+    record_updates: str | None = setting(None, "play the honest-but-curious server: write every update the server "
+                                               "holds (under secure aggregation, each round's aggregate) to DIR, for "
+                                               "python -m fedsock.attack invert", group=OUTPUT, metavar="DIR")
 
 
 @dataclass

@@ -327,7 +327,8 @@ class Privacy:
 
     def describe(self) -> str:
         method = self.accountant.method_for([self.settings.noise_multiplier])
-        where = "the server clips and adds it" if self.settings.mode == "central" else "each client noises its own"
+        where = {"central": "the server clips and adds it", "local": "each client noises its own",
+                 "distributed": "each client adds its share; the server sees only the noised sum"}[self.settings.mode]
         return (f"client-level DP ({self.settings.mode}: {where}): clip S = {self.settings.clip:g}, noise multiplier "
                 f"z = {self.settings.noise_multiplier:.4g}, delta = {self.settings.delta:.3g}, sampling "
                 f"{self.settings.sampling} ({self.settings.relation} neighbours), epsilon {ACCOUNTED[method]}")

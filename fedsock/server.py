@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsock import compression, resume_guard, secagg, security
+from fedsock.attack import UpdateRecorder
 from fedsock.clients import ClientPool
 from fedsock.config import ServerConfig
 from fedsock.console import UsageError, say, warn
@@ -166,8 +167,9 @@ async def serve(config: ServerConfig, setup: Setup, listener: socket.socket, out
     files = RunFiles(output_dir, title, setup.checkpoint, setup.protections, setup.seal_key)
     events = Events([Console(config.quiet), files])
     pool, traffic = ClientPool(config.num_clients), Traffic()
+    recorder = UpdateRecorder(config.record_updates, config, setup.task, events) if config.record_updates else None
     engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, traffic, setup.checkpoint,
-                         setup.secure, setup.task, federated_evaluation(config), str(output_dir))
+                         setup.secure, setup.task, federated_evaluation(config), str(output_dir), recorder)
     lobby = Lobby(
         listener=listener, pool=pool, events=events, traffic=traffic, tls=setup.tls, auth=setup.auth,
         welcome=Welcome(config, setup, engine),

@@ -37,6 +37,7 @@ import torch
 import client_helper
 import neural_net_helper as nnh
 from fedsock import config as settings
+from fedsock.attack import UpdateRecorder
 from fedsock.clients import ClientPool, Dropped, FitIns, FitRes
 from fedsock.compression import compress_update, decoded_update, scratch_for
 from fedsock.identity import Identity, enrolled_identities
@@ -360,8 +361,9 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
                                setup.secure.length if setup.secure is not None else None, identities.get(client_id))
         pool.joined(client)
         pool.add(client)
+    recorder = UpdateRecorder(config.record_updates, config, setup.task, events) if config.record_updates else None
     engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),
-                         setup.checkpoint, setup.secure, output_dir=str(output_dir))
+                         setup.checkpoint, setup.secure, output_dir=str(output_dir), recorder=recorder)
     stop_on_signals(engine.control, WHO)
     try:
         return await engine.run()
