@@ -111,9 +111,18 @@ class UpdateRecorder:
         self.events = events
         self.started: tuple[int, Mapping[str, torch.Tensor], dict] | None = None
         self.failed = False
+        if events is not None:
+            events.notice(f"--record-updates: every update this server holds goes to {self.directory} (what a "
+                          f"curious server could keep; python -m fedsock.attack invert reads it)", warning=True)
 
-    def start(self, number: int, weights: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> None:
+    def start(self, number: int, weights: Mapping[str, torch.Tensor], settings: Mapping[str, Any]) -> "UpdateRecorder":
+        """A round begins: its model and the settings sent with it. The recorder, for the round to hold."""
         self.started = (number, weights, {k: v for k, v in settings.items() if isinstance(v, (int, float, str))})
+        return self
+
+    def aggregate(self, number: int, weights: Mapping[str, torch.Tensor], reported: Mapping[int, dict]) -> None:
+        self.update(number, "aggregate", weights, sum(r["num_examples"] for r in reported.values()),
+                    clients=len(reported))
 
     def update(self, number: int, client: int | str, weights: Mapping[str, torch.Tensor], num_examples: int,
                clients: int = 1) -> None:

@@ -58,7 +58,7 @@ class Round:
     expected: set[int] = field(default_factory=set)
     aggregator: Any = None  # the strategy's, or the run's SecureAggregation
     federated: FederatedEvaluation | None = None
-    record: Callable[..., None] | None = None  # --record-updates: each update as the server holds it
+    recorder: UpdateRecorder | None = None  # --record-updates: each update as the server holds it
     population: int = 0  # ready, free clients when the round sampled
     picked: int = 0
     planned: float = 0.0  # the clients it planned for (DP's fixed denominator)
@@ -124,8 +124,8 @@ class Round:
                     self.drop(client_id, f"secure aggregation: {exc}")
                     return
             else:
-                if self.record is not None:
-                    self.record(self.number, client_id, result.tensors, result.num_examples)
+                if self.recorder is not None:
+                    self.recorder.update(self.number, client_id, result.tensors, result.num_examples)
                 self.aggregator.add(result.tensors, result.num_examples)
         finally:
             result.release()
@@ -170,22 +170,25 @@ class Round:
         }
 
 
+def stop_words(phase: str, rounds_done: int) -> tuple[str, str]:
+    """When a stopped run stopped, and what that leaves it: for its notice and its last message."""
+    if rounds_done:
+        return f"after round {rounds_done}", f"after round {rounds_done}; it can resume from its checkpoint"
+    when = "before training started" if phase == "lobby" else "before its first round completed"
+    return when, "before any round completed; there is no checkpoint to resume from"
+
+
 class RoundEngine:
     """Every round: sample, send, collect, aggregate, step; and the run around the rounds."""
 
     def __init__(self, config: ServerConfig, strategy: Strategy, pool: ClientPool, model: GlobalModel,
                  evaluate: Callable[[dict], dict[str, float]], events: Events, traffic: Traffic,
                  resumed: Checkpoint | None = None, secure: SecureAggregation | None = None,
-                 task: Task | None = None, federated_evaluation: bool = False, output_dir: str = "",
-                 recorder: UpdateRecorder | None = None):
+                 task: Task | None = None, federated_evaluation: bool = False, output_dir: str = "", recorder=None):
         self.config, self.strategy, self.pool, self.model = config, strategy, pool, model
         self.events, self.traffic, self.output_dir, self.task = events, traffic, output_dir, task
         self.rounds_done = resumed.round if resumed else 0
-        self.secure = secure  # --secure-aggregation
-        self.recorder = recorder  # --record-updates
-        if recorder is not None:
-            events.notice(f"--record-updates: every update this server holds goes to {recorder.directory} "
-                          f"(what a curious server could keep; python -m fedsock.attack invert reads it)", warning=True)
+        self.secure, self.recorder = secure, recorder  # --secure-aggregation, --record-updates
         # Ready clients a round waits for; with secure aggregation at least 3, since with two,
         # each could subtract its own update from the new model.
         needed = max(config.min_clients, strategy.min_updates(), 3 if secure is not None else 0)
@@ -220,10 +223,7 @@ class RoundEngine:
             while self.config.stay and not self.budget_spent and await control.next_session():
                 await self.train()
         except Stopped:
-            then = (f"after round {self.rounds_done}; it can resume from its checkpoint" if self.rounds_done else
-                    "before any round completed; there is no checkpoint to resume from")
-            when = f"after round {self.rounds_done}" if self.rounds_done else (
-                "before training started" if control.phase == "lobby" else "before its first round completed")
+            when, then = stop_words(control.phase, self.rounds_done)
             self.events.notice(f"{control.stop_reason}: stopping {when}")
             await self.finish(False, f"the server was stopped ({control.stop_reason}) {then}")
             return ExitStatus.TERMINATED if control.stop_reason == "SIGTERM" else ExitStatus.INTERRUPTED
@@ -280,8 +280,7 @@ class RoundEngine:
         would not allow this round."""
         pool, stopping = self.pool, self.control.stopping
         round_ = Round(number, attempt, time.perf_counter(), (self.traffic.sent, self.traffic.received), self.tell,
-                       federated=self.federated,
-                       record=self.recorder.update if self.recorder is not None and self.secure is None else None)
+                       federated=self.federated)
         # A retried round keeps the same model, so a client still training it from an earlier
         # attempt is as good as one picked now: it is expected too. (Not with DP: there, a round's
         # participants are exactly its fresh sample, as the accountant assumes.)
@@ -320,8 +319,7 @@ class RoundEngine:
         else:
             round_.aggregator = self.strategy.aggregator(self.model.tensors, round_.planned)
         round_.expected = set(picked) | set(carried())
-        if self.recorder is not None:
-            self.recorder.start(number, self.model.tensors, settings)
+        round_.recorder = self.recorder.start(number, self.model.tensors, settings) if self.recorder else None
         # 2. send
         self.current = round_
         instructions = FitIns(number, self.model, settings, evaluate=self.federated is not None)
@@ -388,10 +386,8 @@ class RoundEngine:
         if isinstance(result, str):
             self.events.notice(f"round {round_.number}: secure aggregation failed: {result}", warning=True)
             return None
-        if self.recorder is not None:  # all that a server holds under secure aggregation
-            self.recorder.update(round_.number, "aggregate", result, sum(r["num_examples"] for r in
-                                                                         round_.reported.values()),
-                                 clients=len(round_.reported))
+        if round_.recorder is not None:  # all that a server holds under secure aggregation
+            round_.recorder.aggregate(round_.number, result, round_.reported)
         return result
 
     async def evaluate_final_model(self) -> None:
