@@ -56,6 +56,7 @@ import torch
 
 from fedsock.clients import ClientPool, FitIns, FitRes
 from fedsock.console import ArgumentParser, HelpFormatter, UsageError, run_main, say
+from fedsock.console import number as bounded
 from fedsock.events import Events
 from fedsock.privacy import DPMean, Privacy, PrivacySettings, default_delta
 from fedsock.strategies import Strategy
@@ -150,13 +151,6 @@ def gaussian_pair_epsilon(inserted: Gaussian, held_out: Gaussian, delta: float, 
 def empirical_epsilon(inserted_cosines: Sequence[float], held_out_cosines: Sequence[float], delta: float) -> float:
     """Andrew et al.'s one-shot estimate: Gaussians fitted to both sets of cosines, and their epsilon at delta."""
     return gaussian_pair_epsilon(fit_gaussian(inserted_cosines), fit_gaussian(held_out_cosines), delta)
-
-
-def gdp_delta(epsilon: float, mu: float) -> float:
-    """delta(epsilon) of mu-Gaussian DP (Dong, Roth and Su 2019): N(mu, 1) against N(0, 1), in closed form."""
-    from scipy.special import log_ndtr, ndtr
-
-    return float(ndtr(-epsilon / mu + mu / 2) - math.exp(min(epsilon + log_ndtr(-epsilon / mu - mu / 2), 700.0)))
 
 
 # --------------------------------------------------------------------------- the maths: ROC of an attack
@@ -428,7 +422,7 @@ class MembershipSettings:
 TASK_MODELS = {"spam": "textcnn", "xray": "mlp"}
 
 
-def task_data(name: str, seed: int):
+def task_data(name: str):
     """(task, examples, labels) of an own-data task, every example from the same pool."""
     from fedsock.demo_data import XRAY_CLASSES, XRAY_FILE, read_spam
     from fedsock.tasks import make_task
@@ -457,7 +451,7 @@ def membership_run(name: str, z: float | None, s: MembershipSettings) -> dict:
     from fedsock.evaluation import Evaluator
     from fedsock.simulate import Faults, InProcessBackend, SharedData, SimulationConfig, VirtualClient
 
-    task, x, y = task_data(name, s.seed)
+    task, x, y = task_data(name)
     order = np.random.default_rng([s.seed, 0xA0]).permutation(len(y))
     cut = int(len(y) * s.held_out_fraction)
     outside, pool_ids = order[:cut], order[cut:]
@@ -519,10 +513,10 @@ def run_membership(settings: MembershipSettings, json_path: str | None) -> int:
             results.append(r)
             dp = "no DP" if z is None else f"DP z = {z:g}, epsilon {show_epsilon(r['epsilon'])} at delta {r['delta']:.3g}"
             accuracy = r["accuracy_non_members"]
+            accuracy = f"{100 * accuracy:.2f}%" if accuracy is not None else "-"
             say(WHO, f"{name} ({r['model']}), {dp}: AUC {r['auc']:.3f}, TPR at 1% FPR {100 * r['tpr_at_1pct_fpr']:.2f}% "
                      f"({r['members']} members, {r['non_members']} non-members); mean loss {r['train_loss_members']:.3f} "
-                     f"members, {r['loss_non_members']:.3f} non-members; accuracy on non-members "
-                     f"{100 * accuracy:.2f}%" if accuracy is not None else "")
+                     f"members, {r['loss_non_members']:.3f} non-members; accuracy on non-members {accuracy}")
     if json_path:
         write_json(json_path, {"settings": asdict(s), "runs": results})
     return 0
@@ -546,12 +540,6 @@ def noise_list(text: str) -> list[float]:
     if not values or any(not math.isfinite(v) or v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"must be one or more numbers >= 0 (0: no DP), got {text!r}")
     return values
-
-
-def bounded(kind: type, low: float, high: float | None = None):
-    from fedsock.console import number
-
-    return number(kind, low, high)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@ noise is accounted but never added fails."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -108,6 +109,22 @@ def test_a_correct_run_passes_and_one_without_its_noise_fails(tmp_path):
     assert "AUDIT FAILED: z = 1 (--break drop-noise): empirical epsilon" in output
     assert broken["accountant_epsilon"] == ok["accountant_epsilon"]  # the accountant cannot tell them apart
     assert broken["empirical_epsilon"] > broken["accountant_epsilon"]
+
+
+def test_membership_attacks_the_final_model_of_each_run(tmp_path):
+    """A tiny federation on the chest X-rays, with and without DP: members and non-members are disjoint parts
+    of one pool (90% of 80% trained on, 20% held out), and the attack's figures are rates."""
+    import json
+
+    code, output = run_cli("fedsock.audit", ["membership", "--tasks", "xray", "--num-clients", "2", "--num-rounds", "1",
+                                             "--local-epochs", "1", "--json", str(tmp_path / "m.json")], timeout_s=120)
+    assert code == 0, output
+    runs = json.loads((tmp_path / "m.json").read_text())["runs"]
+    assert [r["noise_multiplier"] for r in runs] == [None, 1.0] and runs[1]["epsilon"] > 0
+    for r in runs:
+        assert r["non_members"] == int(0.2 * 2698) and r["members"] + r["non_members"] < 2698
+        assert 0 <= r["auc"] <= 1 and 0 <= r["tpr_at_1pct_fpr"] <= 1
+    assert re.search(r"xray \(mlp\), no DP: AUC 0\.\d{3}, TPR at 1% FPR \d+\.\d\d%", output), output
 
 
 @pytest.mark.parametrize("args, message", [
