@@ -14,7 +14,7 @@
 Each part runs `python -m fedsock.audit` as a process (bounded), and the tables are printed and
 saved to bench/results/audit.json.
 
-    python bench/audit.py            # about 6 minutes here
+    python bench/audit.py            # about 4 minutes here (3.5 measured)
     python bench/audit.py --quick    # 2 rounds, fewer clients and canaries: about 2 minutes
 """
 
