@@ -49,6 +49,7 @@ ITERATIONS_5_STEPS = {"mlp": 500, "cnn": 250}
 DEFENCES = {
     "none": [],
     "secure aggregation (10 clients)": ["--secure-aggregation"],
+    "secure aggregation, all 40 inverted": ["--secure-aggregation"],
     "DP local, z = 0.5": ["--dp-clip", str(CLIP), "--dp-noise-multiplier", "0.5", "--dp-mode", "local"],
     "DP local, z = 1.0": ["--dp-clip", str(CLIP), "--dp-noise-multiplier", "1.0", "--dp-mode", "local"],
     "DP central, z = 1.0": ["--dp-clip", str(CLIP), "--dp-noise-multiplier", "1.0", "--dp-mode", "central"],
@@ -105,16 +106,20 @@ def run_case(model: str, batch: int, epochs: int, defence: str, iterations: int)
         obs = attack.read_observation(records / name)
         truth = attack.load_truth(folder / "client-1.npz", obs)
         true_labels = sorted(np.load(folder / "client-1.npz")["y_train"].tolist())
-    result = attack.invert(obs, count=batch, iterations=iterations)
+    count = batch * clients if "all" in defence else batch  # the whole round's examples, or one client's
+    result = attack.invert(obs, count=count, iterations=iterations)
     images = attack.pixels(result.images, obs.mean, obs.std)
     matches = attack.match(truth, images)
     update_norm = float(sum(t.double().pow(2).sum() for t in obs.delta().values()) ** 0.5)
     return {"model": model, "batch": batch, "steps": epochs, "defence": defence, "iterations": iterations,
             "psnr": [m.psnr for m in matches], "ssim": [m.ssim for m in matches],
             "mean_psnr": float(np.mean([m.psnr for m in matches])), "mean_ssim": float(np.mean([m.ssim for m in matches])),
-            "labels_right": result.labels == true_labels, "distance": result.distance, "update_norm": update_norm,
+            "labels_right": result.labels == true_labels if count == batch else None, "distance": result.distance, "update_norm": update_norm,
             "attack_s": result.seconds, "federation_s": federation_s,
             "truth": truth.numpy().tolist(), "reconstruction": images[[m.reconstruction for m in matches]].numpy().tolist()}
+
+
+LABELS = {True: "right", False: "wrong", None: "(of 40)"}
 
 
 def cases(quick: bool) -> list[tuple]:
@@ -138,7 +143,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['steps']} | {r['defence']} | {r['mean_psnr']:.1f} | "
                      f"{r['mean_ssim']:.2f} | {min(r['psnr']):.1f} / {max(r['psnr']):.1f} | "
-                     f"{'right' if r['labels_right'] else 'wrong'} | {r['attack_s']:.0f} s |")
+                     f"{LABELS[r['labels_right']]} | {r['attack_s']:.0f} s |")
     return "\n".join(lines)
 
 
@@ -171,16 +176,26 @@ def picture(rows: list[dict], path: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the mlp cases only, fewer steps")
+    parser.add_argument("--only", metavar="TEXT", help="run only the cases whose model or defence contains TEXT, "
+                                                       "and replace those rows of the last attack.json")
     args = parser.parse_args()
+    out = BENCH / "results"
+    key = lambda r: (r["model"], r["batch"], r["steps"], r["defence"])  # noqa: E731
+    kept = {key(r): r for r in json.loads((out / "attack.json").read_text())} if args.only else {}
     rows = []
     for model, batch, epochs, defence, iterations in cases(args.quick):
+        if args.only and args.only not in f"{model} {defence}":
+            continue
         say(f"attack: {model}, batch {batch}, {epochs} step(s), {defence}, {iterations} iterations")
         row = run_case(model, batch, epochs, defence, iterations)
         say(f"attack:   mean PSNR {row['mean_psnr']:.1f} dB, SSIM {row['mean_ssim']:.2f}, labels "
             f"{'right' if row['labels_right'] else 'wrong'}, update norm {row['update_norm']:.3f}, "
             f"{row['attack_s']:.0f} s attack, {row['federation_s']:.0f} s federation")
         rows.append(row)
-    out = BENCH / "results"
+    if kept:
+        kept.update({key(r): r for r in rows})
+        rows = [kept[key(case)] for case in map(lambda c: dict(zip(("model", "batch", "steps", "defence"), c)),
+                                                   cases(args.quick)) if key(case) in kept]
     out.mkdir(exist_ok=True)
     (out / "attack.json").write_text(json.dumps(rows))
     print(table(rows))

@@ -183,10 +183,16 @@ def read_observation(path: str | Path) -> Observation:
 # --------------------------------------------------------------------------- the attack
 
 
+def per_client(obs: Observation, count: int) -> int:
+    """Examples behind each client's share of `count`: all of them for one client's update; for an aggregate
+    inverted whole (count = every example of the round), each client's."""
+    return max(1, count // obs.clients) if obs.clients > 1 and count >= obs.num_examples else count
+
+
 def steps_of(obs: Observation, count: int) -> int:
-    """The SGD steps behind the update: the client's epochs times its batches per epoch."""
+    """The SGD steps behind each client's update: its epochs times its batches per epoch."""
     batch = int(obs.settings["batch_size"])
-    return int(obs.settings["local_epochs"]) * math.ceil(count / batch)
+    return int(obs.settings["local_epochs"]) * math.ceil(per_client(obs, count) / batch)
 
 
 def output_bias(obs: Observation) -> str:
@@ -204,7 +210,8 @@ def infer_labels(obs: Observation, count: int) -> list[int]:
     class in the batch pulls its entry down by 1/B per example, while the softmax pushes each entry
     up by its mean probability. So B·(−gradient) ≈ count of the class − B·p̄: the classes are dealt
     out one at a time to the largest remainder. Exact for one example; for a batch, the better the
-    model, the closer (its p̄ concentrates on the true classes)."""
+    model, the closer (its p̄ concentrates on the true classes). An aggregate of equal clients is the
+    mean of their gradients: the same reading, over all their examples."""
     name = output_bias(obs)
     lr = float(obs.settings["lr"])
     gradient = -obs.delta()[name].double() / (lr * steps_of(obs, count))
@@ -233,6 +240,16 @@ def unrolled_delta(model: torch.nn.Module, start: Mapping[str, torch.Tensor], x:
     return {name: params[name] - start[name] for name in start}
 
 
+def averaged_delta(model: torch.nn.Module, start: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                   share: int, **training) -> dict[str, torch.Tensor]:
+    """The mean of the updates of clients that each trained on `share` of the examples (one client: its own)."""
+    if share >= len(x):
+        return unrolled_delta(model, start, x, y, **training)
+    deltas = [unrolled_delta(model, start, x[at:at + share], y[at:at + share], **training)
+              for at in range(0, len(x), share)]
+    return {name: sum(d[name] for d in deltas) / len(deltas) for name in start}
+
+
 def total_variation(x: torch.Tensor) -> torch.Tensor:
     return (x[..., 1:, :] - x[..., :-1, :]).abs().mean() + (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
 
@@ -248,7 +265,11 @@ class Inversion:
 def invert(obs: Observation, *, count: int | None = None, iterations: int = 1000, tv: float = 1e-2,
            step: float = 0.1, seed: int = 0, labels: Sequence[int] | None = None, report=None) -> Inversion:
     """Reconstruct `count` training images (default: the examples the client reported, or per client for an
-    aggregate) whose update, through the same local training, points where the observed update points."""
+    aggregate) whose update, through the same local training, points where the observed update points.
+
+    An aggregate can also be inverted whole (count = the round's examples): the images are then dealt
+    to its clients in equal shares, each share trained as that client would, and the deltas averaged,
+    which is what the server holds (FedAvg of clients with equal counts)."""
     import neural_net_helper as nnh
 
     started = time.perf_counter()
@@ -276,7 +297,7 @@ def invert(obs: Observation, *, count: int | None = None, iterations: int = 1000
     distance = float("nan")
     for it in range(iterations):
         optimizer.zero_grad(set_to_none=True)
-        delta = unrolled_delta(model, start, x, y, epochs=epochs, batch_size=batch, lr=lr)
+        delta = averaged_delta(model, start, x, y, per_client(obs, count), epochs=epochs, batch_size=batch, lr=lr)
         dot = sum((delta[n] * target[n]).sum() for n in names)
         norm = torch.sqrt(sum(delta[n].pow(2).sum() for n in names)) + 1e-12
         cosine_distance = 1 - dot / (norm * target_norm)
