@@ -1,4 +1,4 @@
-"""Benchmark 14: what a curious server reads from an update, and what each defence leaves it.
+"""Benchmark 16: what a curious server reads from an update, and what each defence leaves it.
 
 Every case is a real federation: fl_server.py --record-updates and fl_client.py processes, each
 client with its own .npz of B MNIST digits (from the shipped test split) and nothing else, one
@@ -148,28 +148,45 @@ def table(rows: list[dict]) -> str:
 
 
 def picture(rows: list[dict], path: Path) -> None:
-    """Truth in the top row, then one row per case (batch 4, 1 step): no defence, then each defence."""
+    """Truth in the top row, then one row per defence (batch 4, 1 step); the mlp on the left, the cnn on
+    the right, each row's mean PSNR beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    chosen = [r for r in rows if r["batch"] == 4 and r["steps"] == 1]
-    if not chosen:
+    chosen = {(r["model"], r["defence"]): r for r in rows if r["batch"] == 4 and r["steps"] == 1}
+    models = [m for m in ("mlp", "cnn") if (m, "none") in chosen]
+    defences = [d for d in DEFENCES if any((m, d) in chosen for m in models)]
+    if not models:
         return
-    truth = np.asarray(chosen[0]["truth"])
-    fig, axes = plt.subplots(len(chosen) + 1, 4, figsize=(5.4, 1.05 * (len(chosen) + 1) + 0.4), squeeze=False)
-    labels = ["truth (client 1's batch)"] + [f"{r['model']}, {r['defence']}: {r['mean_psnr']:.1f} dB" for r in chosen]
-    for row, label in enumerate(labels):
-        images = truth if row == 0 else np.asarray(chosen[row - 1]["reconstruction"])
-        for col in range(4):
-            ax = axes[row][col]
-            ax.imshow(images[col][0], cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([]), ax.set_yticks([])
-        axes[row][0].set_title(label, fontsize=7, loc="left", x=0.0)
-    fig.suptitle("What the server reconstructs from client 1's update (round 1, batch 4, 1 step)", fontsize=8)
-    fig.tight_layout(h_pad=0.6)
-    fig.savefig(path, dpi=110)
+    columns = 5 * len(models) - 1  # 4 images a model, and a narrow column between (for the PSNR)
+    fig, axes = plt.subplots(len(defences) + 1, columns, figsize=(0.95 * columns + 2.4, 0.95 * (len(defences) + 1) + 0.5),
+                             squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.12,
+                                                         "width_ratios": ([1] * 4 + [0.6]) * (len(models) - 1) + [1] * 4})
+    for row in axes:
+        for spacer in range(4, columns, 5):
+            row[spacer].axis("off")
+    for block, model in enumerate(models):
+        for row, defence in enumerate(["truth", *defences]):
+            case = chosen.get((model, "none" if row == 0 else defence))
+            for col in range(4):
+                ax = axes[row][5 * block + col]
+                ax.set_xticks([]), ax.set_yticks([])
+                if case is not None:
+                    images = case["truth"] if row == 0 else case["reconstruction"]
+                    ax.imshow(np.asarray(images[col])[0], cmap="gray", vmin=0, vmax=1)
+                else:
+                    ax.axis("off")
+            if case is not None and row > 0:
+                axes[row][5 * block + 3].text(1.04, 0.5, f"{case['mean_psnr']:.1f} dB", fontsize=7,
+                                              transform=axes[row][5 * block + 3].transAxes, va="center")
+        axes[0][5 * block].set_title(f"{model}", fontsize=9, loc="left")
+    for row, label in enumerate(["truth: client 1's batch", *(d if d != "none" else "no defence" for d in defences)]):
+        axes[row][0].set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle("What a curious server reconstructs from client 1's update (round 1, batch 4, 1 local step)",
+                 fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -204,17 +204,18 @@ def output_bias(obs: Observation) -> str:
 
 
 def infer_labels(obs: Observation, count: int) -> list[int]:
-    """The batch's labels, from how the output bias moved (iDLG, extended to batches).
+    """The batch's labels, read from how the output bias moved (iDLG, extended to batches).
 
-    Cross-entropy's gradient on the output bias is the batch mean of softmax(p) − onehot(y): every
-    class in the batch pulls its entry down by 1/B per example, while the softmax pushes each entry
-    up by its mean probability. So B·(−gradient) ≈ count of the class − B·p̄: the classes are dealt
-    out one at a time to the largest remainder. Exact for one example; for a batch, the better the
-    model, the closer (its p̄ concentrates on the true classes). An aggregate of equal clients is the
-    mean of their gradients: the same reading, over all their examples."""
+    Cross-entropy's gradient on the output bias is the batch mean of softmax − onehot(y): each example
+    pulls its class's entry down by 1/B, the softmax pushes every entry up by its mean probability p̄.
+    So B·(−gradient) ≈ count − B·p̄: the examples are dealt one at a time to the class with the largest
+    remainder. Exact for one example (Zhao et al. 2020: the one entry that went down); for a batch,
+    close while the model's p̄ is near uniform (round 1). Over several steps the model fits the batch
+    and every entry shrinks, so a class of one example can be missed: `invert` says what it read, and
+    a harness can compare. An aggregate of equal clients is the mean of their gradients: the same
+    reading, over all their examples."""
     name = output_bias(obs)
-    lr = float(obs.settings["lr"])
-    gradient = -obs.delta()[name].double() / (lr * steps_of(obs, count))
+    gradient = -obs.delta()[name].double() / (float(obs.settings["lr"]) * steps_of(obs, count))
     remainder = -gradient * count
     labels = []
     for _ in range(count):
@@ -266,6 +267,7 @@ def invert(obs: Observation, *, count: int | None = None, iterations: int = 1000
            step: float = 0.1, seed: int = 0, labels: Sequence[int] | None = None, report=None) -> Inversion:
     """Reconstruct `count` training images (default: the examples the client reported, or per client for an
     aggregate) whose update, through the same local training, points where the observed update points.
+    The labels are `infer_labels`' reading unless given.
 
     An aggregate can also be inverted whole (count = the round's examples): the images are then dealt
     to its clients in equal shares, each share trained as that client would, and the deltas averaged,
@@ -274,44 +276,67 @@ def invert(obs: Observation, *, count: int | None = None, iterations: int = 1000
 
     started = time.perf_counter()
     count = count or max(1, round(obs.num_examples / max(obs.clients, 1)))
-    spec = _Spec(obs.input_shape, obs.num_classes)
-    model = nnh.build_model(obs.model, spec)
+    model = nnh.build_model(obs.model, _Spec(obs.input_shape, obs.num_classes))
     names = [name for name, _ in model.named_parameters()]
-    start = {name: obs.global_weights[name].float().requires_grad_(True) for name in names}
     observed = obs.delta()
     target = {name: observed[name].detach() for name in names}
-    target_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in target.values()))
-    if target_norm == 0:
+    if math.sqrt(sum(float(t.pow(2).sum()) for t in target.values())) == 0:
         raise UsageError("the update equals the model it started from: nothing to invert")
+    problem = _Problem(obs, model, names, target, count, tv, step, seed)
     labels = list(labels) if labels is not None else infer_labels(obs, count)
-    y = torch.tensor(labels, dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((count, *obs.input_shape), generator=generator).requires_grad_(True)
-    mean = torch.tensor(obs.mean).view(1, -1, 1, 1)
-    std = torch.tensor(obs.std).view(1, -1, 1, 1)
-    low, high = (0 - mean) / std, (1 - mean) / std
-    optimizer = torch.optim.Adam([x], lr=step)
-    milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
-    epochs, batch, lr = int(obs.settings["local_epochs"]), int(obs.settings["batch_size"]), float(obs.settings["lr"])
-    distance = float("nan")
-    for it in range(iterations):
-        optimizer.zero_grad(set_to_none=True)
-        delta = averaged_delta(model, start, x, y, per_client(obs, count), epochs=epochs, batch_size=batch, lr=lr)
-        dot = sum((delta[n] * target[n]).sum() for n in names)
-        norm = torch.sqrt(sum(delta[n].pow(2).sum() for n in names)) + 1e-12
-        cosine_distance = 1 - dot / (norm * target_norm)
-        loss = cosine_distance + tv * total_variation(x)
-        (grad,) = torch.autograd.grad(loss, [x])
-        x.grad = grad.sign()  # Geiping et al.: signed gradients, as in adversarial attacks
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            x.copy_(torch.maximum(torch.minimum(x, high), low))
-        distance = float(cosine_distance.detach())
-        if report is not None and (it + 1) % max(1, iterations // 10) == 0:
-            report(it + 1, distance)
-    return Inversion(x.detach(), labels, distance, time.perf_counter() - started)
+    images, distance = problem.optimise(labels, iterations, report)
+    return Inversion(images, labels, distance, time.perf_counter() - started)
+
+
+@dataclass
+class _Problem:
+    """One inversion's fixed parts: the observed update, the model, the settings it was trained with."""
+
+    obs: Observation
+    model: torch.nn.Module
+    names: list[str]
+    target: dict[str, torch.Tensor]
+    count: int
+    tv: float
+    step: float
+    seed: int
+
+    def optimise(self, labels: list[int], iterations: int, report=None) -> tuple[torch.Tensor, float]:
+        obs, names, target = self.obs, self.names, self.target
+        start = {name: obs.global_weights[name].float().requires_grad_(True) for name in names}
+        target_norm = math.sqrt(sum(float(t.pow(2).sum()) for t in target.values()))
+        y = torch.tensor(labels, dtype=torch.long)
+        generator = torch.Generator().manual_seed(self.seed)
+        x = torch.randn((self.count, *obs.input_shape), generator=generator).requires_grad_(True)
+        mean, std = torch.tensor(obs.mean).view(1, -1, 1, 1), torch.tensor(obs.std).view(1, -1, 1, 1)
+        low, high = (0 - mean) / std, (1 - mean) / std
+        optimizer = torch.optim.Adam([x], lr=self.step)
+        milestones = [int(iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
+        training = dict(epochs=int(obs.settings["local_epochs"]), batch_size=int(obs.settings["batch_size"]),
+                        lr=float(obs.settings["lr"]))
+        share = per_client(obs, self.count)
+        # A top-k update names the coordinates it kept: the attacker matches those, and ignores the rest.
+        kept = {n: target[n] != 0 for n in names} if obs.defences.get("compression") == "topk" else None
+        distance = float("nan")
+        for it in range(iterations):
+            delta = averaged_delta(self.model, start, x, y, share, **training)
+            if kept is not None:
+                delta = {n: d * kept[n] for n, d in delta.items()}
+            dot = sum((delta[n] * target[n]).sum() for n in names)
+            norm = torch.sqrt(sum(delta[n].pow(2).sum() for n in names)) + 1e-12
+            cosine_distance = 1 - dot / (norm * target_norm)
+            loss = cosine_distance + self.tv * total_variation(x)
+            (grad,) = torch.autograd.grad(loss, [x])
+            x.grad = grad.sign()  # Geiping et al.: signed gradients, as in adversarial attacks
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                x.copy_(torch.maximum(torch.minimum(x, high), low))
+            distance = float(cosine_distance.detach())
+            if report is not None and (it + 1) % max(1, iterations // 10) == 0:
+                report(it + 1, distance)
+        return x.detach(), distance
 
 
 @dataclass
