@@ -607,7 +607,8 @@ class Dashboard(Observer):
             if name == "model.pt":  # the model the next round starts from (or the final one)
                 body = await loop.run_in_executor(None, model_bytes, engine.model.tensors)
             else:
-                body = await loop.run_in_executor(None, plot_png, list(engine.metrics), self.title)
+                body = await loop.run_in_executor(None, plot_png, list(engine.metrics), self.title,
+                                                  engine.task.positive if engine.task else None)
         return web.Response(body=body, headers={"Content-Type": DOWNLOADS[name],
                                                 "Content-Disposition": f'attachment; filename="{name}"'})
 

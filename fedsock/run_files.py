@@ -174,10 +174,10 @@ def write_model(path: Path, tensors: dict) -> None:
     write_atomically(path, [model_bytes(tensors)])
 
 
-def write_plot(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+def write_plot(path: Path, rows: list[dict[str, Any]], title: str, positive: str | None = None) -> None:
     """Test accuracy, and test and training loss, per round."""
     if rows:
-        write_atomically(path, [plot_png(rows, title)])
+        write_atomically(path, [plot_png(rows, title, positive)])
 
 
 def model_bytes(tensors: dict) -> bytes:
@@ -189,8 +189,20 @@ def model_bytes(tensors: dict) -> bytes:
     return buffer.getvalue()
 
 
-def plot_png(rows: list[dict[str, Any]], title: str) -> bytes:
-    """The figure of write_plot, as PNG bytes."""
+def accuracy_lines(positive: str | None) -> list[tuple[str, str, dict[str, Any]]]:
+    """The accuracy panel's lines: a metrics row's key, its legend, its style. F1 is the positive class's
+    where the task names one (spam, pneumonia), else the mean over the classes (macro F1), which on a
+    balanced task nearly equals the accuracy: dashed, thin and beneath it, so that neither hides the other."""
+    f1 = f"F1 of {positive}" if positive else "macro F1 (mean over classes)"
+    f1_style = {"linestyle": "--", "linewidth": 1.0, "markersize": 4, "zorder": 2}
+    return [("test_accuracy", "accuracy, server's test set", {"marker": "o", "zorder": 3}),
+            ("fed_accuracy", "accuracy, clients' test splits", {"marker": "^", "zorder": 3}),
+            ("test_f1", f"{f1}, server's test set", {"marker": "x", **f1_style}),
+            ("fed_f1", f"{f1}, clients' test splits", {"marker": "+", **f1_style})]
+
+
+def plot_png(rows: list[dict[str, Any]], title: str, positive: str | None = None) -> bytes:
+    """The figure of write_plot, as PNG bytes. `positive`: the task's positive class, if it has one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure  # the object API: no pyplot state, safe off the main thread
 
@@ -202,13 +214,10 @@ def plot_png(rows: list[dict[str, Any]], title: str) -> bytes:
         points = [(r["round"], scale * r[key]) for r in rows if r.get(key) is not None]
         return [p[0] for p in points], [p[1] for p in points]
 
-    for key, label, marker in (("test_accuracy", "accuracy, server's test set", "o"),
-                               ("fed_accuracy", "accuracy, clients' test splits", "^"),
-                               ("test_f1", "F1 (positive class), server's test set", "x"),
-                               ("fed_f1", "F1 (positive class), clients' test splits", "+")):
+    for key, label, style in accuracy_lines(positive):
         xs, ys = series(key, 100)
         if xs:
-            accuracy.plot(xs, ys, marker=marker, label=label)
+            accuracy.plot(xs, ys, label=label, **style)
     accuracy.set(xlabel="round", ylabel="%", title="global model")
     accuracy.legend(fontsize=7)
     for key, label, marker in (("test_loss", "test loss (global model)", "o"), ("fed_loss", "clients' test loss", "^"),
@@ -343,9 +352,10 @@ class RunFiles(Observer):
     checkpoint records the run's `protections` (JSON) and is sealed with its `key`, if it has one."""
 
     def __init__(self, output_dir: Path, title: str, resumed: Checkpoint | None = None,
-                 protections: dict[str, Any] | None = None, key: SealKey | None = None):
+                 protections: dict[str, Any] | None = None, key: SealKey | None = None,
+                 positive: str | None = None):
         self.output_dir = output_dir
-        self.title = title
+        self.title, self.positive = title, positive  # the plot's title; the task's positive class, if any
         self.protections, self.key = protections or {}, key
         self.safe_round = resumed.round if resumed else 0  # the round of the last checkpoint written
         self.last = resumed  # the newest state: its model and metrics are what the run ends with
@@ -383,7 +393,7 @@ class RunFiles(Observer):
 
     def _save_final(self, state: Checkpoint) -> None:
         self._guard(lambda: write_model(self.output_dir / "model.pt", state.model), str(self.output_dir / "model.pt"))
-        self._guard(lambda: write_plot(self.output_dir / "accuracy.png", state.metrics, self.title),
+        self._guard(lambda: write_plot(self.output_dir / "accuracy.png", state.metrics, self.title, self.positive),
                     str(self.output_dir / "accuracy.png"))
 
     def _guard(self, write, what: str) -> None:

@@ -164,7 +164,8 @@ def update_layout(config: ServerConfig, setup: Setup) -> dict[str, Any]:
 async def serve(config: ServerConfig, setup: Setup, listener: socket.socket, output_dir: Path) -> int:
     host, port = listener.getsockname()[:2]
     title = run_title(config)
-    files = RunFiles(output_dir, title, setup.checkpoint, setup.protections, setup.seal_key)
+    files = RunFiles(output_dir, title, setup.checkpoint, setup.protections, setup.seal_key,
+                     setup.task.positive if setup.task else None)
     events = Events([Console(config.quiet), files])
     pool, traffic = ClientPool(config.num_clients), Traffic()
     recorder = UpdateRecorder(config.record_updates, config, setup.task, events) if config.record_updates else None

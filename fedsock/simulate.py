@@ -347,7 +347,8 @@ def make_backend(config: SimulationConfig, data: SharedData):
 
 
 async def simulate(config: SimulationConfig, setup, data: SharedData, backend, output_dir: Path) -> int:
-    files = RunFiles(output_dir, run_title(config, "fedsock simulation"), setup.checkpoint, setup.protections)
+    files = RunFiles(output_dir, run_title(config, "fedsock simulation"), setup.checkpoint, setup.protections,
+                     positive=setup.task.positive if setup.task else None)
     events = Events([Console(config.quiet, WHO), files])
     pool = ClientPool(config.num_clients)
     faults = Faults(config.seed, config.drop_rate, config.straggler_rate, config.straggler_delay_s)

@@ -104,3 +104,26 @@ def test_a_checkpoint_of_another_format_says_so(tmp_path):
 def test_metrics_csv_is_exactly_the_rows_given():
     text = metrics_text(rows(2))
     assert text.splitlines()[0].startswith("round,clients,test_accuracy") and len(text.splitlines()) == 3
+
+
+def test_the_plot_names_the_f1_it_draws_and_keeps_it_beneath_the_accuracy(monkeypatch):
+    """On 10-class MNIST the F1 is the macro mean, not a positive class's; drawn dashed under the accuracy,
+    which it nearly equals, so that it hides nothing."""
+    import matplotlib.axes
+
+    from fedsock.run_files import plot_png
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *args, **kwargs: drawn.append(kwargs) or original(self, *args, **kwargs))
+    rows = [{"round": r, "test_accuracy": 0.9, "test_f1": 0.9, "test_loss": 0.3, "train_loss": 0.4} for r in (1, 2)]
+    plot_png(rows, "mnist", None)
+    by_label = {kw["label"]: kw for kw in drawn}
+    assert set(by_label) >= {"accuracy, server's test set", "macro F1 (mean over classes), server's test set"}
+    f1 = by_label["macro F1 (mean over classes), server's test set"]
+    assert f1["linestyle"] == "--" and f1["zorder"] < by_label["accuracy, server's test set"]["zorder"]
+    drawn.clear()
+    plot_png(rows, "spam", "spam")
+    assert "F1 of spam, server's test set" in {kw["label"] for kw in drawn}
+    assert not any("positive class" in kw["label"] for kw in drawn)
