@@ -72,7 +72,7 @@ def load_own_data(path: str, task: Task, data_format: str | None = None, label_c
     if kind == "imagefolder":
         if task.kind != "image":
             raise UsageError(f"{flag} {path} is an image folder, but this run's task is {task.kind}")
-        return load_image_folder(where, task)
+        return load_image_folder(where, task, flag)
     if kind == "npz":
         return load_npz(where, task)
     if task.kind != "text":
@@ -125,7 +125,15 @@ def _load_split_folder(root: Path, task: Task) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.asarray(ys, dtype=np.int64)
 
 
-def load_image_folder(path: Path, task: Task) -> OwnData:
+def load_image_folder(path: Path, task: Task, flag: str = "--data") -> OwnData:
+    """A folder of class folders, or train/ and test/ of them. A server's held-out set (--test-data) may be
+    the test/ alone, as a downloaded dataset's folder often is; a client's data needs its train/."""
+    if (path / "test").is_dir() and not (path / "train").is_dir() and "test" not in task.classes:
+        if flag == "--test-data":
+            x, y = _load_split_folder(path / "test", task)
+            return OwnData(x, y, None, None, f"image folder {path / 'test'}")
+        raise UsageError(f"{flag} {path} has a test/ folder but no train/: a client's training images go in "
+                         f"train/<class>/ (or in class folders directly under {path})")
     train_root = path / "train" if (path / "train").is_dir() else path
     x, y = _load_split_folder(train_root, task)
     test_x = test_y = None

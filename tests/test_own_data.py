@@ -211,3 +211,15 @@ def test_the_plot_title_names_the_data_the_run_trains_on():
                               "affine augmentation")
     assert run_title(ServerConfig(num_clients=3, partition="shards", strategy="fedavgm"), "fedsock simulation") == (
         "fedsock simulation: cnn on mnist, 3 clients, shards, fedavgm")
+
+
+def test_a_test_set_folder_holding_only_test_is_the_servers_held_out_set(tmp_path):
+    """A downloaded dataset's folder often has test/ alone beside train/ elsewhere: as --test-data it is the
+    held-out set; as a client's --data it has nothing to train on, and says where the images go."""
+    png(tmp_path / "chest_xray" / "test" / "NORMAL" / "a.png", 10)
+    png(tmp_path / "chest_xray" / "test" / "PNEUMONIA" / "b.png", 200)
+    held = load_own_data(str(tmp_path / "chest_xray"), XRAY, flag="--test-data")
+    assert held.y.tolist() == [0, 1] and held.x.shape == (2, 1, 28, 28)
+    with pytest.raises(UsageError, match=r"has a test/ folder but no train/: a client's training images go in "
+                                         r"train/<class>/"):
+        load_own_data(str(tmp_path / "chest_xray"), XRAY)
