@@ -21,6 +21,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def program(module: str) -> str:
 ROOT = Path.cwd()
 COLOURS = ["\033[1;36m", "\033[32m", "\033[33m", "\033[35m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
+INTERRUPTED = 130  # Ctrl-C's exit status, as every fedsock program
 HOLD_S = 20  # how long tmux panes stay on screen after the run, to read the last lines
 DASHBOARD_LINK = re.compile(r"dashboard: (http://\S+)")  # the server's line: its link carries the run's token
 
@@ -133,8 +135,11 @@ def pump(proc: subprocess.Popen, label: str, colour: str, tty: bool, ready: thre
 def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str], client_flags: dict[int, list[str]],
                  stop_is_ok: bool = False) -> int:
     tty = sys.stdout.isatty()
+    # Each child in a process group of its own: a terminal's Ctrl-C reaches the demo alone, which passes one
+    # SIGINT to the server (that then tells its clients). Otherwise the server would get the terminal's and
+    # the demo's, and take the second for "exit at once".
     server = subprocess.Popen(server_command(args, 0, output_dir, extra), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                              stderr=subprocess.STDOUT, text=True, cwd=ROOT, process_group=0)
     procs, threads, ready, port = [server], [], threading.Event(), []
     threads.append(threading.Thread(target=pump, args=(server, "server", COLOURS[0], tty, ready, port,
                                                        args.dashboard is not None)))
@@ -145,14 +150,16 @@ def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str], c
             return 1
         for k in range(1, args.clients + 1):
             client = subprocess.Popen(client_command(k, port[0], True, client_flags[k]), stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+                                      stderr=subprocess.STDOUT, text=True, cwd=ROOT, process_group=0)
             procs.append(client)
             threads.append(threading.Thread(target=pump, args=(client, f"client {k}", COLOURS[k % len(COLOURS)], tty)))
             threads[-1].start()
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
-        server.send_signal(2)  # the server tells its clients and keeps its checkpoint
-        codes = [p.wait(timeout=60) for p in procs]
+        server.send_signal(signal.SIGINT)  # the server tells its clients and keeps its checkpoint
+        for p in procs:
+            p.wait(timeout=60)
+        return INTERRUPTED
     finally:
         for p in procs:
             if p.poll() is None:
@@ -256,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
               else run_labelled(args, output_dir, server_flags, client_flags, stop_is_ok=args.dashboard is not None))
     if status is None:  # detached from tmux: the run is still going
         return 0
+    if status == INTERRUPTED:
+        print(f"demo: interrupted (Ctrl-C): the server stopped and kept what it had; see its last lines above "
+              f"and {output_dir}/", file=sys.stderr)
+        return INTERRUPTED
     return report(output_dir) or status
 
 

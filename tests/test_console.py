@@ -75,3 +75,25 @@ def test_the_demos_help_names_the_pass_through_and_each_default_once(capsys):
     assert "[-- FLAGS for fl_server.py]" in out and "anything after -- goes to fl_server.py" in out
     assert "(default: None)" not in out and "(default: False)" not in out
     assert "rounds (default: 3 for mnist, 10 for spam, 20 for chest-xray) --model" in out  # once, not twice
+
+
+@pytest.mark.processes
+def test_ctrl_c_once_on_the_demo_stops_it_cleanly_with_status_130(cluster, tmp_path):
+    """A terminal's Ctrl-C goes to the whole foreground process group: here, SIGINT to the demo's group.
+    The server must hear it once (from the demo), not twice, and the demo must not end like a success."""
+    import os
+    import signal
+
+    from conftest import Proc
+
+    demo = Proc(["demo.py", "--no-tmux", "--model", "logreg", "--clients", "2", "--rounds", "500", "--output-dir",
+                 str(tmp_path / "run"), "--", "--time-to-wait", "1"], "demo", preexec_fn=os.setsid)
+    cluster.procs.append(demo)
+    demo.wait_for(r"server\s*\| .*round 2/500", timeout=120)
+    os.killpg(demo.pid, signal.SIGINT)
+    assert demo.finish(timeout=90) == 130, demo.tail()
+    output = demo.output
+    assert "second signal" not in output, output
+    assert "SIGINT: stopping after round" in output
+    assert output.splitlines()[-1].startswith("demo: interrupted (Ctrl-C)"), demo.tail()
+    assert "final test accuracy" not in output.splitlines()[-1]
