@@ -455,8 +455,11 @@ class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, Faul
     def given_again_on_resume(self) -> tuple[str, ...]:
         """Settings a resume never takes from the checkpoint, only from the flags given now: the files of
         the run's keys, secrets and CAs, and the federation's key (whoever can edit the file could point them at
-        their own, and then seal it with them too), and the permission to weaken the run."""
-        return (*(spec.name for spec in fields(SecuritySettings)), "federation", "allow_weaker_resume")
+        their own, and then seal it with them too), and the permission to weaken the run; and how this session
+        is run and watched, which the user asks for each time: the dashboard (a resume must not open a web
+        page on a saved port unasked), manual starts and sessions, and the recording of updates."""
+        return (*(spec.name for spec in fields(SecuritySettings)), "federation", "allow_weaker_resume",
+                *(spec.name for spec in fields(DashboardSettings)), "record_updates")
 
 
 # --------------------------------------------------------------------------- a client

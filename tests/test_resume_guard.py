@@ -261,3 +261,18 @@ def test_a_malformed_record_of_protections_is_one_line(tmp_path, record):
     state.protections = record
     write_checkpoint(path, state)
     refused(["--resume", str(path)], rf"cannot resume from {path}: its record of the run's protections is malformed")
+
+
+def test_a_resume_opens_no_dashboard_and_records_nothing_unless_asked_again(tmp_path):
+    """The dashboard, manual starts, sessions and --record-updates belong to the session that asked for them."""
+    from dataclasses import asdict
+
+    from fedsock import config as settings
+    from fedsock.config import ServerConfig
+
+    saved = asdict(ServerConfig(dashboard="127.0.0.1:8080", start="manual", stay=True, record_updates="seen"))
+    now = ServerConfig(resume=str(tmp_path / "checkpoint.fsck"))
+    config = settings.resumed(now, saved, {}, {})
+    assert (config.dashboard, config.start, config.stay, config.record_updates) == (None, "auto", False, None)
+    asked = ServerConfig(resume=str(tmp_path / "checkpoint.fsck"), dashboard="0")
+    assert settings.resumed(asked, saved, {"dashboard": "0"}, {"dashboard": "0"}).dashboard == "0"
