@@ -245,6 +245,7 @@ class Console(Observer):
     def __init__(self, quiet: bool = False, who: str = WHO):
         self.quiet, self.who = quiet, who
         self._refusals: dict[str, list] = {}  # reason -> [window start, lines shown, lines not shown]
+        self.rejoins: list[str] = []  # for the end-of-run summary, beside the drops
 
     def info(self, message: str) -> None:
         if not self.quiet:
@@ -260,6 +261,8 @@ class Console(Observer):
 
     def on_ClientJoined(self, e: ClientJoined) -> None:
         self.info(f"client {e.client_id} joined from {e.peer}{' (rejoined)' if e.rejoined else ''}")
+        if e.rejoined:
+            self.rejoins.append(f"{time.strftime('%H:%M:%S')} client {e.client_id} rejoined from {e.peer}")
 
     def on_ClientReady(self, e: ClientReady) -> None:
         self.info(f"client {e.client_id} is ready: {e.num_examples} training examples ({e.ready}/{e.num_clients} ready)")
@@ -330,6 +333,8 @@ class Console(Observer):
     def on_RunFinished(self, e: RunFinished) -> None:
         for line in e.drops:
             say(self.who, f"dropped: {line}")
+        for line in self.rejoins:
+            say(self.who, f"rejoined: {line}")
         say(self.who, f"{e.message}. Outputs in {e.output_dir}")
 
 

@@ -97,3 +97,17 @@ def test_ctrl_c_once_on_the_demo_stops_it_cleanly_with_status_130(cluster, tmp_p
     assert "SIGINT: stopping after round" in output
     assert output.splitlines()[-1].startswith("demo: interrupted (Ctrl-C)"), demo.tail()
     assert "final test accuracy" not in output.splitlines()[-1]
+
+
+def test_the_end_of_run_summary_says_who_dropped_and_who_rejoined(capsys):
+    from fedsock.events import ClientJoined, RunFinished
+
+    console = Console(quiet=True)
+    console.notify(ClientJoined(1, "127.0.0.1:5001", rejoined=False))
+    console.notify(ClientJoined(2, "127.0.0.1:5002", rejoined=True))
+    console.notify(RunFinished(True, 3, "training finished after 3 rounds", "runs/x",
+                               ["10:00:00 client 2 in round 2 (connection closed); the round goes on without it"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert any("dropped: 10:00:00 client 2 in round 2" in line for line in lines)
+    assert [line for line in lines if "rejoined:" in line and "client 2 rejoined from 127.0.0.1:5002" in line]
+    assert not [line for line in lines if "client 1 rejoined" in line]
