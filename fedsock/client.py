@@ -192,7 +192,10 @@ class Status:
         self.config = config
         self.last_waiting = ""
 
-    def finished(self, message: dict[str, Any]) -> bool:
+    def finished(self, message: dict[str, Any], stale: bool = False) -> bool:
+        """Show a control message; True when the run is over. A `stale` <WAITING> (it was waiting in the
+        socket while this client loaded its data or trained) describes the past ("0 of 5 ready" when all
+        are) and is not shown: the next heartbeat says what is true now."""
         header = message["header"]
         if header == FINISHED:
             say(self.config.who, f"server: {message['message']}")
@@ -202,7 +205,7 @@ class Status:
             return False
         if header == SUCCESS and not message["accepted"]:
             warn(self.config.who, f"round {message['round']}: {message['message']}")
-        if header == WAITING and message["message"] != self.last_waiting and not self.config.quiet:
+        if header == WAITING and not stale and message["message"] != self.last_waiting and not self.config.quiet:
             self.last_waiting = message["message"]
             say(self.config.who, f"server: {self.last_waiting}")
         return False
@@ -258,6 +261,7 @@ def run_client(config: ClientConfig) -> int:
         conn.sock.settimeout(3 * meta["heartbeat_s"] + 2)
         status = Status(config)
         while True:  # what may come when is the order's to say; here each message is answered
+            backlog = server_spoke(conn)  # already here: sent while this client was busy
             message = expect(conn, order)
             header = message["header"]
             if header in SECAGG_REQUESTS:
@@ -272,11 +276,11 @@ def run_client(config: ClientConfig) -> int:
             elif header == MODEL:
                 update = trainer.fit(conn, message)
                 while server_spoke(conn):  # a stopped server's <FINISHED> is read, not answered
-                    if status.finished(expect(conn, order)):
+                    if status.finished(expect(conn, order), stale=True):
                         return 0
                 order.send(UPDATE)
                 send_or_give_up(conn, update, config)
-            elif status.finished(message):
+            elif status.finished(message, stale=backlog):
                 return 0
     except PolicyRefused as exc:
         if not told_server:

@@ -221,6 +221,43 @@ def test_a_valid_exchange_with_the_fake_server_trains_and_finishes(changes, sett
     assert "Traceback" not in client.output
 
 
+def test_waiting_notes_that_arrived_while_the_client_was_busy_are_not_shown():
+    """A <WAITING> already in the socket when the client comes back from loading its data or training
+    describes the past ("0 of 2 ready" once this client is ready, "0 of 2 updates in" as it sends its
+    own): the client shows only what is still true."""
+    layout, blob = logreg_weights()
+    waiting = lambda text: encode_message("<WAITING>", message=text)  # noqa: E731
+
+    def script(server: FakeServer, sock: socket.socket) -> None:
+        sock.sendall(metadata_frame() + waiting("waiting for clients: 0 of 2 ready"))  # before it loads its data
+        assert server.message(sock)["header"] == "<READY>"
+        sock.sendall(model_frames(layout, blob) + waiting("round 1: 0 of 2 updates in"))  # before it trains
+        assert server.message(sock)["header"] == "<UPDATE>"
+        recv_frame(sock)
+        sock.sendall(encode_message("<SUCCESS>", round=1, accepted=True, message="update accepted")
+                     + encode_message("<FINISHED>", completed=True, rounds_completed=1, message="training finished"))
+
+    server = FakeServer(script)
+    client = InProcessClient(["--client-id", str(CLIENT_ID), "--server-port", str(server.port), "--connect-timeout",
+                              "10"])  # not --quiet: the notes are shown
+    assert client.finish(timeout=CLIENT_EXIT_S) == 0, client.output
+    server.finish()
+    assert "0 of 2 ready" not in client.output and "0 of 2 updates in" not in client.output, client.output
+    client.wait_for(r"server: training finished")
+
+
+def test_a_fresh_waiting_note_is_shown_once(capsys):
+    from fedsock.client import Status
+    from fedsock.config import ClientConfig
+
+    status = Status(ClientConfig(client_id=1))
+    note = {"header": "<WAITING>", "message": "round 2: 1 of 2 updates in"}
+    assert not status.finished(note) and not status.finished(note)
+    assert not status.finished({**note, "message": "round 2: 0 of 2 updates in"}, stale=True)
+    shown = capsys.readouterr().out
+    assert shown.count("server: round 2: 1 of 2 updates in") == 1 and "0 of 2" not in shown
+
+
 # --------------------------------------------------------------------------- before <METADATA>
 
 HTTP_RESPONSE = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
