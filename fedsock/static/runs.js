@@ -13,20 +13,19 @@ const esc = (s) => String(s).replace(/[&<>"']/g, (ch) => ({ "&": "&amp;", "<": "
 // [key, heading, the value it sorts by, the text shown, numeric]
 const COLUMNS = [
   ["name", "run", (r) => r.name, (r) => r.name],
-  ["modified", "last written", (r) => r.modified, (r) => new Date(r.modified * 1000).toLocaleString()],
+  ["modified", "last written", (r) => r.modified, (r) => when(r.modified)],
   ["model", "model", (r) => setting(r, "model"), (r) => setting(r, "model")],
   ["data", "data", dataText, dataText],
   ["strategy", "strategy", (r) => setting(r, "strategy"), (r) => setting(r, "strategy")],
   ["clients", "clients", (r) => setting(r, "num_clients"), (r) => setting(r, "num_clients") +
     (setting(r, "clients_per_round") ? ` (${setting(r, "clients_per_round")} a round)` : ""), true],
-  ["dp", "DP", dpText, dpText],
-  ["secure", "secure agg.", (r) => (setting(r, "secure_aggregation") ? "on" : ""), (r) => (setting(r, "secure_aggregation") ? "on" : "")],
+  ["privacy", "DP, secure agg.", privacyText, privacyText],
   ["compression", "compression", compressionText, compressionText],
   ["seed", "seed", (r) => setting(r, "seed"), (r) => setting(r, "seed") ?? "", true],
   ["rounds", "rounds", (r) => r.rounds_done, (r) => `${r.rounds_done} of ${r.num_rounds ?? "?"}`, true],
   ["status", "status", statusText, statusText],
-  ["final_accuracy", "final acc %", (r) => r.final_accuracy, (r) => pct(r.final_accuracy) + (r.scored_on === "fed" ? "*" : ""), true],
-  ["best_accuracy", "best acc % (round)", (r) => r.best_accuracy,
+  ["final_accuracy", "final acc. %", (r) => r.final_accuracy, (r) => pct(r.final_accuracy) + (r.scored_on === "fed" ? "*" : ""), true],
+  ["best_accuracy", "best (round)", (r) => r.best_accuracy,
     (r) => (r.best_accuracy == null ? "" : `${pct(r.best_accuracy)} (${r.best_round})`), true],
   ["final_f1", "final F1", (r) => r.final_f1, (r) => (r.final_f1 == null ? "" : r.final_f1.toFixed(4)), true],
   ["final_loss", "final loss", (r) => r.final_loss, (r) => (r.final_loss == null ? "" : r.final_loss.toFixed(4)), true],
@@ -37,6 +36,9 @@ function dataText(r) {
   const s = r.settings;
   if (s.task && s.task !== "dataset") return `own data (${s.task})`;
   return `${s.dataset}, ${s.partition}` + (s.partition === "dirichlet" ? ` α ${s.alpha}` : "");
+}
+function privacyText(r) {
+  return [dpText(r), setting(r, "secure_aggregation") ? "secure agg." : ""].filter(Boolean).join("; ");
 }
 function dpText(r) {
   const s = r.settings;
@@ -53,6 +55,10 @@ function compressionText(r) {
 function statusText(r) {
   if (view.listing.live && r.name === view.listing.current && !r.completed) return "live";
   return r.completed ? "completed" : "stopped";
+}
+function when(t) {  // 2026-12-06 06:09, local time
+  const d = new Date(t * 1000), two = (n) => String(n).padStart(2, "0");
+  return `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ${two(d.getHours())}:${two(d.getMinutes())}`;
 }
 function duration(s) {
   if (s == null) return "";
