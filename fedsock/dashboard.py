@@ -58,7 +58,7 @@ from fedsock.identity import fingerprint
 from fedsock.policy import policy_text
 from fedsock.privacy import ACCOUNTED, Accountant
 from fedsock.run_files import metrics_text, model_bytes, plot_png
-from fedsock.runs import RunsFolder, RunsView
+from fedsock.run_history import RunsFolder, RunsView
 
 STATIC = Path(__file__).resolve().parent / "static"
 PUSH_EVERY_S = 0.25  # changes are batched: at most four pushes a second, to each page
@@ -483,9 +483,9 @@ class Dashboard(Observer):
         app.router.add_post("/api/start", self.api_start)
         app.router.add_post("/api/stop", self.api_stop)
         app.router.add_post("/api/more", self.api_more)
-        if self.engine.output_dir:  # the runs beside this one (fedsock/runs.py)
+        if self.engine.output_dir:  # the runs beside this one (fedsock/run_history.py)
             output = Path(self.engine.output_dir).resolve()
-            RunsView(RunsFolder(output.parent, output.name), live=True).add_routes(app.router)
+            RunsView(RunsFolder(output.parent, SHOWN_SETTINGS, output.name), live=True).add_routes(app.router)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)

@@ -1,4 +1,4 @@
-"""The runs view (fedsock/runs.py): reading run folders, its routes' checks, and its page in a real Chromium.
+"""The runs view (fedsock/run_history.py, fedsock/runs.py): reading run folders, its routes' checks, and its page in a real Chromium.
 
 Two real runs are made once for the module (fl_simulate.py's main in this process, logreg, 3 rounds): one
 with fedavg, stopped after 2 rounds and resumed for a third, one with fedadam. The browser test opens
@@ -19,12 +19,17 @@ import pytest
 
 from conftest import read_metrics
 from support import run_cli
-from fedsock import runs as runs_module
+from fedsock import run_history as runs_module
 from fedsock.console import ExitStatus
 from fedsock.run_files import METRIC_COLUMNS
-from fedsock.runs import RunsFolder, Unreadable, read_metrics as read_rows
+from fedsock.dashboard import SHOWN_SETTINGS
+from fedsock.run_history import RunsFolder as Folder, Unreadable, read_metrics as read_rows
 from test_dashboard import UI_TIMEOUT_MS, bearer, chromium, request, with_dashboard
 from test_engine import FakeClient, engine_for
+
+def RunsFolder(path):  # noqa: N802: the folder as the dashboard reads it
+    return Folder(path, SHOWN_SETTINGS)
+
 
 RUNS_LINK = r"dashboard: ((http://127\.0\.0\.1:\d+/)runs\?token=[\w-]+)"
 SIMULATION = ["--model", "logreg", "--num-clients", "3", "--seed", "1", "--quiet"]
