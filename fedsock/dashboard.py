@@ -14,6 +14,7 @@ engine a dict update, whatever the number of pages or clients.
     POST /api/start        {"num_rounds", "local_epochs", "batch_size", "lr"}: --start manual's launch
     POST /api/stop         end the run as SIGINT does, with the checkpoint whole
     POST /api/more         {"rounds": N}: --stay's next session
+    GET  /runs, /api/runs, /api/runs/<name>/metrics   the runs beside this one, compared (fedsock/run_history.py)
 
 Every request needs the dashboard's token, loopback included: on a shared machine any
 local user can reach 127.0.0.1, and Stop or model.pt are not theirs. The page's own files
