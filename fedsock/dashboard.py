@@ -14,6 +14,7 @@ engine a dict update, whatever the number of pages or clients.
     POST /api/start        {"num_rounds", "local_epochs", "batch_size", "lr"}: --start manual's launch
     POST /api/stop         end the run as SIGINT does, with the checkpoint whole
     POST /api/more         {"rounds": N}: --stay's next session
+    GET  /runs, /api/runs, /api/runs/<name>/metrics   the runs beside this one, compared (fedsock/run_history.py)
 
 Every request needs the dashboard's token, loopback included: on a shared machine any
 local user can reach 127.0.0.1, and Stop or model.pt are not theirs. The page's own files
@@ -58,6 +59,7 @@ from fedsock.identity import fingerprint
 from fedsock.policy import policy_text
 from fedsock.privacy import ACCOUNTED, Accountant
 from fedsock.run_files import metrics_text, model_bytes, plot_png
+from fedsock.run_history import RunsFolder, RunsView
 
 STATIC = Path(__file__).resolve().parent / "static"
 PUSH_EVERY_S = 0.25  # changes are batched: at most four pushes a second, to each page
@@ -227,6 +229,8 @@ class DashboardState(Observer):
         self._new_refused: list = []
         self._last: dict[str, Any] = {}  # the run, settings and privacy as last sent
         self.privacy = PrivacyPanel(engine)
+        for row in engine.metrics:  # a resumed run's rounds so far: its charts go on from them, with the mark
+            self.keep_round(row)
 
     # ---- events
     def notify(self, event: Event) -> None:
@@ -307,12 +311,14 @@ class DashboardState(Observer):
                   + (f"; retry {e.retry} of {e.retries}" if e.retry else "; giving up"), warning=True)
 
     def on_RoundSaved(self, e) -> None:
-        row = e.row
-        if self.current.get("number") == row["round"]:  # the next round may already be under way
+        if self.current.get("number") == e.row["round"]:  # the next round may already be under way
             self.current = {}
+        self.keep_round(e.row)
+
+    def keep_round(self, row: dict[str, Any]) -> None:
         keep = ("round", "clients", "expected", "train_loss", "seconds", "bytes_sent", "bytes_received",
                 "max_fit_seconds", "test_accuracy", "test_loss", "test_f1", "fed_accuracy", "fed_loss", "fed_f1",
-                "epsilon")
+                "epsilon", "session", "resumed")
         self.rounds[row["round"]] = {k: row.get(k) for k in keep}
         if not row.get("positive"):  # F1 is of a task's positive class; MNIST has none
             self.rounds[row["round"]].update(test_f1=None, fed_f1=None)
@@ -478,6 +484,9 @@ class Dashboard(Observer):
         app.router.add_post("/api/start", self.api_start)
         app.router.add_post("/api/stop", self.api_stop)
         app.router.add_post("/api/more", self.api_more)
+        if self.engine.output_dir:  # the runs beside this one (fedsock/run_history.py)
+            output = Path(self.engine.output_dir).resolve()
+            RunsView(RunsFolder(output.parent, SHOWN_SETTINGS, output.name), live=True).add_routes(app.router)
         self.runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True)
@@ -531,30 +540,13 @@ class Dashboard(Observer):
 
     # ---- handlers
     async def checks(self, request, handler):
-        """Every request: the Host check, the token, errors as one JSON sentence, the security headers."""
-        try:
-            response = self.access.check(request) or await handler(request)
-        except Refused as exc:
-            response = web.json_response({"error": str(exc)}, status=exc.status)
-        except web.HTTPException as exc:  # 404, 405, 413: a sentence too
-            response = web.json_response({"error": exc.reason}, status=exc.status)
-        except Exception as exc:  # a bug: one warning line, a sentence for the page, and the run goes on
-            warn(WHO, f"internal: the dashboard could not answer {request.method} {request.path}: "
-                      f"{type(exc).__name__}: {exc}")
-            response = web.json_response({"error": f"internal error: {type(exc).__name__}"}, status=500)
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
-        return response
+        return await answer_checked(self.access, request, handler)
 
     async def page(self, request):
         return web.FileResponse(STATIC / "dashboard.html", headers={"Content-Type": "text/html; charset=utf-8"})
 
     async def static(self, request):
-        name = request.match_info["name"]
-        path = STATIC / name
-        if "/" in name or name.startswith(".") or not path.is_file():
-            raise web.HTTPNotFound()
-        return web.FileResponse(path)
+        return await static_file(request)
 
     async def api_state(self, request):
         return web.json_response(self.state.snapshot(), dumps=dumps)
@@ -658,6 +650,33 @@ class Dashboard(Observer):
     def done(self, message: str):
         self.engine.events.notice(message)
         return web.json_response({"ok": True, "message": message})
+
+
+async def answer_checked(access: Access, request, handler):
+    """Every request, to the live page or the runs view: the Host check, the token, errors as one JSON
+    sentence, the security headers."""
+    try:
+        response = access.check(request) or await handler(request)
+    except Refused as exc:
+        response = web.json_response({"error": str(exc)}, status=exc.status)
+    except web.HTTPException as exc:  # 404, 405, 413: a sentence too
+        response = web.json_response({"error": exc.reason}, status=exc.status)
+    except Exception as exc:  # a bug: one warning line, a sentence for the page, and the run goes on
+        warn(WHO, f"internal: the dashboard could not answer {request.method} {request.path}: "
+                  f"{type(exc).__name__}: {exc}")
+        response = web.json_response({"error": f"internal error: {type(exc).__name__}"}, status=500)
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
+async def static_file(request):
+    """One of fedsock/static/'s files, by its plain name."""
+    name = request.match_info["name"]
+    path = STATIC / name
+    if "/" in name or name.startswith(".") or not path.is_file():
+        raise web.HTTPNotFound()
+    return web.FileResponse(path)
 
 
 def host_name(host: str) -> str:

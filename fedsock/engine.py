@@ -192,7 +192,7 @@ class RoundEngine:
         # Ready clients a round waits for; with secure aggregation at least 3, since with two,
         # each could subtract its own update from the new model.
         needed = max(config.min_clients, strategy.min_updates(), 3 if secure is not None else 0)
-        self.control = RunControl(config, pool, events, needed, lambda: self.rounds_done)
+        self.control = RunControl(config, pool, events, needed, lambda: self.rounds_done, resumed and resumed.metrics)
         self.privacy = strategy.privacy
         # Updates a round needs to be released. With DP and Poisson sampling, every sampled round is
         # released, whatever arrived (even noise alone): the accountant's analysis is of exactly that.
@@ -265,7 +265,7 @@ class RoundEngine:
             self.rounds_done = number
             if self.federated is not None:  # what this round's clients measured of the last round's model
                 self.federated.attach(number - 1, self.metrics)
-            row = round_.row(self.traffic)
+            row = {**round_.row(self.traffic), **self.control.session_columns()}
             if self.privacy is not None:
                 row["epsilon"] = self.privacy.record(round_.population, round_.picked,
                                                      self.strategy.sampling_rate(round_.population))

@@ -28,7 +28,7 @@ class RunControl:
     (--stay), stop (SIGINT, SIGTERM, the dashboard's Stop)."""
 
     def __init__(self, config: ServerConfig, pool: ClientPool, events: Events, needed: int,
-                 rounds_done: Callable[[], int]):
+                 rounds_done: Callable[[], int], resumed_rows: list[dict[str, Any]] | None = None):
         self.config, self.pool, self.events, self.needed = config, pool, events, needed
         self.rounds_done = rounds_done  # the engine's count, read when a request needs it
         self.phase = "lobby"
@@ -39,6 +39,15 @@ class RunControl:
         self.more_rounds = 0
         self.session = 1
         self.session_start = rounds_done()  # the rounds done when this session began
+        # metrics.csv's `session` counts the run's sessions across its processes: a resume begins a new one
+        # (rows from before the column existed count as session 1).
+        self.sessions_before = max((int(r.get("session") or 1) for r in resumed_rows), default=1) \
+            if resumed_rows else 0
+
+    def session_columns(self) -> dict[str, int | None]:
+        """A round's `session` and `resumed` (1 for every round of a session that a --resume began) columns."""
+        resumed = self.sessions_before > 0 and self.session == 1
+        return {"session": self.sessions_before + self.session, "resumed": 1 if resumed else None}
 
     def request_stop(self, reason: str) -> None:
         """Ask the run to end after what it is doing now."""

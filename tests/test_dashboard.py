@@ -161,6 +161,9 @@ def test_the_page_shows_the_lobby_starts_the_run_trains_more_and_stops_it(cluste
             expect(page.locator("#answer")).to_contain_text("500 more round(s)")
             page.wait_for_function("() => state.rounds.size >= 4 && state.run.phase === 'training'", timeout=UI_TIMEOUT_MS)
             expect(page.locator("#progress")).to_contain_text("of 502")
+            marks = "charts['chart-accuracy'].plot.sessionMarks"  # as the chart last drew them
+            page.wait_for_function(f"() => {marks} && {marks}.length === 1", timeout=UI_TIMEOUT_MS)
+            assert page.evaluate(marks) == [{"round": 3, "label": "session 2"}]  # where session 2 began
             page.click("#stop")
             expect(page.locator("#phase")).to_have_text("finished", timeout=UI_TIMEOUT_MS)
             expect(page.locator("#log")).to_contain_text("the Stop button on the dashboard")
@@ -410,6 +413,25 @@ def test_the_state_keeps_each_clients_last_numbers_and_sends_only_what_changed()
 
     assert json.loads(dumps(state.snapshot()))["rounds"][0]["train_loss"] is None  # NaN is not JSON
     assert "/secret/path" not in dumps(state.snapshot())
+
+
+def test_a_resumed_runs_state_holds_its_rounds_so_far_with_their_sessions():
+    """The charts of a resumed run go on from its earlier rounds, and its rounds say where the resume began."""
+    from fedsock.run_files import Checkpoint
+
+    before = [{"round": k, "clients": 1, "test_accuracy": 0.5, "session": 1} for k in (1, 2)]
+    resumed = Checkpoint({}, 2, before, {"w": torch.zeros(2)})
+    from fedsock.engine import RoundEngine
+
+    plain, _ = engine_for([FakeClient(1)], num_rounds=3)  # its pool, model and evaluation, with the checkpoint
+    engine = RoundEngine(plain.config, plain.strategy, plain.pool, plain.model, plain.reports.evaluate,
+                         plain.events, plain.traffic, resumed)
+    state = DashboardState(engine)
+    engine.events.observers.append(state)
+    assert [(r["round"], r["session"]) for r in state.changes()["rounds"]] == [(1, 1), (2, 1)]
+    assert run(engine) == ExitStatus.OK
+    rows = state.changes()["rounds"]
+    assert [(r["round"], r["session"], r["resumed"]) for r in rows] == [(3, 2, 1)]
 
 
 def test_the_state_says_each_clients_policy_in_words():

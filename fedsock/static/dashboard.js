@@ -180,6 +180,7 @@ function chart(id, title, series, yLabel, xs, columns) {
     const opts = {
       title, width: Math.max(el.clientWidth, 300), height: 210, scales: { x: { time: false } },
       legend: { live: false },
+      plugins: [marksPlugin(() => sessionMarks([...state.rounds.values()].sort((a, b) => a.round - b.round)))],
       axes: [{ label: "round", incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000] },
              { label: yLabel, size: 60, values: tickLabels }],
       series: [{ label: "round" }, ...shown.map((i) => {
