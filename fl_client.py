@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the original tool's switch: same as --device cuda / --device cpu")
     parser.add_argument("--config", metavar="FILE", help="more settings, from a TOML file: require_dp = true, "
                                                          "min_round_clients = 5, ... (a flag given here wins)")
+    parser.add_argument("--check-data", metavar="PATH", help="check a data folder or file offline, as this client would "
+                                                             "read it, print what it holds, and exit (no server: "
+                                                             "fl_client.py --check-data PATH --help for its flags)")
     parser.add_argument("--traceback", action="store_true", help="show a full traceback on errors (for bug reports)")
     return parser
 
@@ -47,7 +50,7 @@ def parse_config(argv: list[str] | None) -> ClientConfig:
         if args.device not in ("auto", wanted):
             parser.error("--use-cuda/--no-use-cuda contradicts --device")
         args.device = wanted
-    del args.use_cuda, args.traceback, args.config
+    del args.use_cuda, args.traceback, args.config, args.check_data
     given = settings.given_flags(build_parser, argv)
     stray = [name for name in ("dp_sgd_noise_multiplier", "dp_sgd_clip", "dp_sgd_delta") if name in given]
     if stray and not args.dp_sgd:
@@ -56,6 +59,11 @@ def parse_config(argv: list[str] | None) -> ClientConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--check-data" or a.startswith("--check-data=") for a in argv):  # offline: no id, no server
+        from fedsock import check_data
+
+        return check_data.main(argv)
     return run_client(parse_config(argv))
 
 

@@ -223,3 +223,27 @@ def test_a_test_set_folder_holding_only_test_is_the_servers_held_out_set(tmp_pat
     with pytest.raises(UsageError, match=r"has a test/ folder but no train/: a client's training images go in "
                                          r"train/<class>/"):
         load_own_data(str(tmp_path / "chest_xray"), XRAY)
+
+
+def test_check_data_reads_a_clients_data_offline_and_says_what_it_holds(tmp_path):
+    """fl_client.py --check-data: no id, no server; the classes from the folders, the counts per split,
+    and the server flags that fit; or the one thing that is wrong."""
+    for name, value in (("NORMAL", 10), ("NORMAL", 20), ("PNEUMONIA", 200)):
+        png(tmp_path / "xray" / "train" / name / f"{value}.png", value)
+    png(tmp_path / "xray" / "test" / "PNEUMONIA" / "t.png", 90)
+    code, printed = run_cli("fl_client", ["--check-data", str(tmp_path / "xray")])
+    assert code == 0, printed
+    assert "training examples: 3 (NORMAL 2, PNEUMONIA 1)" in printed
+    assert "test examples: 1 (NORMAL 0, PNEUMONIA 1)" in printed
+    assert "OK: it would join a server started with --task image --classes NORMAL,PNEUMONIA --image-size 28" in printed
+    table = tmp_path / "messages.tsv"
+    table.write_text("ham\thello there\nspam\tWIN a prize now\nham\tsee you\n")
+    code, printed = run_cli("fl_client", ["--check-data", str(table), "--classes", "ham,spam"])
+    assert code == 0 and "training examples: 3 (ham 2, spam 1)" in printed, printed
+    assert "--task text --classes ham,spam --max-tokens 30" in printed
+    for argv, said in ((["--check-data", str(table)], "a text table does not say its classes: add --classes"),
+                       (["--check-data", str(table), "--classes", "ham,eggs"], "label 'spam' is not among the task's"),
+                       (["--check-data", str(tmp_path / "nope")], "no such file or folder")):
+        code, printed = run_cli("fl_client", argv)
+        assert code == 2 and said in printed and "Traceback" not in printed, printed
+        assert len(printed.strip().splitlines()) == 1, printed
