@@ -6,7 +6,7 @@
 The exported module takes what a user has, not what fedsock feeds its model: for an image task,
 floats in [0, 1] of shape (N, C, H, W) (a PIL image through torchvision's ToTensor), normalised
 inside with the task's mean and std; for a text task, the hashed token ids of fedsock.text
-(N, max_tokens). It is the model scripted (torch.jit.script, so any batch size), on the CPU, in
+(N, max_tokens). It is the model scripted (torch.jit.script; traced where a model's code cannot be compiled), on the CPU, in
 eval mode, and it carries `fedsock.json` (the model, the task's classes and input, the round) as
 an extra file: `torch.jit.load(path, _extra_files={"fedsock.json": ""})` fills it in.
 
@@ -82,11 +82,20 @@ def torchscript_bytes(model_name: str, task: Task, weights: dict[str, torch.Tens
     with warnings.catch_warnings():  # torch.jit's FutureWarning (see the module's docstring)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(module)
+        try:
+            scripted = torch.jit.script(module)
+        except RuntimeError:  # a forward that TorchScript cannot compile (TextCNN's loop over its convolutions):
+            scripted = torch.jit.trace(module, example_input(task))  # traced, with the batch size left free
         buffer = io.BytesIO()
         torch.jit.save(scripted, buffer,
                        _extra_files={INFO_FILE: json.dumps(export_info(model_name, task, round_number))})
     return buffer.getvalue()
+
+
+def example_input(task: Task, batch: int = 2) -> torch.Tensor:
+    if task.kind == "image":
+        return torch.rand(batch, *task.input_shape)
+    return torch.randint(1, task.buckets, (batch, task.max_tokens))
 
 
 def load_example(path: Path) -> str:
