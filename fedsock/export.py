@@ -36,10 +36,11 @@ from torch import nn
 
 import client_helper
 import neural_net_helper as nnh
-from fedsock.console import ArgumentParser, UsageError, run_main, say, warn
+from fedsock.console import ArgumentParser, FedsockError, UsageError, run_main, say, warn
 from fedsock.events import MetricsUpdated, Observer, RoundFinished, RunFinished, SessionFinished
 from fedsock.run_files import Checkpoint, OutputFailed, write_atomically
 from fedsock.tasks import Task, make_task, task_of_dataset
+from socket_methods import check_layout, weights_layout
 
 EXPORT_NAME = "model.torchscript.pt"
 INFO_FILE = "fedsock.json"
@@ -162,9 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_model(path: Path, model_name: str, task: Task) -> dict[str, torch.Tensor]:
+    """A run's model.pt, checked against the model its config.json names."""
+    try:
+        # weights_only: PyTorch's restricted unpickler, which loads tensors and nothing that runs code.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+    except Exception as exc:  # torch.load raises many kinds for a file that is not a model.pt
+        raise UsageError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    template = nnh.get_weights(nnh.build_model(model_name, task))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{path} is not a model.pt (a state_dict of tensors)")
+    try:
+        check_layout(weights_layout(state), weights_layout(template))
+    except FedsockError as exc:
+        raise UsageError(f"{path} does not fit the run's {model_name} model: {exc}") from exc
+    return {name: state[name] for name in template}
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedsock.config import ServerConfig, from_dict
-    from fedsock.prepare import load_initial_model
 
     args = build_parser().parse_args(argv)
     model_path = Path(args.model)
@@ -179,11 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         task = task_of_config(config)
     except (ValueError, KeyError) as exc:
         raise UsageError(f"{config_path}: its task cannot be made: {exc}") from exc
-    template = nnh.get_weights(nnh.build_model(config.model, task))
-    try:
-        weights = load_initial_model(str(model_path), template)
-    except UsageError as exc:  # its sentences name --initial-model, the flag it serves first
-        raise UsageError(str(exc).replace("--initial-model ", "")) from exc
+    weights = read_model(model_path, config.model, task)
     output = Path(args.output) if args.output else model_path.parent / EXPORT_NAME
     try:
         write_atomically(output, [torchscript_bytes(config.model, task, weights)])
