@@ -215,3 +215,19 @@ def test_the_model_card_of_a_secure_run_is_the_masked_vector(run):
     assert card["update_bytes"] == secagg.masked_layout(199_210)["nbytes"]  # 784·200 + 200 + 200·200 + 200 + 200·10 + 10
     saved = json.loads((run / "out" / "model_card.json").read_text())
     assert saved["model"] == "logreg" and saved["parameters"] == 7850
+
+
+def test_a_resumed_simulation_keeps_writing_the_same_numbers(tmp_path):
+    """--resume keeps the run's --tensorboard folder; the two event files read as metrics.csv."""
+    first = simulate_here("--model", "logreg", "--num-clients", "2", "--num-rounds", "2", "--tensorboard",
+                          str(tmp_path / "tb"), output_dir=tmp_path / "out")
+    assert first == 0
+    again = simulate_here("--resume", str(tmp_path / "out" / "checkpoint.fsck"), "--num-rounds", "3",
+                          output_dir=tmp_path / "out")
+    assert again == 0
+    rows = read_metrics(tmp_path / "out" / "metrics.csv")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    expected = {(TAGS[column], int(row["round"])): value for row in rows for column, value in row.items()
+                if column in TAGS and isinstance(value, float)}
+    assert len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) == 2
+    assert logged(tmp_path / "tb") == as_logged(expected)
