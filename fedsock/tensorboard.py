@@ -2,7 +2,9 @@
 
 `TensorBoardLog` is an observer, like fedsock.run_files.RunFiles, and reads the same thing: the rows of
 each checkpoint (`RoundFinished`, `MetricsUpdated`). Every numeric column of metrics.csv becomes a
-scalar, the round its step, tagged by what it measures ("test/accuracy", "traffic/bytes_sent", ...).
+scalar, the round its step, tagged by what it measures ("test/accuracy", "traffic/bytes_sent", ...);
+the settings and the model card go to the text tab, and the settings that shape the model to the
+HParams tab, so that runs can be compared by them.
 
 A row can change after it was first written (the clients' evaluation of round r arrives with round
 r+1, or at the end). A new value is simply written; but TensorBoard keeps every value logged at a step,
@@ -78,6 +80,18 @@ def settings_markdown(config: Any) -> str:
     return "| setting | value |\n|---|---|\n" + "\n".join(rows)
 
 
+def run_hparams(config: Any) -> dict[str, Any]:
+    """The settings that shape the model (the HParams tab compares runs by them): who trains, how, the
+    strategy, DP, secure aggregation, compression and the data, without file paths."""
+    from fedsock import config as settings
+
+    groups = (settings.FederationSettings, settings.TrainingSettings, settings.StrategySettings, settings.DPSettings,
+              settings.SecAggSettings, settings.CompressionSettings, settings.DataSettings)
+    paths = {"data_root", "initial_model", "federation"}
+    return {spec.name: getattr(config, spec.name) for group in groups for spec in fields(group)
+            if spec.name not in paths and hasattr(config, spec.name)}
+
+
 class TensorBoardLog(Observer):
     """Writes each round's metrics as TensorBoard scalars to `log_dir` (see the module's docstring)."""
 
@@ -100,8 +114,18 @@ class TensorBoardLog(Observer):
         self.writer.add_text("settings", settings_markdown(config), first)
         if model_card:
             self.writer.add_text("model_card", model_card, first)
+        self.add_hparams(config)
         if resumed is not None:
             self.pending.append(self.executor.submit(self._write, resumed.metrics))
+
+    def add_hparams(self, config: Any) -> None:
+        """The HParams tab's record of this run (in its own folder, unlike SummaryWriter.add_hparams, which
+        makes a new run of its own): its settings, and the metrics to compare runs by."""
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {tag: 0.0 for tag in ("test/accuracy", "test/loss", "federated/accuracy", "train/loss")}
+        for summary in hparams(run_hparams(config), metrics):
+            self.writer._get_file_writer().add_summary(summary)
 
     def notify(self, event) -> None:
         if isinstance(event, (RoundFinished, MetricsUpdated)) and event.checkpoint is not None:

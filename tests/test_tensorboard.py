@@ -95,12 +95,17 @@ def test_the_event_files_hold_metrics_csvs_numbers(run):
 
 
 @needs_tensorboard
-def test_the_settings_and_the_model_card_are_in_the_text_tab(run):
+def test_the_settings_and_the_model_card_are_in_the_text_and_hparams_tabs(run):
     accumulator = EventAccumulator(str(run / "tb"))
     accumulator.Reload()
     assert {"settings/text_summary", "model_card/text_summary"} <= set(accumulator.Tags()["tensors"])
     text = accumulator.Tensors("settings/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| model | logreg |" in text and "| num_rounds | 3 |" in text
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    start = HParamsPluginData.FromString(accumulator.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["model"].string_value == "logreg"
+    assert start.session_start_info.hparams["num_rounds"].number_value == 3
 
 
 @needs_tensorboard
