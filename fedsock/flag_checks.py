@@ -77,13 +77,10 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
         except ValueError as exc:
             parser.error(f"--dashboard {exc}")
     if config.tensorboard is not None:
-        from fedsock.tensorboard import require_tensorboard
-        from fedsock.console import UsageError
+        from fedsock.tensorboard import missing_tensorboard
 
-        try:
-            require_tensorboard()
-        except UsageError as exc:
-            parser.error(str(exc))
+        if missing := missing_tensorboard():
+            parser.error(missing)
     secagg_flags = [name for name in ("secagg_threshold", "secagg_clip", "federation") if name in given]
     if secagg_flags and not config.secure_aggregation:
         parser.error(f"--{secagg_flags[0].replace('_', '-')} needs --secure-aggregation")

@@ -46,13 +46,19 @@ TAGS = {
 NOT_SCALARS = ("round", "confusion")  # the step itself, and a matrix
 
 
-def require_tensorboard(flag: str = "--tensorboard") -> None:
-    """UsageError, one line, when the tensorboard package is missing (torch's writer needs it)."""
+def missing_tensorboard() -> str | None:
+    """The sentence to say when the tensorboard package (which torch's writer needs) is missing; None when it is not."""
     try:
         import tensorboard  # noqa: F401
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except ImportError as exc:
-        raise UsageError(f"{flag} needs the tensorboard package, which is not installed: {INSTALL}") from exc
+    except ImportError:
+        return f"--tensorboard needs the tensorboard package, which is not installed: {INSTALL}"
+    return None
+
+
+def require_tensorboard() -> None:
+    if missing := missing_tensorboard():
+        raise UsageError(missing)
 
 
 def scalars_of(rows: list[dict[str, Any]]) -> dict[tuple[str, int], float]:
