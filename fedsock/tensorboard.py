@@ -116,10 +116,10 @@ class TensorBoardLog(Observer):
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorboard")
         self.pending: list[Future] = []
         self.broken = False
-        first = resumed.round + 1 if resumed is not None else 1
-        self.writer.add_text("settings", settings_markdown(config), first)
+        # step 0, before the first round: no restart marker (always at a round, 1 or later) can hide them
+        self.writer.add_text("settings", settings_markdown(config), 0)
         if model_card:
-            self.writer.add_text("model_card", model_card, first)
+            self.writer.add_text("model_card", model_card, 0)
         self.add_hparams(config)
         if resumed is not None:
             self.pending.append(self.executor.submit(self._write, resumed.metrics))
