@@ -130,6 +130,9 @@ def test_a_row_changed_after_the_fact_ends_with_its_last_numbers(tmp_path):
     log.close()
     assert logged(tmp_path / "tb") == as_logged(scalars_of([row1, row2]))
     assert ("federated/accuracy", 1) in scalars_of([row1, row2])
+    accumulator = EventAccumulator(str(tmp_path / "tb"))
+    accumulator.Reload()
+    assert "settings/text_summary" in accumulator.Tags()["tensors"]  # the restart did not hide them
 
 
 @needs_tensorboard
