@@ -372,6 +372,12 @@ class OutputSettings:
     record_updates: str | None = setting(None, "play the honest-but-curious server: write every update the server "
                                                "holds (under secure aggregation, each round's aggregate) to DIR, for "
                                                "python -m fedsock.attack invert", group=OUTPUT, metavar="DIR")
+    tensorboard: str | None = setting(None, "also write each round's metrics as TensorBoard scalars to DIR (tensorboard "
+                                            "--logdir DIR shows them live; needs pip install tensorboard)",
+                                      group=OUTPUT, metavar="DIR")
+    export: str | None = setting(None, "at the end, also write the final model as model.torchscript.pt beside model.pt, "
+                                       "input preparation included: torch.jit.load(path)(x) gives the logits",
+                                 group=OUTPUT, choices=("torchscript",))
 
 
 @dataclass

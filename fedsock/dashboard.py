@@ -56,6 +56,7 @@ from fedsock.config import LAUNCH_LIMITS
 from fedsock.console import warn
 from fedsock.events import WHO, Event, Observer, drop_line, id_ranges
 from fedsock.identity import fingerprint
+from fedsock.model_card import run_model_card
 from fedsock.policy import policy_text
 from fedsock.privacy import ACCOUNTED, Accountant
 from fedsock.run_files import metrics_text, model_bytes, plot_png
@@ -231,6 +232,7 @@ class DashboardState(Observer):
         self.privacy = PrivacyPanel(engine)
         for row in engine.metrics:  # a resumed run's rounds so far: its charts go on from them, with the mark
             self.keep_round(row)
+        self.model_card = run_model_card(engine.config, getattr(engine, "task", None))  # static: in each snapshot
 
     # ---- events
     def notify(self, event: Event) -> None:
@@ -361,7 +363,7 @@ class DashboardState(Observer):
     def snapshot(self) -> dict[str, Any]:
         return {
             "run": self.run(), "settings": self.settings(), "privacy": self.privacy.state(),
-            "listening": self.listening,
+            "listening": self.listening, "model_card": self.model_card,
             "limits": {name: [low, high] for name, (_, low, high) in LAUNCH_LIMITS.items()},
             "clients": list(self.clients.values()),
             "rounds": [self.rounds[n] for n in sorted(self.rounds)], "log": list(self.log),

@@ -76,6 +76,11 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
             parse_address(config.dashboard)
         except ValueError as exc:
             parser.error(f"--dashboard {exc}")
+    if config.tensorboard is not None:
+        from fedsock.tensorboard import missing_tensorboard
+
+        if missing := missing_tensorboard():
+            parser.error(missing)
     secagg_flags = [name for name in ("secagg_threshold", "secagg_clip", "federation") if name in given]
     if secagg_flags and not config.secure_aggregation:
         parser.error(f"--{secagg_flags[0].replace('_', '-')} needs --secure-aggregation")

@@ -233,6 +233,30 @@ def run_title(config: ServerConfig, who: str = "fedsock") -> str:
     return f"{who}: {config.model} on {data}, {config.strategy}{augmented}"
 
 
+def output_observers(config: ServerConfig, setup: Setup, output_dir: Path, who: str = WHO) -> list:
+    """The run's model card (model_card.json, and its line), and the observers of --tensorboard and --export."""
+    from fedsock.export import ModelExport
+    from fedsock.model_card import card_line, card_markdown, run_model_card, write_model_card
+
+    card = run_model_card(config, setup.task)
+    observers = []
+    if card is not None:
+        say(who, card_line(card))
+        try:
+            write_model_card(card, output_dir)
+        except OSError as exc:
+            raise UsageError(f"cannot write {output_dir / 'model_card.json'}: {exc.strerror or exc}") from exc
+    if config.tensorboard:
+        from fedsock.tensorboard import TensorBoardLog
+
+        observers.append(TensorBoardLog(config.tensorboard, config, setup.checkpoint,
+                                        card_markdown(card) if card is not None else None))
+        say(who, f"TensorBoard: tensorboard --logdir {config.tensorboard}")
+    if config.export:
+        observers.append(ModelExport(output_dir, config.model, setup.task, who, setup.checkpoint))
+    return observers
+
+
 def make_output_dir(requested: str | None) -> Path:
     path = Path(requested) if requested else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     if not requested:

@@ -25,8 +25,8 @@ from fedsock.console import UsageError, say, warn
 from fedsock.engine import RoundEngine
 from fedsock.events import Console, Events, Listening
 from fedsock.lobby import RECEIVE_BUFFERS, Lobby, ReceiveBuffers
-from fedsock.prepare import (WHO, Setup, compression_of, federated_evaluation, make_output_dir, prepare_training,
-                             required_features, run_title)
+from fedsock.prepare import (WHO, Setup, compression_of, federated_evaluation, make_output_dir, output_observers,
+                             prepare_training, required_features, run_title)
 from fedsock.run_control import stop_on_signals
 from fedsock.run_files import Checkpoint, RunFiles, save_config, seal_key
 from fedsock.transport import Traffic
@@ -166,7 +166,8 @@ async def serve(config: ServerConfig, setup: Setup, listener: socket.socket, out
     title = run_title(config)
     files = RunFiles(output_dir, title, setup.checkpoint, setup.protections, setup.seal_key,
                      setup.task.positive if setup.task else None)
-    events = Events([Console(config.quiet), files])
+    outputs = output_observers(config, setup, output_dir)
+    events = Events([Console(config.quiet), files, *outputs])
     pool, traffic = ClientPool(config.num_clients), Traffic()
     recorder = UpdateRecorder(config.record_updates, config, setup.task, events) if config.record_updates else None
     engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, traffic, setup.checkpoint,
@@ -198,6 +199,8 @@ async def serve(config: ServerConfig, setup: Setup, listener: socket.socket, out
     finally:
         lobby.close()
         files.close()
+        for observer in outputs:
+            observer.close()
         if dashboard is not None:
             await dashboard.close()
 

@@ -46,7 +46,7 @@ from fedsock.config import ServerConfig, setting
 from fedsock.console import UsageError
 from fedsock.engine import RoundEngine
 from fedsock.events import Console, Events
-from fedsock.prepare import compression_of, run_title
+from fedsock.prepare import compression_of, output_observers, run_title
 from fedsock.run_control import stop_on_signals
 from fedsock.run_files import RunFiles
 from fedsock.transport import Traffic
@@ -349,7 +349,8 @@ def make_backend(config: SimulationConfig, data: SharedData):
 async def simulate(config: SimulationConfig, setup, data: SharedData, backend, output_dir: Path) -> int:
     files = RunFiles(output_dir, run_title(config, "fedsock simulation"), setup.checkpoint, setup.protections,
                      positive=setup.task.positive if setup.task else None)
-    events = Events([Console(config.quiet, WHO), files])
+    outputs = output_observers(config, setup, output_dir, WHO)
+    events = Events([Console(config.quiet, WHO), files, *outputs])
     pool = ClientPool(config.num_clients)
     faults = Faults(config.seed, config.drop_rate, config.straggler_rate, config.straggler_delay_s)
     codec = None
@@ -370,3 +371,5 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
         return await engine.run()
     finally:
         files.close()
+        for observer in outputs:
+            observer.close()
