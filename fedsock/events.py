@@ -11,8 +11,10 @@ finishes it in `flush()`, which the engine awaits between rounds and at the end.
 from __future__ import annotations
 
 import time
+import asyncio
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from fedsock.console import say, warn
 
@@ -203,6 +205,27 @@ class Observer:
 
     async def flush(self) -> None:
         pass
+
+
+class BackgroundObserver(Observer):
+    """An observer whose work (writing files) runs in a thread of its own, one piece after another, off the
+    event loop: `submit` queues a piece, `flush()` waits for what is queued (and raises what it raised),
+    `close()` ends the thread."""
+
+    def __init__(self, thread_name: str):
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
+        self.pending: list[Future] = []
+
+    def submit(self, work: Callable[..., Any], *args: Any) -> None:
+        self.pending.append(self.executor.submit(work, *args))
+
+    async def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for future in pending:
+            await asyncio.wrap_future(future)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True)
 
 
 class Events:

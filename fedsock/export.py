@@ -22,12 +22,10 @@ the model and the task, and writes runs/X/model.torchscript.pt.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
 import json
 import sys
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from torch import nn
 import client_helper
 import neural_net_helper as nnh
 from fedsock.console import ArgumentParser, FedsockError, UsageError, run_main, say, warn
-from fedsock.events import MetricsUpdated, Observer, RoundFinished, RunFinished, SessionFinished
+from fedsock.events import BackgroundObserver, MetricsUpdated, RoundFinished, RunFinished, SessionFinished
 from fedsock.run_files import Checkpoint, OutputFailed, write_atomically
 from fedsock.tasks import Task, make_task, task_of_dataset
 from socket_methods import check_layout, weights_layout
@@ -111,21 +109,20 @@ def task_of_config(config: Any) -> Task:
                      config.image_std, config.max_tokens, config.buckets, config.positive_class)
 
 
-class ModelExport(Observer):
+class ModelExport(BackgroundObserver):
     """--export: writes model.torchscript.pt beside model.pt when the run (or a --stay session) ends."""
 
     def __init__(self, output_dir: Path, model_name: str, task: Task, who: str, resumed: Checkpoint | None = None):
         self.path = Path(output_dir) / EXPORT_NAME
         self.model_name, self.task, self.who = model_name, task, who
         self.last = resumed
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="export")
-        self.pending: list[Future] = []
+        super().__init__("export")
 
     def notify(self, event) -> None:
         if isinstance(event, (RoundFinished, MetricsUpdated)) and event.checkpoint is not None:
             self.last = event.checkpoint
         elif isinstance(event, (RunFinished, SessionFinished)) and self.last is not None:
-            self.pending.append(self.executor.submit(self._export, self.last))
+            self.submit(self._export, self.last)
 
     def _export(self, state: Checkpoint) -> None:
         try:
@@ -139,14 +136,6 @@ class ModelExport(Observer):
         except OSError as exc:
             raise OutputFailed(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         say(self.who, f"exported round {state.round}'s model to {self.path}: {load_example(self.path)} gives the logits")
-
-    async def flush(self) -> None:
-        pending, self.pending = self.pending, []
-        for future in pending:
-            await asyncio.wrap_future(future)
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
 
 
 # --------------------------------------------------------------------------- python -m fedsock.export

@@ -19,15 +19,13 @@ thread of its own; a folder that cannot be written is a warning, never the end o
 
 from __future__ import annotations
 
-import asyncio
 import math
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from fedsock.console import UsageError, warn
-from fedsock.events import MetricsUpdated, Observer, RoundFinished
+from fedsock.events import BackgroundObserver, MetricsUpdated, RoundFinished
 from fedsock.run_files import METRIC_COLUMNS, Checkpoint
 
 INSTALL = "pip install tensorboard (or pip install -e '.[tensorboard]')"
@@ -98,7 +96,7 @@ def run_hparams(config: Any) -> dict[str, Any]:
             if spec.name not in paths and hasattr(config, spec.name)}
 
 
-class TensorBoardLog(Observer):
+class TensorBoardLog(BackgroundObserver):
     """Writes each round's metrics as TensorBoard scalars to `log_dir` (see the module's docstring)."""
 
     def __init__(self, log_dir: str | Path, config: Any, resumed: Checkpoint | None = None,
@@ -113,8 +111,7 @@ class TensorBoardLog(Observer):
         except OSError as exc:
             raise UsageError(f"cannot write to --tensorboard {log_dir}: {exc.strerror or exc}") from exc
         self.written: dict[tuple[str, int], float] = {}
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensorboard")
-        self.pending: list[Future] = []
+        super().__init__("tensorboard")
         self.broken = False
         # step 0, before the first round: no restart marker (always at a round, 1 or later) can hide them
         self.writer.add_text("settings", settings_markdown(config), 0)
@@ -122,7 +119,7 @@ class TensorBoardLog(Observer):
             self.writer.add_text("model_card", model_card, 0)
         self.add_hparams(config)
         if resumed is not None:
-            self.pending.append(self.executor.submit(self._write, resumed.metrics))
+            self.submit(self._write, resumed.metrics)
 
     def add_hparams(self, config: Any) -> None:
         """The HParams tab's record of this run (in its own folder, unlike SummaryWriter.add_hparams, which
@@ -135,7 +132,7 @@ class TensorBoardLog(Observer):
 
     def notify(self, event) -> None:
         if isinstance(event, (RoundFinished, MetricsUpdated)) and event.checkpoint is not None:
-            self.pending.append(self.executor.submit(self._write, event.checkpoint.metrics))
+            self.submit(self._write, event.checkpoint.metrics)
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         if self.broken:
@@ -166,13 +163,8 @@ class TensorBoardLog(Observer):
 
         self.writer._get_file_writer().add_event(Event(step=step, session_log=SessionLog(status=SessionLog.START)))
 
-    async def flush(self) -> None:
-        pending, self.pending = self.pending, []
-        for future in pending:
-            await asyncio.wrap_future(future)
-
     def close(self) -> None:
-        self.executor.shutdown(wait=True)
+        super().close()
         try:
             self.writer.close()
         except Exception:  # noqa: BLE001 - already warned in _write, or nothing left to lose
