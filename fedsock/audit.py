@@ -54,7 +54,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from fedsock.clients import ClientPool, FitIns, FitRes
+from fedsock.clients import ClientPool, FitIns, FitRes, UnconnectedProxy
 from fedsock.console import ArgumentParser, HelpFormatter, UsageError, run_main, say
 from fedsock.console import number as bounded
 from fedsock.events import Events
@@ -222,7 +222,7 @@ def held_out_cosines(change: torch.Tensor, count: int, seed: int) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-class CanaryClient:
+class CanaryClient(UnconnectedProxy):
     """A ClientProxy whose update is the global model plus clip · its direction: exactly at the clip bound,
     whatever the model. It trains nothing, so it holds no examples (and weighs nothing in train_loss)."""
 
@@ -236,15 +236,6 @@ class CanaryClient:
         tensors = {name: t.double() + step[name] for name, t in ins.model.tensors.items()}
         return FitRes(self.client_id, ins.round, 0, tensors, {"train_loss": 0.0, "local_test_accuracy": 0.0,
                                                               "fit_seconds": 0.0})
-
-    def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
-        pass
-
-    async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
-        pass
-
-    async def end_session(self, session: int, rounds_completed: int, message: str) -> None:
-        pass
 
 
 class NoiseNotAdded(Privacy):

@@ -120,6 +120,20 @@ class ClientProxy(Protocol):
         """--stay: this session is over, and the client stays for another."""
 
 
+class UnconnectedProxy:
+    """The part of a ClientProxy that a client in this process (a simulated one, an audit's canary) has
+    nothing to do for: no connection to tell whether its update was used, or that the run is over."""
+
+    def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
+        pass
+
+    async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
+        pass
+
+    async def end_session(self, session: int, rounds_completed: int, message: str) -> None:
+        pass
+
+
 class ClientPool:
     """Who is here. Clients become members once they are ready to train; `changed` is set
     whenever one comes, goes or finishes an update, so the engine can wait for conditions."""

@@ -38,7 +38,7 @@ import client_helper
 import neural_net_helper as nnh
 from fedsock import config as settings
 from fedsock.attack import UpdateRecorder
-from fedsock.clients import ClientPool, Dropped, FitIns, FitRes
+from fedsock.clients import ClientPool, Dropped, FitIns, FitRes, UnconnectedProxy
 from fedsock.compression import compress_update, decoded_update, scratch_for
 from fedsock.identity import Identity, enrolled_identities
 from fedsock.secagg import MASKED, ClientSession
@@ -285,7 +285,7 @@ class Faults:
         return bool(draw_drop < self.drop_rate), self.delay_s if draw_slow < self.straggler_rate else 0.0
 
 
-class VirtualClient:
+class VirtualClient(UnconnectedProxy):
     """A ClientProxy that trains on the backend: an id and a count; its data stays in SharedData."""
 
     def __init__(self, client_id: int, num_examples: int, backend, faults: Faults, codec: "UpdateCodec | None" = None,
@@ -313,15 +313,6 @@ class VirtualClient:
     async def secagg(self, header: str, fields: dict, reply: str | None) -> dict | None:
         answer = self.session.answer({"header": header, **fields})
         return None if answer is None else {"header": answer[0], **answer[1]}
-
-    def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
-        pass
-
-    async def finish(self, completed: bool, rounds_completed: int, message: str) -> None:
-        pass
-
-    async def end_session(self, session: int, rounds_completed: int, message: str) -> None:
-        pass
 
 
 class UpdateCodec:
