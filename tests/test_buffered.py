@@ -232,3 +232,15 @@ def test_flags_that_do_not_go_with_async_are_refused_in_one_line(flags, says, ca
 def test_async_takes_a_server_lr_with_fedavg():
     config, _ = fl_server.parse_config(["--async-buffer", "2", "--server-lr", "0.5", "--staleness-weight", "poly:0.5"])
     assert (config.async_buffer, config.server_lr, config.staleness_weight) == (2, 0.5, "poly:0.5")
+
+
+def test_the_dashboard_keeps_each_versions_staleness():
+    from fedsock.dashboard import DashboardState
+
+    fast, slow = FakeClient(1, step=1.0), FakeClient(2, step=1.0)
+    engine, recorder = buffered_engine([fast, slow], async_buffer=1, num_rounds=4)
+    open_gate_when_version_opens(recorder, slow, 3)
+    state = DashboardState(engine)
+    engine.events.observers.append(state)
+    assert run(engine) == ExitStatus.OK
+    assert [(r["round"], r["staleness"]) for r in state.changes()["rounds"]] == [(1, 0), (2, 0), (3, 0), (4, 3)]
