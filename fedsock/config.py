@@ -543,6 +543,9 @@ class ClientConfig:
     threads: int = setting(1, "PyTorch CPU threads; 0 keeps PyTorch's default (one per core). Several clients on one "
                               "machine run fastest with 1 each: more oversubscribes the cores", group=CLIENT_DATA,
                            type=non_negative_int, metavar="N")
+    slowdown: float = setting(1.0, "F: make this client's training take F times as long (after training it sleeps F-1 "
+                                   "times the training's time), a slow device on purpose for demos and tests",
+                              group=CLIENT_DATA, type=number(float, 1), metavar="F")
     max_message_mb: float = setting(ConnectionSettings.max_message_mb, "largest model this client accepts, in MB of weights", group=CLIENT_DATA,
                                     type=positive_float, metavar="MB")
     dp_sgd: bool = setting(False, "train with DP-SGD (Opacus): per-example clipping and noise, and this client's own "

@@ -248,3 +248,26 @@ def test_the_dashboard_keeps_each_versions_staleness():
     engine.events.observers.append(state)
     assert run(engine) == ExitStatus.OK
     assert [(r["round"], r["staleness"]) for r in state.changes()["rounds"]] == [(1, 0), (2, 0), (3, 0), (4, 3)]
+
+
+# ---- over sockets: a real server and real clients
+
+
+@pytest.mark.processes
+def test_a_federation_of_processes_trains_asynchronously_with_a_slow_client(cluster, tmp_path):
+    from conftest import FAST, read_metrics
+
+    server = cluster.server(*FAST, "--num-clients", "3", "--async-buffer", "2", "--num-rounds", "10")
+    fast = [cluster.client(1), cluster.client(2)]
+    slow = cluster.client(3, "--slowdown", "3")
+    slow.wait_for(r"--slowdown 3: each round's training is made to take 3 times as long")
+    assert server.finish() == 0
+    server.wait_for(r"round 10/10  clients 2/2  test acc \d+\.\d\d%  loss \d\.\d+  \d+\.\d s  staleness ≤ \d+")
+    server.wait_for("training finished after 10 rounds")
+    assert [c.finish() for c in [*fast, slow]] == [0, 0, 0]
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert [r["round"] for r in rows] == list(range(1, 11)) and all(r["clients"] == 2 for r in rows)
+    assert any(r["staleness"] > 0 for r in rows)  # the slow client's updates came versions late, and counted
+    assert rows[-1]["test_accuracy"] > 0.85
+    for proc in (server, *fast, slow):
+        assert "Traceback" not in proc.output, proc.output
