@@ -240,7 +240,9 @@ def run_client(config: ClientConfig) -> int:
         joined = True
         where = (f"{meta['dataset']}, {meta['partition']} partition {config.client_id} of {meta['num_clients']}"
                  if meta["dataset"] else "its own data")
-        say(config.who, f"joined the server at {config.address}: {meta['model']} on {where}")
+        slowed = (f"; --slowdown {config.slowdown:g}: each round's training is made to take {config.slowdown:g} times "
+                  f"as long" if config.slowdown > 1 else "")
+        say(config.who, f"joined the server at {config.address}: {meta['model']} on {where}{slowed}")
         if not (policy.empty and config.quiet):
             say(config.who, f"privacy policy: {policy.describe()}")
         try:

@@ -8,6 +8,7 @@ between `--help`, the code and the saved config.json.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
@@ -203,6 +204,43 @@ class FederationSettings:
                             group=FEDERATION, choices=("fixed", "poisson"))
 
 
+STALENESS_RULES = "sqrt, constant or poly:A"
+
+
+def staleness_rule(text: str) -> str:
+    """An argparse type: how an update's weight falls with its staleness s (fedsock/buffered.py's
+    `staleness_weight`): sqrt (1/√(1+s)), constant (1) or poly:A ((1+s)^-A, A >= 0)."""
+    if text in ("sqrt", "constant"):
+        return text
+    if text.startswith("poly:"):
+        try:
+            exponent = float(text[5:])
+        except ValueError:
+            exponent = -1.0
+        if math.isfinite(exponent) and exponent >= 0:
+            return f"poly:{exponent:g}"
+    raise argparse.ArgumentTypeError(f"must be {STALENESS_RULES} (A a number >= 0), got {text!r}")
+
+
+ASYNC = "asynchronous aggregation (FedBuff: Nguyen et al. 2022)"
+
+
+@dataclass
+class AsyncSettings:
+    """Buffered asynchronous aggregation (fedsock/buffered.py): no rounds, a new model version every K updates."""
+
+    async_buffer: int | None = setting(
+        None, "K: train asynchronously: every idle client gets the newest model, and the server makes a new version "
+              "every K updates, each weighted by its staleness (--num-rounds counts versions)", group=ASYNC,
+        type=positive_int, metavar="K")
+    staleness_weight: str = setting("sqrt", "async: an update s versions behind the newest counts "
+                                            "1/√(1+s) (sqrt, as FedBuff), 1 (constant) or (1+s)^-A (poly:A)",
+                                    group=ASYNC, type=staleness_rule, metavar="RULE")
+    max_staleness: int = setting(10, "async: an update more versions behind the newest than this is dropped "
+                                     "(and its client told so); the server keeps this many old versions",
+                                 group=ASYNC, type=non_negative_int, metavar="S")
+
+
 @dataclass
 class TrainingSettings:
     """How the clients train (sent to them in every <MODEL>)."""
@@ -229,7 +267,8 @@ class StrategySettings:
     proximal_mu: float = setting(0.01, "fedprox: mu of the proximal term (mu/2)·‖w − w_global‖² in each client's loss",
                                  group=STRATEGY, type=non_negative_float, metavar="MU")
     server_lr: float | None = setting(None, "fedavgm/fedadam/fedyogi/fedadagrad: the server's learning rate "
-                                            "(default: 1 for fedavgm, 0.03 for fedadam and fedyogi, 0.1 for fedadagrad)",
+                                            "(default: 1 for fedavgm, 0.03 for fedadam and fedyogi, 0.1 for fedadagrad); with "
+                                            "--async-buffer and fedavg or fedprox, η of each version's step (default 1)",
                                       group=STRATEGY, type=positive_float, metavar="ETA")
     server_momentum: float = setting(0.7, "fedavgm: momentum of the server's update", group=STRATEGY,
                                      type=number(float, 0, 1), metavar="BETA")
@@ -442,7 +481,7 @@ class DashboardSettings:
 @dataclass
 class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, FaultSettings, OutputSettings,
                    DeviceSettings, TaskSettings, DataSettings, CompressionSettings, SecAggSettings, DPSettings,
-                   StrategySettings, TrainingSettings, FederationSettings, NetworkSettings):
+                   StrategySettings, AsyncSettings, TrainingSettings, FederationSettings, NetworkSettings):
     """Every setting of a server run (saved as config.json and in every checkpoint), one concern a
     base class; their fields come in the order above (a dataclass collects a base's fields first)."""
 
@@ -455,7 +494,7 @@ class ServerConfig(DashboardSettings, SecuritySettings, ConnectionSettings, Faul
     def fixed_on_resume(self) -> tuple[str, ...]:
         """Settings that decide each client's data and the model: a resumed run must keep them."""
         return ("model", "dataset", "num_clients", "partition", "alpha", "seed", "strategy", "task", "classes",
-                "image_size", "channels", "max_tokens", "buckets")
+                "image_size", "channels", "max_tokens", "buckets", "async_buffer")
 
     @property
     def given_again_on_resume(self) -> tuple[str, ...]:
@@ -504,6 +543,9 @@ class ClientConfig:
     threads: int = setting(1, "PyTorch CPU threads; 0 keeps PyTorch's default (one per core). Several clients on one "
                               "machine run fastest with 1 each: more oversubscribes the cores", group=CLIENT_DATA,
                            type=non_negative_int, metavar="N")
+    slowdown: float = setting(1.0, "F: make this client's training take F times as long (after training it sleeps F-1 "
+                                   "times the training's time), a slow device on purpose for demos and tests",
+                              group=CLIENT_DATA, type=number(float, 1), metavar="F")
     max_message_mb: float = setting(ConnectionSettings.max_message_mb, "largest model this client accepts, in MB of weights", group=CLIENT_DATA,
                                     type=positive_float, metavar="MB")
     dp_sgd: bool = setting(False, "train with DP-SGD (Opacus): per-example clipping and noise, and this client's own "

@@ -320,7 +320,7 @@ class DashboardState(Observer):
     def keep_round(self, row: dict[str, Any]) -> None:
         keep = ("round", "clients", "expected", "train_loss", "seconds", "bytes_sent", "bytes_received",
                 "max_fit_seconds", "test_accuracy", "test_loss", "test_f1", "fed_accuracy", "fed_loss", "fed_f1",
-                "epsilon", "session", "resumed")
+                "epsilon", "session", "resumed", "staleness", "mean_staleness")
         self.rounds[row["round"]] = {k: row.get(k) for k in keep}
         if not row.get("positive"):  # F1 is of a task's positive class; MNIST has none
             self.rounds[row["round"]].update(test_f1=None, fed_f1=None)

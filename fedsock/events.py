@@ -377,5 +377,6 @@ def round_line(row: dict[str, Any], num_rounds: int) -> str:
     else:
         quality = "no server test set"
     privacy = f"  ε {row['epsilon']:.3g}" if row.get("epsilon") is not None else ""
+    stale = f"  staleness ≤ {row['staleness']}" if row.get("staleness") is not None else ""  # --async-buffer
     return (f"round {row['round']}/{num_rounds}  clients {row['clients']}/{row['expected']}  {quality}  "
-            f"{row['seconds']:.1f} s{privacy}")
+            f"{row['seconds']:.1f} s{privacy}{stale}")

@@ -33,7 +33,10 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
         if config.clients_per_round < config.min_clients:
             parser.error(f"--clients-per-round {config.clients_per_round} is below --min-clients {config.min_clients}: "
                          f"no round could get enough updates")
+    check_async(config, given, parser)
     for name, strategies in STRATEGY_FLAGS.items():
+        if name == "server_lr" and config.async_buffer:
+            continue  # η of every asynchronous step
         if name in given and config.strategy not in strategies:
             parser.error(f"--{name.replace('_', '-')} applies to --strategy {' or '.join(strategies)}, "
                          f"not {config.strategy}")
@@ -104,3 +107,34 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
         if max(config.min_clients, needed) > min(config.clients_per_round or config.num_clients, config.num_clients):
             parser.error(f"{config.strategy} with --byzantine-clients {config.byzantine_clients} needs at least "
                          f"{needed} updates a round (n >= 2f + 3, Blanchard et al. 2017): raise the clients per round")
+
+
+def check_async(config: ServerConfig, given: dict[str, Any], parser: argparse.ArgumentParser) -> None:
+    """--async-buffer K: what buffered asynchronous aggregation takes, and what it refuses (fedsock/buffered.py)."""
+    async_flags = [name for name in ("staleness_weight", "max_staleness") if name in given]
+    size = config.async_buffer
+    if size is None:
+        if async_flags:
+            parser.error(f"--{async_flags[0].replace('_', '-')} needs --async-buffer K")
+        return
+    if config.secure_aggregation:
+        parser.error("--secure-aggregation does not go with --async-buffer: masks cancel only within a set of "
+                     "clients keyed together, and a buffer's clients are whoever arrives first")
+    if config.strategy in ROBUST:
+        parser.error(f"--strategy {config.strategy} does not go with --async-buffer: a buffer's updates start from "
+                     f"different versions, and {config.strategy} compares them coordinate by coordinate as if they "
+                     f"did not")
+    if config.sampling == "poisson":
+        parser.error("--sampling poisson does not go with --async-buffer: nothing is sampled; --clients-per-round "
+                     "only caps the clients training at once")
+    if config.federated_evaluation or config.task != "dataset" and config.test_data is None:
+        parser.error("--async-buffer needs the server's own test set (not --federated-evaluation): the clients' "
+                     "evaluations are of whichever version each was sent, not of one round's model")
+    if config.record_updates:
+        parser.error("--record-updates does not go with --async-buffer: its records are per round")
+    concurrency = min(config.clients_per_round or config.num_clients, config.num_clients)
+    if config.fraction_fit is not None:
+        concurrency = max(config.min_clients, int(round(config.fraction_fit * config.num_clients)))
+    if size > concurrency:
+        parser.error(f"--async-buffer {size} is more than the {concurrency} client(s) that may train at once: a "
+                     f"version takes at most one update per client, so its buffer could never fill")

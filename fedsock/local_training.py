@@ -197,6 +197,9 @@ class LocalTrainer:
             )
         finally:
             self.progress.stop()
+        if self.config.slowdown > 1:  # --slowdown: a slow device on purpose; it reports the time it took, slowed
+            time.sleep((self.config.slowdown - 1) * metrics["fit_seconds"])
+            metrics["fit_seconds"] *= self.config.slowdown
         if self.dp_sgd is not None:
             metrics["dp_sgd_epsilon"] = self.dp_sgd.epsilon()
             privacy += f", DP-SGD epsilon {metrics['dp_sgd_epsilon']:.3g} at delta {self.config.dp_sgd_delta:g}"

@@ -204,7 +204,9 @@ def make_privacy(config: ServerConfig, checkpoint: Checkpoint | None, who: str =
         return None
     delta = config.dp_delta if config.dp_delta is not None else default_delta(config.num_clients)
     probe = Strategy(config)
-    sampling = config.sampling if probe.sampled else "none"
+    # Asynchronous versions are accounted without sampling: which clients' updates land in a version
+    # depends on their speed, not on a random draw, so no amplification can be claimed for it.
+    sampling = config.sampling if probe.sampled and not config.async_buffer else "none"
     saved = checkpoint.extra.get("privacy") if checkpoint is not None else None
     accountant = Accountant.from_json(saved["accountant"]) if saved else Accountant(delta, sampling)
     if accountant.sampling != sampling or accountant.delta != delta:
@@ -222,6 +224,11 @@ def make_privacy(config: ServerConfig, checkpoint: Checkpoint | None, who: str =
     privacy = Privacy(PrivacySettings(config.dp_clip, z, delta, config.dp_mode, sampling), accountant,
                       saved["sampling_seed"] if saved else None, config.dp_epsilon)
     say(who, privacy.describe() + (f"; planned for epsilon {config.dp_epsilon:g}" if config.dp_epsilon else ""))
+    if config.async_buffer:
+        say(who, f"asynchronous DP: each model version (the noised sum of {config.async_buffer} clipped, "
+                 f"staleness-weighted updates, at most one per client, over K = {config.async_buffer}) is accounted "
+                 f"as one Gaussian mechanism that every client may be in, composed over the versions, with no "
+                 f"sampling amplification")
     return privacy
 
 

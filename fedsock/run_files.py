@@ -37,7 +37,7 @@ METRIC_COLUMNS = (
     "round", "clients", "test_accuracy", "test_loss", "train_loss", "seconds",
     "bytes_sent", "bytes_received", "max_fit_seconds", "sum_fit_seconds", "epsilon",
     "test_precision", "test_recall", "test_f1", "fed_accuracy", "fed_loss", "fed_precision", "fed_recall", "fed_f1",
-    "fed_clients", "fed_examples", "confusion", "session", "resumed",
+    "fed_clients", "fed_examples", "confusion", "session", "resumed", "staleness", "mean_staleness",
 )  # new columns go at the end: tools that read metrics.csv by position keep working
 CHECKPOINT_NAME = "checkpoint.fsck"
 CHECKPOINT_HEADER = "<CHECKPOINT>"  # framed as a protocol message, but only ever a file's: not in MESSAGES

@@ -22,6 +22,7 @@ from fedsock.attack import UpdateRecorder
 from fedsock.clients import ClientPool
 from fedsock.config import ServerConfig
 from fedsock.console import UsageError, say, warn
+from fedsock.buffered import engine_class
 from fedsock.engine import RoundEngine
 from fedsock.events import Console, Events, Listening
 from fedsock.lobby import RECEIVE_BUFFERS, Lobby, ReceiveBuffers
@@ -170,8 +171,9 @@ async def serve(config: ServerConfig, setup: Setup, listener: socket.socket, out
     events = Events([Console(config.quiet), files, *outputs])
     pool, traffic = ClientPool(config.num_clients), Traffic()
     recorder = UpdateRecorder(config.record_updates, config, setup.task, events) if config.record_updates else None
-    engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, traffic, setup.checkpoint,
-                         setup.secure, setup.task, federated_evaluation(config), str(output_dir), recorder)
+    engine = engine_class(config)(config, setup.strategy, pool, setup.model, setup.evaluate, events, traffic,
+                                  setup.checkpoint, setup.secure, setup.task, federated_evaluation(config),
+                                  str(output_dir), recorder)
     lobby = Lobby(
         listener=listener, pool=pool, events=events, traffic=traffic, tls=setup.tls, auth=setup.auth,
         welcome=Welcome(config, setup, engine),

@@ -44,7 +44,7 @@ from fedsock.identity import Identity, enrolled_identities
 from fedsock.secagg import MASKED, ClientSession
 from fedsock.config import ServerConfig, setting
 from fedsock.console import UsageError
-from fedsock.engine import RoundEngine
+from fedsock.buffered import engine_class
 from fedsock.events import Console, Events
 from fedsock.prepare import compression_of, output_observers, run_title
 from fedsock.run_control import stop_on_signals
@@ -355,8 +355,8 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
         pool.joined(client)
         pool.add(client)
     recorder = UpdateRecorder(config.record_updates, config, setup.task, events) if config.record_updates else None
-    engine = RoundEngine(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),
-                         setup.checkpoint, setup.secure, output_dir=str(output_dir), recorder=recorder)
+    engine = engine_class(config)(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),
+                                  setup.checkpoint, setup.secure, output_dir=str(output_dir), recorder=recorder)
     stop_on_signals(engine.control, WHO)
     try:
         return await engine.run()

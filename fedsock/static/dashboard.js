@@ -205,6 +205,10 @@ function drawCharts() {
     ["training loss", "#2e7d32"]], "cross-entropy", xs, [col("test_loss"), col("fed_loss"), col("train_loss")]);
   chart("chart-seconds", "seconds per round", [["whole round", "#2463eb"], ["slowest client's fit", "#ef6c00"]], "s",
     xs, [col("seconds"), col("max_fit_seconds")]);
+  const staleness = col("staleness"), isAsync = staleness.some((v) => v != null);  // --async-buffer: a row per version
+  $("chart-staleness").hidden = !isAsync;
+  if (isAsync) chart("chart-staleness", "staleness of the updates in each version", [["largest", "#c62828"],
+    ["mean", "#2463eb", [6, 3]]], "versions behind", xs, [staleness, col("mean_staleness")]);
   chart("chart-bytes", "megabytes per round", [["sent by the server", "#2463eb"], ["received", "#2e7d32"]], "MB",
     xs, [col("bytes_sent", 1e-6), col("bytes_received", 1e-6)]);
 }
