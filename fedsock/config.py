@@ -202,6 +202,9 @@ class FederationSettings:
     sampling: str = setting("fixed", "how --clients-per-round/--fraction-fit pick: fixed (exactly K of the ready "
                                      "clients) or poisson (each ready client with probability C, or K/N)",
                             group=FEDERATION, choices=("fixed", "poisson"))
+    over_select: float = setting(1.0, "F: pick F times the K clients a round needs (Bonawitz et al. 2019: 1.3) and "
+                                      "close it once K updates are in; the late ones are told theirs was not needed",
+                                 group=FEDERATION, type=number(float, 1.0, 10.0), metavar="F")
 
 
 STALENESS_RULES = "sqrt, constant or poly:A"

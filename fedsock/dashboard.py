@@ -154,7 +154,7 @@ class PrivacyPanel:
             sampling_text = (f"Poisson: each ready client with probability q = {strategy.sampling_rate(n):.3g} "
                              f"(about {strategy.sampling_rate(n) * n:.3g} of {n} a round)")
         else:
-            sampling_text = f"fixed: {strategy.clients_to_pick(n)} of the {n} clients a round, without replacement"
+            sampling_text = f"fixed: {strategy.clients_to_sample(n)} of the {n} clients a round, without replacement"
         facts: dict[str, Any] = {
             "dp": privacy is not None, "sampling": sampling, "sampling_text": sampling_text,
             "secure_aggregation": secure is not None, "secure_text": "",
@@ -200,7 +200,7 @@ class PrivacyPanel:
             n, strategy = engine.pool.num_clients, engine.strategy
             to_run = max(engine.config.num_rounds - len(spent.history), 0)
             copy = Accountant(spent.delta, spent.sampling, [list(e) for e in spent.history])
-            one = [privacy.settings.noise_multiplier, n, strategy.clients_to_pick(n), strategy.sampling_rate(n)]
+            one = [privacy.settings.noise_multiplier, n, strategy.clients_to_sample(n), strategy.sampling_rate(n)]
             self._planned, self._planned_key = copy.epsilon([one] * to_run), key
         return self._planned
 

@@ -30,7 +30,7 @@ from fedsock.config import ServerConfig
 from fedsock.console import ExitStatus, FedsockError
 from fedsock.evaluation import FederatedEvaluation
 from fedsock.events import (ClientDropped, Event, Events, MetricsUpdated, Notice, RoundFailed, RoundStarted,
-                            RunFinished, UpdateAccepted, UpdateDiscarded, drop_line)
+                            RunFinished, UpdateAccepted, UpdateDiscarded, drop_line, id_ranges)
 from fedsock.reports import RoundReports
 from fedsock.run_control import RunControl
 from fedsock.run_files import Checkpoint, OutputFailed
@@ -59,6 +59,8 @@ class Round:
     aggregator: Any = None  # the strategy's, or the run's SecureAggregation
     federated: FederatedEvaluation | None = None
     recorder: UpdateRecorder | None = None  # --record-updates: each update as the server holds it
+    enough: int | None = None  # --over-select: the updates that close the round (None: every one expected)
+    closed_early: set[int] = field(default_factory=set)  # the engine's: rounds closed with `enough`
     population: int = 0  # ready, free clients when the round sampled
     picked: int = 0
     planned: float = 0.0  # the clients it planned for (DP's fixed denominator)
@@ -71,6 +73,8 @@ class Round:
     seconds: float = 0.0  # from the first byte of the model sent to the round's close
 
     def complete(self) -> bool:
+        if self.enough is not None and len(self.reported) >= self.enough:
+            return True  # over-selected: the rest are not needed
         return self.expected <= self.reported.keys() | self.dropped.keys()
 
     def start_clock(self, timeout_s: float) -> None:
@@ -103,7 +107,13 @@ class Round:
             raise Stopped
         self.open = False
         self.seconds = time.perf_counter() - self.started
-        for client_id in sorted(self.expected - self.reported.keys() - self.dropped.keys()):
+        rest = sorted(self.expected - self.reported.keys() - self.dropped.keys())
+        if rest and self.enough is not None and len(self.reported) >= self.enough:  # over-selected: not drops
+            self.closed_early.add(self.number)
+            self.tell(Notice(f"round {self.number}: closed with the {self.enough} updates it needed; client(s) "
+                             f"{id_ranges(rest)}, over-selected and still training, will hear theirs was not needed"))
+            return
+        for client_id in rest:
             self.tell(ClientDropped(self.number, client_id, f"{self.timeout_s:g} s", timed_out=True))
 
     def fold(self, proxy: ClientProxy, fit: asyncio.Future) -> None:
@@ -170,6 +180,11 @@ class Round:
         }
 
 
+def budget_words(privacy, rounds_done: int, num_rounds: int) -> str:
+    return (f"the privacy budget (epsilon {privacy.budget:g} at delta {privacy.settings.delta:g}) allows no more "
+            f"rounds: stopped after round {rounds_done} of {num_rounds}")
+
+
 def stop_words(phase: str, rounds_done: int) -> tuple[str, str]:
     """When a stopped run stopped, and what that leaves it: for its notice and its last message."""
     if rounds_done:
@@ -204,6 +219,7 @@ class RoundEngine:
         self.current: Round | None = None
         self.budget_spent = False
         self.drops: list[str] = []
+        self.closed_early: set[int] = set()  # rounds that --over-select closed once they had enough updates
 
     @property
     def needed(self) -> int:
@@ -233,9 +249,7 @@ class RoundEngine:
         finally:
             self.reports.close()
         if self.budget_spent:
-            await self.finish(False, f"the privacy budget (epsilon {self.privacy.budget:g} at delta "
-                                     f"{self.privacy.settings.delta:g}) allows no more rounds: stopped after round "
-                                     f"{self.rounds_done} of {self.config.num_rounds}")
+            await self.finish(False, budget_words(self.privacy, self.rounds_done, self.config.num_rounds))
             return ExitStatus.OK
         sessions = f" in {control.session} sessions" if control.session > 1 else ""
         await self.finish(True, f"training finished after {self.rounds_done} rounds{sessions}")
@@ -280,7 +294,7 @@ class RoundEngine:
         would not allow this round."""
         pool, stopping = self.pool, self.control.stopping
         round_ = Round(number, attempt, time.perf_counter(), (self.traffic.sent, self.traffic.received), self.tell,
-                       federated=self.federated)
+                       federated=self.federated, closed_early=self.closed_early)
         # A retried round keeps the same model, so a client still training it from an earlier
         # attempt is as good as one picked now: it is expected too. (Not with DP: there, a round's
         # participants are exactly its fresh sample, as the accountant assumes.)
@@ -292,12 +306,12 @@ class RoundEngine:
             return round_
         idle = pool.idle()
         if self.privacy is not None and self.privacy.would_exceed_budget(
-                len(idle), self.strategy.clients_to_pick(len(idle)), self.strategy.sampling_rate(len(idle))):
+                len(idle), self.strategy.clients_to_sample(len(idle)), self.strategy.sampling_rate(len(idle))):
             self.budget_spent = True
             return None
         picked = self.strategy.sample(idle, number, attempt)
         round_.population, round_.picked = len(idle), len(picked)
-        round_.planned = self.strategy.planned(len(picked), len(idle))
+        round_.planned, round_.enough = self.strategy.planned(len(picked), len(idle)), self.strategy.enough(len(idle))
         settings = self.fit_settings(number)
         round_.started = time.perf_counter()  # a secure round's time and bytes include its key and share stages
         round_.traffic_at_start = (self.traffic.sent, self.traffic.received)
@@ -366,7 +380,8 @@ class RoundEngine:
         elif fit.exception() is None:
             result: FitRes = fit.result()
             result.release()
-            proxy.acknowledge(result, False, f"round {number} had closed before this update arrived; it was not used")
+            why = "it had all it needed: this update was not needed" if number in self.closed_early else "it was not used"
+            proxy.acknowledge(result, False, f"round {number} had closed before this update arrived; {why}")
             self.events.emit(UpdateDiscarded(number, proxy.client_id, f"late update for round {number} discarded"))
 
     def tell(self, event: Event) -> None:

@@ -34,6 +34,17 @@ def check_config(config: ServerConfig, given: dict[str, Any], parser: argparse.A
             parser.error(f"--clients-per-round {config.clients_per_round} is below --min-clients {config.min_clients}: "
                          f"no round could get enough updates")
     check_async(config, given, parser)
+    if config.over_select > 1:
+        if config.clients_per_round is None and config.fraction_fit is None:
+            parser.error("--over-select needs --clients-per-round K or --fraction-fit C: it picks more clients than "
+                         "the K a round needs")
+        if config.sampling == "poisson":
+            parser.error("--over-select does not go with --sampling poisson: a Poisson round has no K to close at")
+        if config.secure_aggregation:
+            parser.error("--over-select does not go with --secure-aggregation: every client keyed into a round must "
+                         "answer its unmasking, and the over-selected ones are let go")
+        if config.async_buffer:
+            parser.error("--over-select is for synchronous rounds: --async-buffer waits for no round")
     for name, strategies in STRATEGY_FLAGS.items():
         if name == "server_lr" and config.async_buffer:
             continue  # η of every asynchronous step

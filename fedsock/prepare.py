@@ -214,7 +214,7 @@ def make_privacy(config: ServerConfig, checkpoint: Checkpoint | None, who: str =
                          f"{accountant.delta:g}: keep --sampling and --dp-delta on --resume")
     z = config.dp_noise_multiplier
     if z is None:
-        planned = probe.clients_to_pick(config.num_clients)
+        planned = probe.clients_to_sample(config.num_clients)
         rounds = config.num_rounds - (checkpoint.round if checkpoint is not None else 0)
         try:
             z = plan_noise_multiplier(config.dp_epsilon, delta, rounds, sampling, config.num_clients, planned,

@@ -22,6 +22,8 @@ optimiser state (momentum, moments) is saved in every checkpoint.
 
 from __future__ import annotations
 
+import math
+
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -303,16 +305,25 @@ class Strategy:
         if self.sampled and self.settings.sampling == "poisson":
             chosen = rng.random(len(idle)) < self.sampling_rate(len(idle))
             return [i for i, take in zip(sorted(idle), chosen) if take]
-        wanted = self.clients_to_pick(len(idle))
+        wanted = self.clients_to_sample(len(idle))
         if wanted >= len(idle):
             return sorted(idle)
         return sorted(int(i) for i in rng.choice(sorted(idle), size=wanted, replace=False))
 
     def planned(self, picked: int, available: int) -> float:
-        """The clients a round plans for: DP's fixed denominator (the expected count for Poisson)."""
+        """The clients a round plans for: DP's fixed denominator (the expected count for Poisson; with
+        over-selection, the K that close the round, not the F·K picked: a count no one's data decides)."""
         if self.sampled and self.settings.sampling == "poisson":
             return self.sampling_rate(available) * available
-        return picked
+        return min(picked, self.enough(available) or picked)
+
+    def clients_to_sample(self, available: int) -> int:
+        """K, or with --over-select F the F·K (rounded up) that a round picks to get K in early."""
+        return min(available, math.ceil(self.settings.over_select * self.clients_to_pick(available) - 1e-9))
+
+    def enough(self, available: int) -> int | None:
+        """With --over-select, the updates that close a round (K); None: a round waits for all it picked."""
+        return self.clients_to_pick(available) if self.settings.over_select > 1 and self.sampled else None
 
     def clients_to_pick(self, available: int) -> int:
         s = self.settings

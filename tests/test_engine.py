@@ -410,3 +410,46 @@ def test_a_launch_setting_from_the_command_line_stands_even_beyond_the_pages_lim
     recorder.on(lambda e: getattr(e, "message", "").startswith("waiting for SIGUSR1"), launch)
     assert run(engine) == ExitStatus.OK
     assert answers == ["training starts"] and (engine.config.lr, engine.config.batch_size) == (20.0, 8192)
+
+
+def test_an_over_selected_round_closes_with_the_updates_it_needs_and_tells_the_late_one():
+    """--over-select 1.3 with K = 3 of 4: all 4 are picked, the round closes at 3 updates; the fourth,
+    still training, is no drop, and its update is acknowledged as not needed (Bonawitz et al. 2019)."""
+
+    class Noting(FakeClient):
+        def acknowledge(self, result: FitRes, accepted: bool, note: str) -> None:
+            self.acks.append((result.round, accepted, note))
+
+    clients = [FakeClient(1), FakeClient(2), FakeClient(3), Noting(4, step=100.0)]
+    clients[3].gate = asyncio.Event()
+    engine, recorder = engine_for(clients, clients_per_round=3, over_select=1.3)
+    recorder.on(lambda e: isinstance(e, RoundStarted) and e.number == 3, clients[3].gate.set)
+    assert run(engine) == ExitStatus.OK
+    rows = recorder.rows()
+    assert [(row["clients"], row["expected"]) for row in rows] == [(3, 4), (3, 3), (3, 3)]
+    assert [row["test_accuracy"] for row in rows] == [1.0, 2.0, 3.0]  # the slow client's step never counted
+    assert not recorder.of(ClientDropped)
+    assert any("round 1: closed with the 3 updates it needed; client(s) 4" in n.message for n in recorder.of(Notice))
+    assert clients[3].acks[0][:2] == (1, False) and "this update was not needed" in clients[3].acks[0][2]
+
+
+def test_over_selection_samples_more_and_plans_for_the_k_that_close_the_round():
+    strategy = Strategy(ServerConfig(num_clients=10, clients_per_round=4, over_select=1.3))
+    assert (strategy.clients_to_sample(10), strategy.enough(10), strategy.planned(6, 10)) == (6, 4, 4)
+    assert len(strategy.sample(list(range(1, 11)), 1, 0)) == 6
+    assert strategy.clients_to_sample(5) == 5  # never more than are ready
+    plain = Strategy(ServerConfig(num_clients=10, clients_per_round=4))
+    assert (plain.clients_to_sample(10), plain.enough(10), plain.planned(4, 10)) == (4, None, 4)
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--over-select", "1.3"], "--over-select needs --clients-per-round K or --fraction-fit C"),
+    (["--over-select", "1.3", "--fraction-fit", "0.5", "--sampling", "poisson"], "does not go with --sampling poisson"),
+    (["--over-select", "1.3", "--clients-per-round", "3", "--secure-aggregation"], "does not go with --secure-aggregation"),
+    (["--over-select", "0.5", "--clients-per-round", "3"], "--over-select: must be"),
+])
+def test_over_selection_that_cannot_work_is_one_line(flags, said):
+    from support import run_cli
+
+    code, printed = run_cli("fl_server", ["--num-clients", "5", *flags])
+    assert code == 2 and said in printed and "Traceback" not in printed, printed
