@@ -48,6 +48,7 @@ class ClientReady(Event):
     num_examples: int
     ready: int  # clients ready now
     num_clients: int
+    label_counts: list[int] | None = None  # its training examples per class, if its <READY> said
 
 
 @dataclass
@@ -104,6 +105,15 @@ class UpdateArriving(Event):
 
     number: int
     client_id: int
+
+
+@dataclass
+class ClientProgress(Event):
+    """How far a client's training of a round has come (its optional <PROGRESS>), 0..1."""
+
+    number: int
+    client_id: int
+    done: float
 
 
 @dataclass
