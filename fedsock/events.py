@@ -161,6 +161,15 @@ class RoundFailed(Event):
 
 
 @dataclass
+class RoundAggregated(Event):
+    """A round's model is made; its evaluation follows (RoundFinished). `row` holds what is known now:
+    the round's clients, time, traffic and training loss (a view need not wait for the evaluation)."""
+
+    row: dict[str, Any]
+    num_rounds: int
+
+
+@dataclass
 class RoundFinished(Event):
     """A round's model is made and evaluated. `row` is its line of metrics.csv; `checkpoint`
     holds what a resume needs (weights, strategy state), for the observer that keeps it."""
