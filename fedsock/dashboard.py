@@ -209,7 +209,8 @@ class PrivacyPanel:
 
 def per_class_scores(confusion) -> list[dict[str, Any]]:
     """Each class's precision, recall, F1 and support from a confusion matrix (row: true class, column:
-    predicted). A class never predicted has no precision, one never present no recall (None, not 0)."""
+    predicted). A class never predicted has no precision, one never present no recall (None, not 0); F1 is 0
+    when either is 0."""
     import numpy as np
 
     counts = np.asarray(confusion, dtype=np.int64)
@@ -218,9 +219,12 @@ def per_class_scores(confusion) -> list[dict[str, Any]]:
     for k in range(len(counts)):
         precision = float(hits[k] / predicted[k]) if predicted[k] else None
         recall = float(hits[k] / actual[k]) if actual[k] else None
-        f1 = None
-        if precision is not None and recall is not None:
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        if precision == 0 or recall == 0:  # never right about it: F1 0, even where the other is unknown
+            f1 = 0.0
+        elif precision is not None and recall is not None:
+            f1 = 2 * precision * recall / (precision + recall)
+        else:
+            f1 = None
         scores.append({"precision": precision, "recall": recall, "f1": f1, "support": int(actual[k])})
     return scores
 
