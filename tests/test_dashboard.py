@@ -399,11 +399,12 @@ def test_the_state_follows_each_clients_progress_and_who_the_round_waits_for():
         state.notify(ClientReady(k, 10, k, 3, [4, 6] if k == 1 else None))
     state.changes()
     state.notify(RoundStarted(1, 0, [1, 2, 3], [1, 2, 3], 0))
-    assert state.changes()["progress"] == {1: [0.0, None], 2: [0.0, None], 3: [0.0, None]}
+    batch = state.changes()
+    assert batch["progress"] == {1: [0.0, None], 2: [0.0, None], 3: [0.0, None]}
+    assert (batch["run"]["waiting_for"], batch["run"]["waiting_ids"]) == (3, "1-3")
     state.notify(ClientProgress(1, 1, 0.25))
     state.notify(ClientProgress(1, 1, 0.5))
-    batch = state.changes()
-    assert batch["progress"] == {1: [0.5, None]} and (batch["run"]["waiting_for"], batch["run"]["waiting_ids"]) == (3, "1-3")
+    assert state.changes() == {"progress": {1: [0.5, None]}}  # the last report of the batch, and nothing else
     state.notify(UpdateArriving(1, 2))
     state.notify(UpdateAccepted(1, 2, 10, {"train_loss": 0.5, "local_test_accuracy": 0.75, "fit_seconds": 2.0}))
     state.notify(ClientDropped(1, 3, "connection closed"))
