@@ -504,19 +504,22 @@ class DashboardState(Observer):
             self._waiting_text = text if len(text) <= 120 else text[:120].rsplit(",", 1)[0] + ", …"
         return self._waiting_text
 
-    def progress_now(self, ids) -> dict[int, list | None]:
-        """The progress of these clients; an arriving update's share is read from its connection now
-        (bytes in of the weights frame), so the uploading ones are sent at every push."""
+    def read_uploads(self) -> None:
+        """Each arriving update's share, read from its connection now (bytes in of its weights frame), to
+        the percent; a client whose share moved is sent with the next batch (one waiting in TCP is not)."""
         connected = self.engine.pool.connected
-        out = {}
-        for client_id in ids:
+        for client_id in self.uploading:
             entry = self.progress.get(client_id)
-            if entry is not None and client_id in self.uploading:
-                reader = getattr(connected.get(client_id), "upload_progress", None)
-                if reader is not None:
-                    entry[1] = round(reader(), 3)
-            out[client_id] = entry
-        return out
+            reader = getattr(connected.get(client_id), "upload_progress", None)
+            if entry is None or reader is None:
+                continue
+            share = round(reader(), 2)
+            if share > entry[1]:  # only forward: once whole, the reader is on the next frame
+                entry[1] = share
+                self._dirty_progress.add(client_id)
+
+    def progress_now(self, ids) -> dict[int, list | None]:
+        return {client_id: self.progress.get(client_id) for client_id in ids}
 
     def client_detail(self, client_id: int) -> dict[str, Any] | None:
         """One client's view: its rounds and its label balance (from the counts it reported)."""
@@ -537,7 +540,7 @@ class DashboardState(Observer):
             "limits": {name: [low, high] for name, (_, low, high) in LAUNCH_LIMITS.items()},
             "clients": list(self.clients.values()),
             "rounds": [self.rounds[n] for n in sorted(self.rounds)], "log": list(self.log),
-            "refused": list(self.refused), "progress": self.progress_now(list(self.progress)),
+            "refused": list(self.refused), "progress": dict(self.progress),
             "evaluation": self.evaluation, "server_time": time.time(),
         }
 
@@ -555,8 +558,9 @@ class DashboardState(Observer):
             batch["log"] = self._new_log
         if self._new_refused:
             batch["refused"] = self._new_refused
-        if self._dirty_progress or self.uploading:
-            batch["progress"] = self.progress_now(self._dirty_progress | set(self.uploading))
+        self.read_uploads()
+        if self._dirty_progress:
+            batch["progress"] = self.progress_now(self._dirty_progress)
         if self._evaluation_dirty:
             batch["evaluation"] = self.evaluation
         self._dirty_clients, self._dirty_rounds, self._new_log, self._new_refused = set(), set(), [], []

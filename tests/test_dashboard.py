@@ -406,6 +406,9 @@ def test_the_state_follows_each_clients_progress_and_who_the_round_waits_for():
     state.notify(ClientProgress(1, 1, 0.5))
     assert state.changes() == {"progress": {1: [0.5, None]}}  # the last report of the batch, and nothing else
     state.notify(UpdateArriving(1, 2))
+    engine.pool.connected[2].upload_progress = lambda: 0.404  # its weights frame, 40% in
+    assert state.changes()["progress"] == {2: [1.0, 0.4]}
+    assert state.changes() is None  # no byte more: nothing sent
     state.notify(UpdateAccepted(1, 2, 10, {"train_loss": 0.5, "local_test_accuracy": 0.75, "fit_seconds": 2.0}))
     state.notify(ClientDropped(1, 3, "connection closed"))
     batch = state.changes()

@@ -384,13 +384,13 @@ const rowsById = new Map();
 let clientsDrawn = 0, clientPage = 0, selected = null;
 function drawClients() {
   const body = document.querySelector("#clients tbody");
-  const ids = [...state.clients.keys()].sort((a, b) => a - b);
   const now = performance.now();
-  if (ids.length > ROWS_SHOWN && now - clientsDrawn < 1000) {
+  if (state.clients.size > ROWS_SHOWN && now - clientsDrawn < 1000) {
     if (!drawPending) { drawPending = true; setTimeout(() => requestAnimationFrame(draw), 1000 - (now - clientsDrawn)); }
     return;
   }
   clientsDrawn = now;
+  const ids = [...state.clients.keys()].sort((a, b) => a - b);
   let counts = {};
   for (const c of state.clients.values()) counts[c.state] = (counts[c.state] || 0) + 1;
   const pages = Math.max(1, Math.ceil(ids.length / ROWS_SHOWN));
