@@ -298,7 +298,8 @@ def test_the_live_views_follow_a_real_federation(cluster, tmp_path):
             page.goto(link)
             expect(page.locator("#client-count")).to_have_text("(2 waiting)", timeout=UI_TIMEOUT_MS)
             expect(page.locator("#hl-round")).to_have_text("0 of 2")
-            expect(page.locator(".charts .empty").first).to_contain_text("No round yet: training starts when enough")
+            expect(page.locator(".charts .empty").first).to_contain_text(
+                "No round yet: 2 client(s) ready; training starts when you press Start training")
             expect(page.locator("#chart-accuracy")).to_be_hidden()
             expect(page.locator("#evaluation .empty")).to_be_visible()
             expect(page.locator("#model-card")).to_be_hidden()  # the state has no model_card (yet)

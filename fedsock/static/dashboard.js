@@ -242,8 +242,10 @@ function drawEmptyCharts() {
     } else if (run.phase === "finished") {
       text = "No round finished in this run.";
     } else {
-      text = `No round yet: training starts when enough clients are ready (${run.ready ?? 0} of ${run.needed ?? "?"} needed). ` +
-        "Then accuracy, loss, time and traffic are drawn here, round by round.";
+      const when = run.phase === "waiting for start" && run.ready >= run.needed
+        ? `${run.ready} client(s) ready; training starts when you press Start training`
+        : `training starts when ${run.needed ?? "enough"} client(s) are ready (${run.ready ?? 0} now)`;
+      text = `No round yet: ${when}. Then accuracy, loss, time and traffic are drawn here, round by round.`;
     }
   }
   for (const card of document.querySelectorAll(".charts")) {
