@@ -145,6 +145,7 @@ SECAGG_UNMASK = "<SECAGG_UNMASK>"
 SECAGG_REVEAL = "<SECAGG_REVEAL>"
 SUCCESS = "<SUCCESS>"
 WAITING = "<WAITING>"
+PROGRESS = "<PROGRESS>"
 FINISHED = "<FINISHED>"
 SESSION_END = "<SESSION_END>"
 ERROR = "<ERROR>"
@@ -188,10 +189,16 @@ MESSAGES: dict[str, dict[str, Field]] = {
         "dp_mode": Field(str, max_len=16, meaning="none, central, local or distributed: where the DP noise is added"),
         "dp_noise_multiplier": Field(float, 0, 10**6, meaning="z: the noise on each round's sum is z times the clip "
                                                               "(0 without DP)"),
+        "progress_every_s": Field(float, 0, 3600, low_open=True, optional=True,
+                                  meaning="the client may report its training with <PROGRESS>, at most this "
+                                          "often; absent: it must not"),
     },
     READY: {
         "num_examples": Field(int, 1, 10**9, meaning="training examples this client holds"),
         "test_examples": Field(int, 0, 10**9, meaning="examples in its local test split"),
+        "label_counts": Field(list, max_len=1000, items=int, optional=True,
+                              meaning="its training examples per class, counts only (the task's classes in "
+                                      "order; they add up to num_examples)"),
     },
     MODEL: {
         "round": ROUND,
@@ -286,6 +293,10 @@ MESSAGES: dict[str, dict[str, Field]] = {
     },
     SUCCESS: {"round": ROUND, "accepted": Field(bool, meaning="false: the round had closed"), "message": TEXT},
     WAITING: {"message": TEXT},
+    # Optional, and only to a server whose <METADATA> has progress_every_s (which also bounds how often):
+    # how far the client's training of the round it was sent has come, for the server's dashboard.
+    PROGRESS: {"round": ROUND, "done": Field(float, 0, 1, meaning="the share of the round's local training done, "
+                                                                  "0..1")},
     FINISHED: {
         "completed": Field(bool, meaning="false: stopped or gave up"),
         "rounds_completed": Field(int, 0, 10**6, meaning="rounds aggregated in this run"),

@@ -256,7 +256,11 @@ def run_client(config: ClientConfig) -> int:
             told_server = True
             raise
         order.send(READY)
-        conn.send([encode_message(READY, num_examples=trainer.num_examples, test_examples=len(trainer.data.test_y))])
+        # Its label balance, for the server's dashboard: counts, but still a fact about its data, so a client
+        # whose policy asks for any protection keeps it to itself.
+        counts = {"label_counts": trainer.label_counts()} if policy.empty else {}
+        conn.send([encode_message(READY, num_examples=trainer.num_examples, test_examples=len(trainer.data.test_y),
+                                  **counts)])
         # The server sends <WAITING> every heartbeat while we wait: three missed ones and it is gone.
         # The same bound holds for each send: a server that takes no byte for that long is gone
         # (a slow link moves bytes all the time; only a dead one stops).
@@ -276,7 +280,7 @@ def run_client(config: ClientConfig) -> int:
                 order.send(EVALUATION)
                 send_or_give_up(conn, evaluation, config)
             elif header == MODEL:
-                update = trainer.fit(conn, message)
+                update = trainer.fit(conn, message, order)
                 while server_spoke(conn):  # a stopped server's <FINISHED> is read, not answered
                     if status.finished(expect(conn, order), stale=True):
                         return 0

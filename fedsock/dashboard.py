@@ -10,6 +10,7 @@ engine a dict update, whatever the number of pages or clients.
     GET  /                 the page (fedsock/static/: dashboard.html, .js, .css, and uPlot)
     GET  /api/state        everything the page shows, as one JSON object (its `privacy`: the Privacy card)
     GET  /api/events       the live feed (text/event-stream): `snapshot`, then batches of changes
+    GET  /api/client/<id>  one client's rounds (loss, local accuracy, fit and upload times) and label counts
     GET  /download/<file>  model.pt (the current global model), metrics.csv, accuracy.png
     POST /api/start        {"num_rounds", "local_epochs", "batch_size", "lr"}: --start manual's launch
     POST /api/stop         end the run as SIGINT does, with the checkpoint whole
@@ -43,6 +44,7 @@ import hmac
 import ipaddress
 import json
 import math
+import re
 import secrets
 import socket
 import time
@@ -54,7 +56,7 @@ from aiohttp import web
 
 from fedsock.config import LAUNCH_LIMITS
 from fedsock.console import warn
-from fedsock.events import WHO, Event, Observer, drop_line, id_ranges
+from fedsock.events import WHO, Event, Observer, drop_line, id_ranges, round_line
 from fedsock.identity import fingerprint
 from fedsock.model_card import run_model_card
 from fedsock.policy import policy_text
@@ -66,7 +68,10 @@ STATIC = Path(__file__).resolve().parent / "static"
 PUSH_EVERY_S = 0.25  # changes are batched: at most four pushes a second, to each page
 MAX_PAGES = 32  # open live feeds; one more gets 503
 QUEUE_BATCHES = 64  # batches a slow page may fall behind before it is cut off (it reconnects to a snapshot)
-LOG_LINES, REFUSALS_KEPT = 200, 50
+LOG_LINES, REFUSALS_KEPT = 500, 50
+HISTORY_ROUNDS = 1000  # each client's last rounds kept for its view (six numbers a round)
+CONFUSION_SHOWN = 50  # classes up to which the confusion matrix itself goes to the page (beyond: per class only)
+CLIENT_IN_NOTICE = re.compile(r"client (\d+)\b")  # a notice about one client is filed under it
 # What the page may show of the config: no token or key file, no path.
 SHOWN_SETTINGS = (
     "model", "task", "dataset", "partition", "alpha", "num_clients", "min_clients", "num_rounds", "clients_per_round",
@@ -205,6 +210,28 @@ class PrivacyPanel:
         return self._planned
 
 
+def per_class_scores(confusion) -> list[dict[str, Any]]:
+    """Each class's precision, recall, F1 and support from a confusion matrix (row: true class, column:
+    predicted). A class never predicted has no precision, one never present no recall (None, not 0); F1 is 0
+    when either is 0."""
+    import numpy as np
+
+    counts = np.asarray(confusion, dtype=np.int64)
+    hits, actual, predicted = np.diag(counts), counts.sum(axis=1), counts.sum(axis=0)
+    scores = []
+    for k in range(len(counts)):
+        precision = float(hits[k] / predicted[k]) if predicted[k] else None
+        recall = float(hits[k] / actual[k]) if actual[k] else None
+        if precision == 0 or recall == 0:  # never right about it: F1 0, even where the other is unknown
+            f1 = 0.0
+        elif precision is not None and recall is not None:
+            f1 = 2 * precision * recall / (precision + recall)
+        else:
+            f1 = None
+        scores.append({"precision": precision, "recall": recall, "f1": f1, "support": int(actual[k])})
+    return scores
+
+
 class Refused(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -224,6 +251,19 @@ class DashboardState(Observer):
         self.listening: dict[str, str] = {}
         self.current: dict[str, Any] = {}  # the round in progress: number, attempt, picked
         self.message = ""  # how the run ended
+        self.started_at: float | None = None  # when training started (the headline's elapsed time)
+        self.finished_at: float | None = None
+        self.evaluating: int | None = None  # the round whose model is being evaluated now
+        self.waiting_for: set[int] = set()  # the current round's clients whose update has not come yet
+        self._waiting_text: str | None = None  # id_ranges of waiting_for, made again only when it changed
+        # the current round's clients: [share trained, share of the update received (None: not arriving)]
+        self.progress: dict[int, list] = {}
+        self.uploading: dict[int, float] = {}  # client -> when its update began to arrive
+        self.history: dict[int, deque] = {}  # client -> [round, loss, local accuracy, fit s, upload s, examples]
+        self.label_counts: dict[int, list[int]] = {}
+        self.evaluation: dict[str, Any] = {}  # the last evaluated model's confusion matrix and per-class scores
+        self._dirty_progress: set[int] = set()
+        self._evaluation_dirty = False
         self._dirty_clients: set[int] = set()
         self._dirty_rounds: set[int] = set()
         self._new_log: list = []
@@ -246,12 +286,17 @@ class DashboardState(Observer):
         if row is None:
             row = self.clients[client_id] = {"id": client_id, "peer": "", "joined": None, "state": "connected",
                                              "round": None, "reason": "", "examples": None, "loss": None,
-                                             "accuracy": None, "fit_seconds": None, "policy": None,
-                                             "policy_text": ""}
+                                             "accuracy": None, "fit_seconds": None, "upload_seconds": None,
+                                             "policy": None, "policy_text": ""}
         return row
 
-    def note(self, message: str, warning: bool = False) -> None:
-        entry = {"time": time.time(), "message": message, "warning": warning}
+    def note(self, message: str, warning: bool = False, client: int | None = None) -> None:
+        """A line of the page's log: its level (info, warning) and the client it is about, for the filters."""
+        if client is None:
+            found = CLIENT_IN_NOTICE.match(message)
+            client = int(found.group(1)) if found else None
+        entry = {"time": time.time(), "message": message, "warning": warning,
+                 "level": "warning" if warning else "info", "client": client}
         self.log.append(entry)
         self._new_log.append(entry)
 
@@ -262,12 +307,19 @@ class DashboardState(Observer):
         row = self.client(e.client_id)
         row.update(peer=e.peer, joined=time.time(), state="connected", reason="rejoined" if e.rejoined else "",
                    policy=e.policy, policy_text=policy_text(e.policy))
+        self.note(f"client {e.client_id} joined from {e.peer}" + (" (rejoined)" if e.rejoined else ""),
+                  client=e.client_id)
 
     def on_ClientReady(self, e) -> None:
         self.client(e.client_id).update(state="waiting", examples=e.num_examples, reason="")
+        if e.label_counts is not None:
+            self.label_counts[e.client_id] = e.label_counts
+        self.note(f"client {e.client_id} is ready: {e.num_examples} training examples", client=e.client_id)
 
     def on_ClientLeft(self, e) -> None:
         self.client(e.client_id).update(state="left", reason=e.reason)
+        self.round_done_by(e.client_id)
+        self.note(f"client {e.client_id} left ({e.reason})", client=e.client_id)
 
     def on_ConnectionRefused(self, e) -> None:
         self.refusals += 1
@@ -282,49 +334,138 @@ class DashboardState(Observer):
         self.note(e.message, e.warning)
 
     def on_TrainingStarted(self, e) -> None:
+        if self.started_at is None:
+            self.started_at = time.time()
         self.note(f"session {e.session}: rounds {e.first_round}..{e.num_rounds} with {len(e.client_ids)} client(s)")
 
     def on_RoundStarted(self, e) -> None:
         self.current = {"number": e.number, "attempt": e.attempt, "picked": len(e.picked),
-                        "picked_ids": id_ranges(e.picked), "population": len(e.picked) + e.idle}
+                        "picked_ids": id_ranges(e.picked), "population": len(e.picked) + e.idle,
+                        "started": time.time()}
+        self.waiting_for, self._waiting_text = set(e.expected), None
         for client_id in e.picked:
             self.client(client_id).update(state="training", round=e.number, reason="")
+            self.progress[client_id] = [0.0, None]
+            self._dirty_progress.add(client_id)
+        self.note(f"round {e.number}" + (f" (retry {e.attempt})" if e.attempt else "") +
+                  f": the model went to {len(e.picked)} client(s)" +
+                  (f", picked from {len(e.picked) + e.idle} ready" if e.idle else ""))
+
+    def on_ClientProgress(self, e) -> None:
+        entry = self.progress.get(e.client_id)
+        if entry is not None and entry[1] is None:  # its update has not begun to arrive
+            entry[0] = e.done
+            self._dirty_progress.add(e.client_id)
 
     def on_UpdateArriving(self, e) -> None:
         self.client(e.client_id).update(state="uploading", round=e.number)
+        self.progress[e.client_id] = [1.0, 0.0]
+        self.uploading[e.client_id] = time.monotonic()
+        self._dirty_progress.add(e.client_id)
+
+    def round_done_by(self, client_id: int) -> None:
+        """The client's part of the round is over (its update came, or it dropped out): nobody waits for it."""
+        if client_id in self.waiting_for:
+            self.waiting_for.discard(client_id)
+            self._waiting_text = None
+        self.uploading.pop(client_id, None)
+        if self.progress.pop(client_id, None) is not None:
+            self._dirty_progress.add(client_id)
 
     def on_UpdateAccepted(self, e) -> None:
         metrics = e.metrics
+        since = self.uploading.get(e.client_id)
+        upload_s = time.monotonic() - since if since is not None else None
+        self.round_done_by(e.client_id)
         self.client(e.client_id).update(
             state="waiting", round=e.number, examples=e.num_examples, loss=metrics.get("train_loss"),
-            accuracy=metrics.get("local_test_accuracy"), fit_seconds=metrics.get("fit_seconds"))
+            accuracy=metrics.get("local_test_accuracy"), fit_seconds=metrics.get("fit_seconds"),
+            upload_seconds=upload_s)
+        history = self.history.get(e.client_id)
+        if history is None:
+            history = self.history[e.client_id] = deque(maxlen=HISTORY_ROUNDS)
+        history.append([e.number, metrics.get("train_loss"), metrics.get("local_test_accuracy"),
+                        metrics.get("fit_seconds"), upload_s, e.num_examples])
 
     def on_UpdateDiscarded(self, e) -> None:
+        self.round_done_by(e.client_id)
         self.client(e.client_id).update(state="waiting", reason=e.reason)
-        self.note(f"client {e.client_id}: {e.reason}", e.warning)
+        self.note(f"client {e.client_id}: {e.reason}", e.warning, client=e.client_id)
 
     def on_ClientDropped(self, e) -> None:
+        self.round_done_by(e.client_id)
         self.client(e.client_id).update(state="dropped", reason=e.reason if not e.timed_out else
                                         f"no update within {e.reason}")
-        self.note(drop_line(e), warning=True)
+        self.note(drop_line(e), warning=True, client=e.client_id)
 
     def on_RoundFailed(self, e) -> None:
         self.note(f"round {e.number}: {e.got} update(s) arrived, {e.needed} needed"
                   + (f"; retry {e.retry} of {e.retries}" if e.retry else "; giving up"), warning=True)
 
-    def on_RoundSaved(self, e) -> None:
+    def on_RoundAggregated(self, e) -> None:
+        """The round is on the charts at once (its time, traffic, training loss); its evaluation follows."""
         if self.current.get("number") == e.row["round"]:  # the next round may already be under way
             self.current = {}
+            self.waiting_for, self._waiting_text = set(), None
+        self.evaluating = e.row["round"]
         self.keep_round(e.row)
+
+    def on_RoundFinished(self, e) -> None:
+        if self.evaluating == e.row["round"]:
+            self.evaluating = None
+        self.keep_round(e.row)
+        self.keep_evaluation(e.row)
+
+    def on_RoundSaved(self, e) -> None:
+        row = e.row
+        if self.current.get("number") == row["round"]:
+            self.current = {}
+        self.keep_round(row)
+        try:
+            line = round_line(row, e.num_rounds)  # the server's own round line
+        except (KeyError, TypeError, ValueError):  # a row without every column
+            line = f"round {row['round']}/{e.num_rounds} done"
+        self.note(line)
 
     def keep_round(self, row: dict[str, Any]) -> None:
         keep = ("round", "clients", "expected", "train_loss", "seconds", "bytes_sent", "bytes_received",
                 "max_fit_seconds", "test_accuracy", "test_loss", "test_f1", "fed_accuracy", "fed_loss", "fed_f1",
                 "epsilon", "session", "resumed", "staleness", "mean_staleness")
-        self.rounds[row["round"]] = {k: row.get(k) for k in keep}
-        if not row.get("positive"):  # F1 is of a task's positive class; MNIST has none
-            self.rounds[row["round"]].update(test_f1=None, fed_f1=None)
+        kept = {k: row.get(k) for k in keep}
+        old = self.rounds.get(row["round"])
+        if old is not None:  # the clients' evaluation may have come in already
+            kept.update({k: old[k] for k in ("fed_accuracy", "fed_loss", "fed_f1") if kept[k] is None})
+        self.rounds[row["round"]] = kept
+        if not row.get("positive", self.positive() is not None):  # F1 is of a task's positive class; MNIST has none
+            kept.update(test_f1=None, fed_f1=None)
         self._dirty_rounds.add(row["round"])
+
+    def keep_evaluation(self, row: dict[str, Any]) -> None:
+        """The confusion matrix of a round's model (the server's test set's, else the clients' sum) and
+        each class's precision, recall and F1: computed once per round, not per push."""
+        confusion = row.get("confusion")
+        if not confusion:
+            return
+        classes = self.classes(len(confusion))
+        self.evaluation = {
+            "round": row["round"], "classes": classes, "per_class": per_class_scores(confusion),
+            "source": "the server's test set" if row.get("test_accuracy") is not None else "the clients' test splits",
+            "confusion": confusion if len(classes) <= CONFUSION_SHOWN else None,
+        }
+        self._evaluation_dirty = True
+
+    def on_MetricsUpdated(self, e) -> None:
+        if self.engine.metrics:
+            self.keep_evaluation(self.engine.metrics[-1])
+
+    def classes(self, count: int) -> list[str]:
+        task = getattr(self.engine, "task", None)
+        names = list(task.classes) if task is not None else []
+        return names if len(names) == count else [str(k) for k in range(count)]
+
+    def positive(self) -> str | None:
+        task = getattr(self.engine, "task", None)
+        return task.positive if task is not None else None
 
     def on_FederatedEvaluation(self, e) -> None:
         row = self.rounds.get(e.number)
@@ -333,12 +474,16 @@ class DashboardState(Observer):
             row.update(fed_accuracy=e.scores.get("accuracy"), fed_loss=e.scores.get("loss"),
                        fed_f1=e.scores.get("f1") if positive else None)
             self._dirty_rounds.add(e.number)
+        self.note(f"round {e.number}: the clients' evaluation, by {e.clients} client(s) on {e.examples} examples: "
+                  f"acc {100 * e.scores['accuracy']:.2f}%  loss {e.scores['loss']:.4f}")
 
     def on_SessionFinished(self, e) -> None:
         self.note(f"session {e.session} finished after round {e.rounds_completed}; the clients stay connected")
 
     def on_RunFinished(self, e) -> None:
         self.message = e.message
+        self.finished_at = time.time()
+        self.evaluating = None
         self.note(e.message)
 
     # ---- what the page gets
@@ -353,8 +498,42 @@ class DashboardState(Observer):
             "num_rounds": config.num_rounds, "round": self.current, "ready": len(pool.members),
             "connected": len(pool.connected), "num_clients": pool.num_clients, "needed": engine.needed,
             "start": config.start, "stay": config.stay, "message": self.message, "refusals": self.refusals,
-            "stopping": engine.control.stopping.is_set(),
+            "stopping": engine.control.stopping.is_set(), "started_at": self.started_at,
+            "finished_at": self.finished_at, "evaluating": self.evaluating, "positive": self.positive(),
+            "waiting_for": len(self.waiting_for), "waiting_ids": self.waiting_text(),
         }
+
+    def waiting_text(self) -> str:
+        """Who the round waits for, as id ranges (cut short: a thousand ids are no headline)."""
+        if self._waiting_text is None:
+            text = id_ranges(self.waiting_for)
+            self._waiting_text = text if len(text) <= 120 else text[:120].rsplit(",", 1)[0] + ", …"
+        return self._waiting_text
+
+    def read_uploads(self) -> None:
+        """Each arriving update's share, read from its connection now (bytes in of its weights frame), to
+        the percent; a client whose share moved is sent with the next batch (one waiting in TCP is not)."""
+        connected = self.engine.pool.connected
+        for client_id in self.uploading:
+            entry = self.progress.get(client_id)
+            reader = getattr(connected.get(client_id), "upload_progress", None)
+            if entry is None or reader is None:
+                continue
+            share = round(reader(), 2)
+            if share > entry[1]:  # only forward: once whole, the reader is on the next frame
+                entry[1] = share
+                self._dirty_progress.add(client_id)
+
+    def progress_now(self, ids) -> dict[int, list | None]:
+        return {client_id: self.progress.get(client_id) for client_id in ids}
+
+    def client_detail(self, client_id: int) -> dict[str, Any] | None:
+        """One client's view: its rounds and its label balance (from the counts it reported)."""
+        if client_id not in self.clients:
+            return None
+        counts = self.label_counts.get(client_id)
+        return {"id": client_id, "history": list(self.history.get(client_id, ())), "label_counts": counts,
+                "classes": self.classes(len(counts)) if counts is not None else None}
 
     def settings(self) -> dict[str, Any]:
         config = self.engine.config
@@ -367,7 +546,8 @@ class DashboardState(Observer):
             "limits": {name: [low, high] for name, (_, low, high) in LAUNCH_LIMITS.items()},
             "clients": list(self.clients.values()),
             "rounds": [self.rounds[n] for n in sorted(self.rounds)], "log": list(self.log),
-            "refused": list(self.refused),
+            "refused": list(self.refused), "progress": dict(self.progress),
+            "evaluation": self.evaluation, "server_time": time.time(),
         }
 
     def changes(self) -> dict[str, Any] | None:
@@ -384,7 +564,13 @@ class DashboardState(Observer):
             batch["log"] = self._new_log
         if self._new_refused:
             batch["refused"] = self._new_refused
+        self.read_uploads()
+        if self._dirty_progress:
+            batch["progress"] = self.progress_now(self._dirty_progress)
+        if self._evaluation_dirty:
+            batch["evaluation"] = self.evaluation
         self._dirty_clients, self._dirty_rounds, self._new_log, self._new_refused = set(), set(), [], []
+        self._dirty_progress, self._evaluation_dirty = set(), False
         return batch or None
 
 
@@ -482,6 +668,7 @@ class Dashboard(Observer):
         app.router.add_get("/static/{name}", self.static)
         app.router.add_get("/api/state", self.api_state)
         app.router.add_get("/api/events", self.api_events)
+        app.router.add_get("/api/client/{id}", self.api_client)
         app.router.add_get("/download/{name}", self.download)
         app.router.add_post("/api/start", self.api_start)
         app.router.add_post("/api/stop", self.api_stop)
@@ -552,6 +739,13 @@ class Dashboard(Observer):
 
     async def api_state(self, request):
         return web.json_response(self.state.snapshot(), dumps=dumps)
+
+    async def api_client(self, request):
+        text = request.match_info["id"]
+        detail = self.state.client_detail(int(text)) if text.isdigit() and len(text) < 10 else None
+        if detail is None:
+            raise Refused(404, f"no client {text[:20]!r} in this run")
+        return web.json_response(detail, dumps=dumps)
 
     async def api_events(self, request):
         if len(self.pages) >= MAX_PAGES:

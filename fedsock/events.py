@@ -50,6 +50,7 @@ class ClientReady(Event):
     num_examples: int
     ready: int  # clients ready now
     num_clients: int
+    label_counts: list[int] | None = None  # its training examples per class, if its <READY> said
 
 
 @dataclass
@@ -109,6 +110,15 @@ class UpdateArriving(Event):
 
 
 @dataclass
+class ClientProgress(Event):
+    """How far a client's training of a round has come (its optional <PROGRESS>), 0..1."""
+
+    number: int
+    client_id: int
+    done: float
+
+
+@dataclass
 class UpdateDiscarded(Event):
     """A client's update was not used: it came after its round closed, or could not be kept."""
 
@@ -150,6 +160,15 @@ class RoundFailed(Event):
     needed: int
     retry: int  # 0 when the run gives up
     retries: int
+
+
+@dataclass
+class RoundAggregated(Event):
+    """A round's model is made; its evaluation follows (RoundFinished). `row` holds what is known now:
+    the round's clients, time, traffic and training loss (a view need not wait for the evaluation)."""
+
+    row: dict[str, Any]
+    num_rounds: int
 
 
 @dataclass

@@ -36,8 +36,8 @@ from typing import Any, Callable
 from fedsock import security
 from fedsock.clients import ClientPool, Dropped, EvalRes, FitIns, FitRes, GlobalModel
 from fedsock.compression import Compression, decoded_update, scratch_for
-from fedsock.events import (ClientJoined, ClientLeft, ClientReady, ConnectionRefused, Events, UpdateArriving,
-                            UpdateDiscarded)
+from fedsock.events import (ClientJoined, ClientLeft, ClientProgress, ClientReady, ConnectionRefused, Events,
+                            UpdateArriving, UpdateDiscarded)
 from fedsock.order import ROLE_SERVER, Order
 from fedsock.transport import AsyncConnection, Traffic, open_accepted, send_error, send_plain_error
 from socket_methods import (
@@ -50,6 +50,7 @@ from socket_methods import (
     MODEL,
     POLICY_KEYS,
     PRE_AUTH_CONTROL_BYTES,
+    PROGRESS,
     PROTOCOL_VERSION,
     READY,
     SESSION_END,
@@ -88,6 +89,10 @@ SLOW_BYTES_PER_S = 4 << 20
 SOCKET_BUFFER_BUDGET_BYTES = 256 << 20
 SOCKET_BUFFER_MIN_BYTES = 256 << 10
 SOCKET_BUFFER_AUTOTUNED_BYTES = 4 << 20
+# How often a client may report its training (<PROGRESS>; said in <METADATA> when the server has a dashboard).
+# Clients also wait for 5% more between reports, so a thousand of them send at most 20 each a round. Reports
+# that come faster than half this are dropped unread beyond their decoding: one event per report, O(1).
+PROGRESS_EVERY_S = 0.5
 
 
 class SpooledUpdate:
@@ -271,6 +276,7 @@ class RemoteClient:
         self.answer: asyncio.Future | None = None  # evaluate() or a secure-aggregation stage waits here
         self.gone: str | None = None
         self.finished = False  # told <FINISHED>: its leaving is no news
+        self.progress_at = -1e9  # when its last <PROGRESS> was passed on
 
     # ---- ClientProxy
     async def fit(self, ins: FitIns) -> FitRes:
@@ -358,6 +364,8 @@ class RemoteClient:
                     continue  # a slow client's answer to a stage that timed out: no fault, and no use
                 if header == UPDATE:
                     await self.receive_update(message)
+                elif header == PROGRESS:
+                    self.report_progress(message)
                 elif header == READY:
                     self.become_ready(message)
                 elif header == ERROR:
@@ -396,9 +404,31 @@ class RemoteClient:
             raise BadMessage(f"{READY} num_examples {message['num_examples']} is more than this client's "
                              f"{self.max_examples}")
         self.num_examples = message["num_examples"]
+        counts = message.get("label_counts")
+        if counts is not None and (len(counts) != self.num_classes() or min(counts) < 0
+                                   or sum(counts) != self.num_examples):
+            raise BadMessage(f"{READY} label_counts must be {self.num_classes()} counts (>= 0) that add up to "
+                             f"num_examples {self.num_examples}")
         pool = self.lobby.pool
         pool.add(self)
-        self.lobby.events.emit(ClientReady(self.client_id, self.num_examples, len(pool.members), pool.num_clients))
+        self.lobby.events.emit(ClientReady(self.client_id, self.num_examples, len(pool.members), pool.num_clients,
+                                           counts))
+
+    def report_progress(self, message: dict[str, Any]) -> None:
+        """<PROGRESS>: passed on as an event, unless it came too soon after the last (see PROGRESS_EVERY_S)."""
+        if message["round"] != self.asked_round:
+            raise BadMessage(f"{PROGRESS} for round {message['round']}, but this client was sent round "
+                             f"{self.asked_round}")
+        now = time.monotonic()
+        if now - self.progress_at < PROGRESS_EVERY_S / 2:
+            return
+        self.progress_at = now
+        self.lobby.events.emit(ClientProgress(self.asked_round, self.client_id, message["done"]))
+
+    def upload_progress(self) -> float:
+        """The share of its update's weights received so far (while one arrives; read by the dashboard)."""
+        nbytes = self.lobby.buffers.layout["nbytes"]
+        return min(self.conn.reader.progress / nbytes, 1.0) if nbytes else 0.0
 
     async def receive_update(self, update: dict[str, Any]) -> None:
         number = update["round"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from fedsock.transport import BlockingConnection
 from socket_methods import (
     ERROR,
     EVALUATION,
+    PROGRESS,
     SECAGG_UNMASK,
     UPDATE,
     BadMessage,
@@ -71,6 +72,24 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def progress_reports(send: Callable[[list], None], number: int, total: int, every_s: float,
+                     shown: Callable[[int], None] | None) -> Callable[[int], None]:
+    """A batch callback that also tells the server how far the round's training has come (<PROGRESS>): at
+    most every `every_s` (the server's progress_every_s) and every 5% more, so a thousand clients send at most
+    twenty reports each a round; never the last batch (the update says that). `shown` is the local bar's."""
+    last = [time.monotonic(), 0.0]
+
+    def batch_done(done: int) -> None:
+        if shown is not None:
+            shown(done)
+        fraction, now = done / total, time.monotonic()
+        if done < total and now - last[0] >= every_s and fraction - last[1] >= 0.05:
+            last[:] = [now, fraction]
+            send([encode_message(PROGRESS, round=number, done=round(fraction, 4))])
+
+    return batch_done
 
 
 def load_examples(config: ClientConfig, meta: dict[str, Any], task: Task) -> tuple:
@@ -149,6 +168,7 @@ class LocalTrainer:
         self.seed = meta["seed"]
         self.num_rounds = meta["num_rounds"]
         self.progress = Progress(config)
+        self.progress_every_s = meta.get("progress_every_s")  # absent: the server wants no <PROGRESS>
         nnh.warm_up(self.model, self.data.x, self.data.y)
         self.dp_sgd = None
         if config.dp_sgd:
@@ -163,8 +183,13 @@ class LocalTrainer:
     def num_examples(self) -> int:
         return len(self.data.x)
 
-    def fit(self, conn: BlockingConnection, message: dict[str, Any]) -> list:
-        """Receive the global weights, train, test locally; the <UPDATE> frames to send."""
+    def label_counts(self) -> list[int]:
+        """Its training examples per class, for <READY>: counts only, never an example."""
+        return torch.bincount(self.data.y.cpu(), minlength=self.task.num_classes).tolist()
+
+    def fit(self, conn: BlockingConnection, message: dict[str, Any], order=None) -> list:
+        """Receive the global weights, train, test locally; the <UPDATE> frames to send. With the connection's
+        `order`, and a server that asks for them (progress_every_s), <PROGRESS> reports go out while it trains."""
         number = message["round"]
         augment = message.get("augment", "none")
         if augment not in nnh.AUGMENTATIONS or (augment != "none" and self.task.kind == "text"):
@@ -187,13 +212,20 @@ class LocalTrainer:
             evaluation = dict(eval_round=number - 1, eval_loss_sum=loss_sum, eval_confusion=confusion.tolist())
         description = f"round {number}/{self.num_rounds}" if number <= self.num_rounds else f"round {number}"
         batches = nnh.batches_per_round(self.num_examples, message["local_epochs"], message["batch_size"])
+        progress = self.progress.start(batches, description)
+        if order is not None and self.progress_every_s:
+            def send(frames: list) -> None:
+                order.send(PROGRESS)
+                conn.send(frames)
+
+            progress = progress_reports(send, number, batches, self.progress_every_s, progress)
         try:
             metrics = nnh.local_round(
                 self.model, self.data, tensors, epochs=message["local_epochs"], batch_size=message["batch_size"],
                 lr=message["lr"], proximal_mu=message["proximal_mu"], augment=augment, dp_clip=message.get("dp_clip"),
                 dp_noise_std=message.get("dp_noise_std", 0.0), dp_sgd=self.dp_sgd,
                 seed=hash((self.seed, self.config.client_id, number)) & 0x7FFFFFFF,
-                progress=self.progress.start(batches, description),
+                progress=progress,
             )
         finally:
             self.progress.stop()

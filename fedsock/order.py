@@ -39,6 +39,7 @@ from socket_methods import (
     HELLO,
     METADATA,
     MODEL,
+    PROGRESS,
     READY,
     SECAGG_KEYS,
     SECAGG_PEERS,
@@ -65,8 +66,8 @@ REFUSAL = "{event} is not expected when the client is in state {state}"  # the o
 
 
 # Who sends each message; <ERROR> comes from either side.
-FROM_CLIENT = frozenset({HELLO, AUTH, READY, UPDATE, EVALUATION, SECAGG_KEYS, SECAGG_SHARES, SECAGG_SIGNED,
-                         SECAGG_REVEAL})
+FROM_CLIENT = frozenset({HELLO, AUTH, READY, UPDATE, PROGRESS, EVALUATION, SECAGG_KEYS, SECAGG_SHARES,
+                         SECAGG_SIGNED, SECAGG_REVEAL})
 FROM_SERVER = frozenset({CHALLENGE, METADATA, MODEL, EVALUATE, SECAGG_SETUP, SECAGG_PEERS, SECAGG_ROUTED, SECAGG_CHECK,
                          SECAGG_UNMASK, SUCCESS, WAITING, SESSION_END, FINISHED})
 # What the server asks of a client's secure aggregation (fedsock.secagg.ClientSession answers them).
@@ -123,7 +124,7 @@ CONVERSATION: dict[str, dict[str, str]] = {
                                   SECAGG_UNMASK: REVEALING}),
     # No NO_ANSWER here: a client that misses a round's deadline stays in training, and is sent
     # nothing new until its late update has come (it is then answered `accepted: false`).
-    TRAINING: _and_at_any_time(TRAINING, {UPDATE: IDLE}),
+    TRAINING: _and_at_any_time(TRAINING, {UPDATE: IDLE, PROGRESS: TRAINING}),
     EVALUATING: _and_at_any_time(EVALUATING, {EVALUATION: IDLE, NO_ANSWER: IDLE}),
     KEYING: _and_at_any_time(KEYING, {SECAGG_KEYS: IDLE, NO_ANSWER: IDLE}),
     SHARING: _and_at_any_time(SHARING, {SECAGG_SHARES: IDLE, NO_ANSWER: IDLE}),

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from fedsock.clients import GlobalModel
 from fedsock.config import ServerConfig
-from fedsock.events import Events, RoundFinished, RoundSaved
+from fedsock.events import Events, RoundAggregated, RoundFinished, RoundSaved
 from fedsock.privacy import Privacy
 from fedsock.run_files import Checkpoint
 from fedsock.tasks import Task
@@ -39,6 +39,7 @@ class RoundReports:
 
     def start(self, row: dict[str, Any], model: GlobalModel, strategy_state: dict) -> None:
         """Report a finished round in the background; `settle()` waits for it."""
+        self.events.emit(RoundAggregated(dict(row), self.config.num_rounds))
         self.pending = asyncio.ensure_future(self.report(row, model, strategy_state))
 
     async def report(self, row: dict[str, Any], model: GlobalModel, strategy_state: dict) -> None:

@@ -25,7 +25,7 @@ from fedsock.console import UsageError, say, warn
 from fedsock.buffered import engine_class
 from fedsock.engine import RoundEngine
 from fedsock.events import Console, Events, Listening
-from fedsock.lobby import RECEIVE_BUFFERS, Lobby, ReceiveBuffers
+from fedsock.lobby import PROGRESS_EVERY_S, RECEIVE_BUFFERS, Lobby, ReceiveBuffers
 from fedsock.prepare import (WHO, Setup, compression_of, federated_evaluation, make_output_dir, output_observers,
                              prepare_training, required_features, run_title)
 from fedsock.run_control import stop_on_signals
@@ -82,6 +82,8 @@ class Welcome:
             required_features=required_features(c), compression=compression_of(c).to_json(),
             secure_aggregation=c.secure_aggregation, identities=c.secure_aggregation and c.federation is not None,
             **self.privacy_fields(),
+            # only a dashboard shows the clients' progress: without one, they need not send it
+            **({"progress_every_s": PROGRESS_EVERY_S} if c.dashboard else {}),
         )
 
     def privacy_fields(self) -> dict[str, Any]:

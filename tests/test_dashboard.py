@@ -32,12 +32,14 @@ from support import run_cli
 from fedsock.console import ExitStatus
 from fedsock import dashboard as dashboard_module, secagg
 from fedsock.dashboard import (CENTRAL_IN_CLEAR, CENTRAL_SUM_IN_CLEAR, NO_DEFENCE, SUM_LEAKS, Dashboard,
-                               DashboardState, host_name, parse_address, privacy_warnings)
-from fedsock.events import ClientJoined, ClientReady, ConnectionRefused, Listening, RoundSaved, UpdateAccepted
+                               DashboardState, host_name, parse_address, per_class_scores, privacy_warnings)
+from fedsock.events import (ClientDropped, ClientJoined, ClientProgress, ClientReady, ConnectionRefused, Listening,
+                            RoundAggregated, RoundFinished, RoundSaved, RoundStarted, UpdateAccepted, UpdateArriving)
 from fedsock.identity import fingerprint
 from fedsock.policy import Policy, policy_text
 from fedsock.privacy import Accountant, Privacy, PrivacySettings
 from fedsock.run_files import read_checkpoint
+from socket_methods import encode_message
 from test_compression import RawPeer
 from test_engine import FakeClient, engine_for, run
 
@@ -274,6 +276,165 @@ def test_the_privacy_card_shows_the_epsilon_the_run_spends(cluster, tmp_path):
     assert server.finish(timeout=60) == ExitStatus.OK  # Stop between sessions: every round asked for was done
     for client in clients:
         assert client.finish(timeout=60) == 0, client.output
+
+
+@pytest.mark.processes
+def test_the_live_views_follow_a_real_federation(cluster, tmp_path):
+    """Two real clients training six local epochs a round (a few seconds): before Start, the page says what
+    is coming instead of empty charts; during a round, the headline's round and a client's progress, moving
+    from its <PROGRESS> reports; after the rounds, the headline's accuracy, the confusion matrix and the
+    per-class scores as metrics.csv has them, a client's view (its rounds, its label balance from the counts
+    it reported) and the log filtered by client and level, in 24-hour times."""
+    from playwright.sync_api import expect, sync_playwright
+
+    out = tmp_path / "run"
+    server = cluster.server(*FAST, "--num-clients", "2", "--num-rounds", "2", "--local-epochs", "6", "--start",
+                            "manual", "--stay", "--dashboard", "127.0.0.1:0", "--seed", "3", output_dir=out)
+    link, url = server.wait_for(DASHBOARD_LINK, timeout=30).groups()
+    clients = [cluster.client(k) for k in (1, 2)]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(link)
+            expect(page.locator("#client-count")).to_have_text("(2 waiting)", timeout=UI_TIMEOUT_MS)
+            expect(page.locator("#hl-round")).to_have_text("0 of 2")
+            expect(page.locator(".charts .empty").first).to_contain_text(
+                "No round yet: 2 client(s) ready; training starts when you press Start training")
+            expect(page.locator("#chart-accuracy")).to_be_hidden()
+            expect(page.locator("#evaluation .empty")).to_be_visible()
+            expect(page.locator("#model-card")).to_be_hidden()  # the state has no model_card (yet)
+
+            page.click("#start")
+            expect(page.locator("#hl-round")).to_have_text("1 of 2", timeout=UI_TIMEOUT_MS)
+            expect(page.locator("#hl-waiting")).to_contain_text("waiting for", timeout=UI_TIMEOUT_MS)
+            # Client 1's training share, at every frame: within one round it moves (two values inside 0..1)
+            page.wait_for_function("""() => {
+                window.seen = window.seen || {};
+                const p = state.progress.get(1), r = state.run.round && state.run.round.number;
+                if (p && p[1] == null && r && p[0] > 0 && p[0] < 1) {
+                    const values = window.seen[r] = window.seen[r] || [];
+                    if (values[values.length - 1] !== p[0]) values.push(p[0]);
+                }
+                return Object.values(window.seen).some((values) => values.length >= 2);
+            }""", timeout=UI_TIMEOUT_MS, polling="raf")
+            assert page.evaluate("Object.values(window.seen).every((v) => v.every((x, i) => i === 0 || x > v[i - 1]))")
+            expect(page.locator("#phase")).to_have_text("between sessions", timeout=UI_TIMEOUT_MS)
+
+            rows = list(csv.DictReader(io.StringIO(page.request.get(url + "download/metrics.csv").text())))
+            accuracy, confusion = float(rows[-1]["test_accuracy"]), json.loads(rows[-1]["confusion"])
+            best = max(float(r["test_accuracy"]) for r in rows)
+            expect(page.locator("#hl-round")).to_have_text("2 of 2")
+            expect(page.locator("#hl-current")).to_have_text(f"{100 * accuracy:.2f}%")
+            expect(page.locator("#hl-metric-label")).to_have_text("accuracy, round 2's model")
+            expect(page.locator("#hl-best")).to_contain_text(f"best {100 * best:.2f}%")
+            expect(page.locator("#round-progress")).to_be_hidden()  # no round in progress
+            assert page.evaluate("charts['chart-bytes'].plot.scales.y.min") == 0  # traffic from zero
+
+            expect(page.locator("#evaluation-what")).to_have_text("(round 2's model, on the server's test set)")
+            cells = page.locator("#confusion td").all_text_contents()
+            assert [int(v) for v in cells] == [v for row in confusion for v in row]
+            recall_of_3 = confusion[3][3] / sum(confusion[3])
+            expect(page.locator("#per-class tbody tr").nth(3).locator("td").nth(2)).to_have_text(
+                f"{100 * recall_of_3:.1f}%")
+
+            page.click("#clients tbody tr[data-id='2']")
+            expect(page.locator("#cv-id")).to_have_text("2")
+            expect(page.locator("#cv-labels .label-row")).to_have_count(10)
+            counts = [int(v) for v in page.locator("#cv-labels .count").all_text_contents()]
+            examples = page.evaluate("state.clients.get(2).examples")
+            assert sum(counts) == examples and min(counts) > 0  # the counts it reported, for its examples
+            page.wait_for_function("() => charts['chart-client'] && charts['chart-client'].plot.data[0].length === 2")
+            assert page.evaluate("charts['chart-client-times'].plot.data[0]") == [1, 2]
+
+            page.fill("#log-client", "2")
+            expect(page.locator("#log li").first).to_contain_text("client 2")
+            texts = page.locator("#log li").all_text_contents()
+            assert texts and all("client 2" in t for t in texts) and any("client 2 is ready" in t for t in texts)
+            page.fill("#log-client", "")
+            expect(page.locator("#log")).to_contain_text("round 2/2  clients 2/2  test acc")  # the server's line
+            page.select_option("#log-level", "warning")
+            expect(page.locator("#log li:not(.warning)")).to_have_count(0)
+            page.select_option("#log-level", "")
+            assert all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in page.locator("#log time").all_text_contents())
+            page.click("#stop")
+            expect(page.locator("#phase")).to_have_text("finished", timeout=UI_TIMEOUT_MS)
+            assert not errors, errors
+        finally:
+            browser.close()
+    assert server.finish(timeout=60) == ExitStatus.OK
+    for client in clients:
+        assert client.finish(timeout=60) == 0, client.output
+
+
+@pytest.mark.processes
+def test_progress_reports_and_label_counts_are_checked_like_every_field(cluster):
+    """A raw peer's <READY> with label counts that do not add up, and a <PROGRESS> while it trains nothing:
+    each gets an <ERROR> naming what is wrong, and the connection is closed."""
+    cluster.server(*FAST, "--num-clients", "2", "--dashboard", "127.0.0.1:0")
+    bad_counts = RawPeer(cluster.port, client_id=1, features=["dp-local", "compression", "secagg", "augment"])
+    welcome = bad_counts.read_until({"<METADATA>"})[-1]
+    assert welcome["progress_every_s"] == 0.5  # a server with a dashboard asks for progress
+    bad_counts.send(encode_message("<READY>", num_examples=10, test_examples=1, label_counts=[5, 4] + [0] * 8))
+    assert "label_counts must be 10 counts (>= 0) that add up to num_examples 10" in \
+        bad_counts.read_until({"<ERROR>"})[-1]["message"]
+    idle = RawPeer(cluster.port, client_id=2, features=["dp-local", "compression", "secagg", "augment"])
+    idle.read_until({"<METADATA>"})
+    idle.send(encode_message("<READY>", num_examples=10, test_examples=1))  # no counts: an older client
+    idle.send(encode_message("<PROGRESS>", round=1, done=0.5))
+    assert idle.read_until({"<ERROR>"})[-1]["message"] == "<PROGRESS> is not expected when the client is in state idle"
+    for peer in (bad_counts, idle):
+        peer.close()
+
+
+def test_per_class_scores_from_a_confusion_matrix():
+    # rows: true class; columns: predicted. Class 2 is never predicted and never present.
+    scores = per_class_scores([[3, 1, 0], [2, 4, 0], [0, 0, 0]])
+    assert scores[0] == {"precision": 3 / 5, "recall": 3 / 4, "f1": pytest.approx(2 / 3), "support": 4}
+    assert scores[1] == {"precision": 4 / 5, "recall": 4 / 6, "f1": pytest.approx(8 / 11), "support": 6}
+    assert scores[2] == {"precision": None, "recall": None, "f1": None, "support": 0}
+    assert per_class_scores([[0, 2], [0, 0]])[0]["f1"] == 0.0  # present, never right: F1 0, not unknown
+
+
+def test_the_state_follows_each_clients_progress_and_who_the_round_waits_for():
+    engine, _ = engine_for([FakeClient(1), FakeClient(2), FakeClient(3)])
+    state = DashboardState(engine)
+    for k in (1, 2, 3):
+        state.notify(ClientJoined(k, f"127.0.0.1:{k}", False))
+        state.notify(ClientReady(k, 10, k, 3, [4, 6] if k == 1 else None))
+    state.changes()
+    state.notify(RoundStarted(1, 0, [1, 2, 3], [1, 2, 3], 0))
+    batch = state.changes()
+    assert batch["progress"] == {1: [0.0, None], 2: [0.0, None], 3: [0.0, None]}
+    assert (batch["run"]["waiting_for"], batch["run"]["waiting_ids"]) == (3, "1-3")
+    state.notify(ClientProgress(1, 1, 0.25))
+    state.notify(ClientProgress(1, 1, 0.5))
+    assert state.changes() == {"progress": {1: [0.5, None]}}  # the last report of the batch, and nothing else
+    state.notify(UpdateArriving(1, 2))
+    engine.pool.connected[2].upload_progress = lambda: 0.404  # its weights frame, 40% in
+    assert state.changes()["progress"] == {2: [1.0, 0.4]}
+    assert state.changes() is None  # no byte more: nothing sent
+    state.notify(UpdateAccepted(1, 2, 10, {"train_loss": 0.5, "local_test_accuracy": 0.75, "fit_seconds": 2.0}))
+    state.notify(ClientDropped(1, 3, "connection closed"))
+    batch = state.changes()
+    assert batch["progress"] == {2: None, 3: None}  # their part of the round is over
+    assert (batch["run"]["waiting_for"], batch["run"]["waiting_ids"]) == (1, "1")
+    assert [line["client"] for line in batch["log"]] == [3] and batch["log"][0]["level"] == "warning"
+    row = {"round": 1, "clients": 2, "expected": 3, "train_loss": 0.5, "seconds": 3.0, "bytes_sent": 10,
+           "bytes_received": 20, "max_fit_seconds": 2.0, "sum_fit_seconds": 4.0}
+    state.notify(RoundAggregated(dict(row), 2))  # on the charts before the evaluation
+    batch = state.changes()
+    assert batch["rounds"][0]["seconds"] == 3.0 and batch["rounds"][0]["test_accuracy"] is None
+    assert batch["run"]["evaluating"] == 1 and batch["run"]["waiting_for"] == 0
+    state.notify(RoundFinished({**row, "test_accuracy": 0.5, "test_loss": 1.0, "confusion": [[1, 1], [0, 2]]}, 2))
+    batch = state.changes()
+    assert batch["rounds"][0]["test_accuracy"] == 0.5 and batch["run"]["evaluating"] is None
+    assert batch["evaluation"]["confusion"] == [[1, 1], [0, 2]] and batch["evaluation"]["per_class"][1]["recall"] == 1
+    detail = state.client_detail(2)
+    assert detail["history"][0][:4] == [1, 0.5, 0.75, 2.0] and detail["label_counts"] is None
+    assert state.client_detail(1)["label_counts"] == [4, 6] and state.client_detail(9) is None
 
 
 # --------------------------------------------------------------------------- the HTTP checks
