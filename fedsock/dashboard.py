@@ -238,7 +238,138 @@ class Refused(Exception):
         self.status = status
 
 
-class DashboardState(Observer):
+class RoundViews:
+    """What the page shows of the rounds (part of DashboardState): each round's row for the charts, as
+    soon as it is aggregated and again once evaluated, and the evaluation detail of the newest model."""
+
+    def on_RoundAggregated(self, e) -> None:
+        """The round is on the charts at once (its time, traffic, training loss); its evaluation follows."""
+        if self.current.get("number") == e.row["round"]:  # the next round may already be under way
+            self.current = {}
+            self.waiting_for, self._waiting_text = set(), None
+        self.evaluating = e.row["round"]
+        self.keep_round(e.row)
+
+    def on_RoundFinished(self, e) -> None:
+        if self.evaluating == e.row["round"]:
+            self.evaluating = None
+        self.keep_round(e.row)
+        self.keep_evaluation(e.row)
+
+    def on_RoundSaved(self, e) -> None:
+        row = e.row
+        if self.current.get("number") == row["round"]:
+            self.current = {}
+        self.keep_round(row)
+        try:
+            line = round_line(row, e.num_rounds)  # the server's own round line
+        except (KeyError, TypeError, ValueError):  # a row without every column
+            line = f"round {row['round']}/{e.num_rounds} done"
+        self.note(line)
+
+    def keep_round(self, row: dict[str, Any]) -> None:
+        keep = ("round", "clients", "expected", "train_loss", "seconds", "bytes_sent", "bytes_received",
+                "max_fit_seconds", "test_accuracy", "test_loss", "test_f1", "fed_accuracy", "fed_loss", "fed_f1",
+                "epsilon", "session", "resumed", "staleness", "mean_staleness")
+        kept = {k: row.get(k) for k in keep}
+        old = self.rounds.get(row["round"])
+        if old is not None:  # the clients' evaluation may have come in already
+            kept.update({k: old[k] for k in ("fed_accuracy", "fed_loss", "fed_f1") if kept[k] is None})
+        self.rounds[row["round"]] = kept
+        if not row.get("positive", self.positive() is not None):  # F1 is of a task's positive class; MNIST has none
+            kept.update(test_f1=None, fed_f1=None)
+        self._dirty_rounds.add(row["round"])
+
+    def keep_evaluation(self, row: dict[str, Any]) -> None:
+        """The confusion matrix of a round's model (the server's test set's, else the clients' sum) and
+        each class's precision, recall and F1: computed once per round, not per push."""
+        confusion = row.get("confusion")
+        if not confusion:
+            return
+        classes = self.classes(len(confusion))
+        self.evaluation = {
+            "round": row["round"], "classes": classes, "per_class": per_class_scores(confusion),
+            "source": "the server's test set" if row.get("test_accuracy") is not None else "the clients' test splits",
+            "confusion": confusion if len(classes) <= CONFUSION_SHOWN else None,
+        }
+        self._evaluation_dirty = True
+
+    def on_MetricsUpdated(self, e) -> None:
+        if self.engine.metrics:
+            self.keep_evaluation(self.engine.metrics[-1])
+
+    def classes(self, count: int) -> list[str]:
+        task = getattr(self.engine, "task", None)
+        names = list(task.classes) if task is not None else []
+        return names if len(names) == count else [str(k) for k in range(count)]
+
+    def positive(self) -> str | None:
+        task = getattr(self.engine, "task", None)
+        return task.positive if task is not None else None
+
+    def on_FederatedEvaluation(self, e) -> None:
+        row = self.rounds.get(e.number)
+        if row is not None:
+            positive = self.engine.task is not None and self.engine.task.positive is not None
+            row.update(fed_accuracy=e.scores.get("accuracy"), fed_loss=e.scores.get("loss"),
+                       fed_f1=e.scores.get("f1") if positive else None)
+            self._dirty_rounds.add(e.number)
+        self.note(f"round {e.number}: the clients' evaluation, by {e.clients} client(s) on {e.examples} examples: "
+                  f"acc {100 * e.scores['accuracy']:.2f}%  loss {e.scores['loss']:.4f}")
+
+
+class ClientViews:
+    """What the page shows of each client within a round (part of DashboardState): its training and
+    upload progress, who the round waits for, and the client's own view (its rounds, its label counts)."""
+
+    def on_ClientProgress(self, e) -> None:
+        entry = self.progress.get(e.client_id)
+        if entry is not None and entry[1] is None:  # its update has not begun to arrive
+            entry[0] = e.done
+            self._dirty_progress.add(e.client_id)
+
+    def on_UpdateArriving(self, e) -> None:
+        self.client(e.client_id).update(state="uploading", round=e.number)
+        self.progress[e.client_id] = [1.0, 0.0]
+        self.uploading[e.client_id] = time.monotonic()
+        self._dirty_progress.add(e.client_id)
+
+    def round_done_by(self, client_id: int) -> None:
+        """The client's part of the round is over (its update came, or it dropped out): nobody waits for it."""
+        if client_id in self.waiting_for:
+            self.waiting_for.discard(client_id)
+            self._waiting_text = None
+        self.uploading.pop(client_id, None)
+        if self.progress.pop(client_id, None) is not None:
+            self._dirty_progress.add(client_id)
+
+    def read_uploads(self) -> None:
+        """Each arriving update's share, read from its connection now (bytes in of its weights frame), to
+        the percent; a client whose share moved is sent with the next batch (one waiting in TCP is not)."""
+        connected = self.engine.pool.connected
+        for client_id in self.uploading:
+            entry = self.progress.get(client_id)
+            reader = getattr(connected.get(client_id), "upload_progress", None)
+            if entry is None or reader is None:
+                continue
+            share = round(reader(), 2)
+            if share > entry[1]:  # only forward: once whole, the reader is on the next frame
+                entry[1] = share
+                self._dirty_progress.add(client_id)
+
+    def progress_now(self, ids) -> dict[int, list | None]:
+        return {client_id: self.progress.get(client_id) for client_id in ids}
+
+    def client_detail(self, client_id: int) -> dict[str, Any] | None:
+        """One client's view: its rounds and its label balance (from the counts it reported)."""
+        if client_id not in self.clients:
+            return None
+        counts = self.label_counts.get(client_id)
+        return {"id": client_id, "history": list(self.history.get(client_id, ())), "label_counts": counts,
+                "classes": self.classes(len(counts)) if counts is not None else None}
+
+
+class DashboardState(RoundViews, ClientViews, Observer):
     """What the page shows, kept from the run's events; `changes()` is what changed since the last call."""
 
     def __init__(self, engine):
@@ -351,27 +482,6 @@ class DashboardState(Observer):
                   f": the model went to {len(e.picked)} client(s)" +
                   (f", picked from {len(e.picked) + e.idle} ready" if e.idle else ""))
 
-    def on_ClientProgress(self, e) -> None:
-        entry = self.progress.get(e.client_id)
-        if entry is not None and entry[1] is None:  # its update has not begun to arrive
-            entry[0] = e.done
-            self._dirty_progress.add(e.client_id)
-
-    def on_UpdateArriving(self, e) -> None:
-        self.client(e.client_id).update(state="uploading", round=e.number)
-        self.progress[e.client_id] = [1.0, 0.0]
-        self.uploading[e.client_id] = time.monotonic()
-        self._dirty_progress.add(e.client_id)
-
-    def round_done_by(self, client_id: int) -> None:
-        """The client's part of the round is over (its update came, or it dropped out): nobody waits for it."""
-        if client_id in self.waiting_for:
-            self.waiting_for.discard(client_id)
-            self._waiting_text = None
-        self.uploading.pop(client_id, None)
-        if self.progress.pop(client_id, None) is not None:
-            self._dirty_progress.add(client_id)
-
     def on_UpdateAccepted(self, e) -> None:
         metrics = e.metrics
         since = self.uploading.get(e.client_id)
@@ -401,81 +511,6 @@ class DashboardState(Observer):
     def on_RoundFailed(self, e) -> None:
         self.note(f"round {e.number}: {e.got} update(s) arrived, {e.needed} needed"
                   + (f"; retry {e.retry} of {e.retries}" if e.retry else "; giving up"), warning=True)
-
-    def on_RoundAggregated(self, e) -> None:
-        """The round is on the charts at once (its time, traffic, training loss); its evaluation follows."""
-        if self.current.get("number") == e.row["round"]:  # the next round may already be under way
-            self.current = {}
-            self.waiting_for, self._waiting_text = set(), None
-        self.evaluating = e.row["round"]
-        self.keep_round(e.row)
-
-    def on_RoundFinished(self, e) -> None:
-        if self.evaluating == e.row["round"]:
-            self.evaluating = None
-        self.keep_round(e.row)
-        self.keep_evaluation(e.row)
-
-    def on_RoundSaved(self, e) -> None:
-        row = e.row
-        if self.current.get("number") == row["round"]:
-            self.current = {}
-        self.keep_round(row)
-        try:
-            line = round_line(row, e.num_rounds)  # the server's own round line
-        except (KeyError, TypeError, ValueError):  # a row without every column
-            line = f"round {row['round']}/{e.num_rounds} done"
-        self.note(line)
-
-    def keep_round(self, row: dict[str, Any]) -> None:
-        keep = ("round", "clients", "expected", "train_loss", "seconds", "bytes_sent", "bytes_received",
-                "max_fit_seconds", "test_accuracy", "test_loss", "test_f1", "fed_accuracy", "fed_loss", "fed_f1",
-                "epsilon", "session", "resumed", "staleness", "mean_staleness")
-        kept = {k: row.get(k) for k in keep}
-        old = self.rounds.get(row["round"])
-        if old is not None:  # the clients' evaluation may have come in already
-            kept.update({k: old[k] for k in ("fed_accuracy", "fed_loss", "fed_f1") if kept[k] is None})
-        self.rounds[row["round"]] = kept
-        if not row.get("positive", self.positive() is not None):  # F1 is of a task's positive class; MNIST has none
-            kept.update(test_f1=None, fed_f1=None)
-        self._dirty_rounds.add(row["round"])
-
-    def keep_evaluation(self, row: dict[str, Any]) -> None:
-        """The confusion matrix of a round's model (the server's test set's, else the clients' sum) and
-        each class's precision, recall and F1: computed once per round, not per push."""
-        confusion = row.get("confusion")
-        if not confusion:
-            return
-        classes = self.classes(len(confusion))
-        self.evaluation = {
-            "round": row["round"], "classes": classes, "per_class": per_class_scores(confusion),
-            "source": "the server's test set" if row.get("test_accuracy") is not None else "the clients' test splits",
-            "confusion": confusion if len(classes) <= CONFUSION_SHOWN else None,
-        }
-        self._evaluation_dirty = True
-
-    def on_MetricsUpdated(self, e) -> None:
-        if self.engine.metrics:
-            self.keep_evaluation(self.engine.metrics[-1])
-
-    def classes(self, count: int) -> list[str]:
-        task = getattr(self.engine, "task", None)
-        names = list(task.classes) if task is not None else []
-        return names if len(names) == count else [str(k) for k in range(count)]
-
-    def positive(self) -> str | None:
-        task = getattr(self.engine, "task", None)
-        return task.positive if task is not None else None
-
-    def on_FederatedEvaluation(self, e) -> None:
-        row = self.rounds.get(e.number)
-        if row is not None:
-            positive = self.engine.task is not None and self.engine.task.positive is not None
-            row.update(fed_accuracy=e.scores.get("accuracy"), fed_loss=e.scores.get("loss"),
-                       fed_f1=e.scores.get("f1") if positive else None)
-            self._dirty_rounds.add(e.number)
-        self.note(f"round {e.number}: the clients' evaluation, by {e.clients} client(s) on {e.examples} examples: "
-                  f"acc {100 * e.scores['accuracy']:.2f}%  loss {e.scores['loss']:.4f}")
 
     def on_SessionFinished(self, e) -> None:
         self.note(f"session {e.session} finished after round {e.rounds_completed}; the clients stay connected")
@@ -509,31 +544,6 @@ class DashboardState(Observer):
             text = id_ranges(self.waiting_for)
             self._waiting_text = text if len(text) <= 120 else text[:120].rsplit(",", 1)[0] + ", …"
         return self._waiting_text
-
-    def read_uploads(self) -> None:
-        """Each arriving update's share, read from its connection now (bytes in of its weights frame), to
-        the percent; a client whose share moved is sent with the next batch (one waiting in TCP is not)."""
-        connected = self.engine.pool.connected
-        for client_id in self.uploading:
-            entry = self.progress.get(client_id)
-            reader = getattr(connected.get(client_id), "upload_progress", None)
-            if entry is None or reader is None:
-                continue
-            share = round(reader(), 2)
-            if share > entry[1]:  # only forward: once whole, the reader is on the next frame
-                entry[1] = share
-                self._dirty_progress.add(client_id)
-
-    def progress_now(self, ids) -> dict[int, list | None]:
-        return {client_id: self.progress.get(client_id) for client_id in ids}
-
-    def client_detail(self, client_id: int) -> dict[str, Any] | None:
-        """One client's view: its rounds and its label balance (from the counts it reported)."""
-        if client_id not in self.clients:
-            return None
-        counts = self.label_counts.get(client_id)
-        return {"id": client_id, "history": list(self.history.get(client_id, ())), "label_counts": counts,
-                "classes": self.classes(len(counts)) if counts is not None else None}
 
     def settings(self) -> dict[str, Any]:
         config = self.engine.config

@@ -305,7 +305,10 @@ def test_the_live_views_follow_a_real_federation(cluster, tmp_path):
                 "No round yet: 2 client(s) ready; training starts when you press Start training")
             expect(page.locator("#chart-accuracy")).to_be_hidden()
             expect(page.locator("#evaluation .empty")).to_be_visible()
-            expect(page.locator("#model-card")).to_be_hidden()  # the state has no model_card (yet)
+            card = page.locator("#model-card")  # logreg on MNIST: 784 x 10 + 10 weights, 31,400 bytes as float32
+            expect(card).to_contain_text("parameters7,850")
+            expect(card).to_contain_text("an update on the wire0.03 MB")
+            expect(card).to_contain_text("Linear(in_features=784, out_features=10, bias=True)")
 
             page.click("#start")
             expect(page.locator("#hl-round")).to_have_text("1 of 2", timeout=UI_TIMEOUT_MS)

@@ -365,14 +365,18 @@ function drawEvaluation(e) {
       `<td>${pct(c.f1)}</td><td>${c.support}</td></tr>`).join("") + "</tbody>";
 }
 
-// ---- the model card (another part of the server adds state.model_card; without it, nothing shows)
+// ---- the model card (fedsock/model_card.py: state.model_card; without it, nothing shows)
 function drawModelCard(m) {
   $("model-card").hidden = !m;
   if (!m) return;
   const mb = (v) => (v == null ? null : `${(v / 1e6).toFixed(2)} MB`);
-  const rows = [["parameters", m.params == null ? null : Number(m.params).toLocaleString("en-US")],
-    ["size as float32", mb(m.float32_bytes)], ["an update on the wire", mb(m.wire_bytes_update)],
-    ["the model on the wire", mb(m.wire_bytes_broadcast)]].filter(([, v]) => v != null);
+  const how = (kind) => (kind && kind !== "none" ? ` (${kind})` : "");
+  const rows = [["parameters", m.parameters == null ? null : Number(m.parameters).toLocaleString("en-US")],
+    ["size as float32", mb(m.weights_bytes)],
+    ["an update on the wire", m.update_bytes == null ? null : mb(m.update_bytes) + how(m.update_compression)],
+    ["the model on the wire", m.broadcast_bytes == null ? null : mb(m.broadcast_bytes) + how(m.broadcast_compression)],
+    ["layers", Array.isArray(m.layers) ? m.layers.map((l) => `${l.name} ${l.type}`).join(", ") : null],
+  ].filter(([, v]) => v != null);
   const html = rows.map(([k, v]) => `<tr><td>${esc(k)}</td><td>${esc(v)}</td></tr>`).join("");
   if ($("model-facts").dataset.html !== html) { $("model-facts").innerHTML = html; $("model-facts").dataset.html = html; }
   setText("model-architecture", m.architecture ? String(m.architecture) : "");
