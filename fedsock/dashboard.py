@@ -77,7 +77,7 @@ SHOWN_SETTINGS = (
     "model", "task", "dataset", "partition", "alpha", "num_clients", "min_clients", "num_rounds", "clients_per_round",
     "fraction_fit", "sampling", "strategy", "proximal_mu", "server_lr", "server_momentum", "trim_fraction",
     "byzantine_clients", "local_epochs", "batch_size", "lr", "lr_decay", "augment", "dp_clip", "dp_noise_multiplier", "dp_epsilon", "dp_mode",
-    "secure_aggregation", "compression", "compress_broadcast", "seed", "round_timeout_s", "start", "stay",
+    "secure_aggregation", "compression", "compress_broadcast", "seed", "round_timeout_s", "start", "stay", "async_buffer",
 )
 DOWNLOADS = {"model.pt": "application/octet-stream", "metrics.csv": "text/csv; charset=utf-8",
              "accuracy.png": "image/png"}

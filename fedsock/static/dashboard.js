@@ -287,9 +287,11 @@ function duration(seconds) {
 function drawHeadline() {
   const run = state.run, q = quality(), now = Date.now() / 1000 + clockOffset;
   const shown = (v) => (q.f1 ? g(v.value) : (100 * v.value).toFixed(2) + "%");
-  setText("hl-metric-label", q.label + (q.current ? `, round ${q.current.round}'s model` : ""));
+  const unit = state.settings.async_buffer ? "version" : "round";  // --async-buffer: a row per model version
+  setText("hl-round-label", unit);
+  setText("hl-metric-label", q.label + (q.current ? `, ${unit} ${q.current.round}'s model` : ""));
   setText("hl-current", q.current ? shown(q.current) : "—");
-  setText("hl-best", q.best ? `best ${shown(q.best)} (round ${q.best.round})`
+  setText("hl-best", q.best ? `best ${shown(q.best)} (${unit} ${q.best.round})`
     : run.evaluating ? "evaluating…" : "shown after the first round");
   const r = run.round || {};
   const number = run.phase === "training" && r.number ? r.number : run.rounds_done;
