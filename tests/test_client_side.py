@@ -25,7 +25,7 @@ from support import InProcessClient
 
 from socket_methods import (
     MAX_CONTROL_BYTES,
-    MESSAGE_FIELDS,
+    MESSAGES,
     PROTOCOL_VERSION,
     decode_message,
     encode_bitmap,
@@ -55,7 +55,7 @@ def metadata(**changes) -> dict:
                   federated_evaluation=False, secure_aggregation=False, identities=False, dp_mode="none",
                   dp_noise_multiplier=0.0,
                   compression={"kind": "none", "topk_fraction": 0.01, "broadcast": "none"})
-    assert set(MESSAGE_FIELDS["<METADATA>"]) <= set(fields)
+    assert {name for name, spec in MESSAGES["<METADATA>"].items() if not spec.optional} <= set(fields)
     fields.update(changes)
     return fields
 
