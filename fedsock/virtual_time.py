@@ -14,8 +14,8 @@ file write, because such work may yet schedule an earlier event. Work started wi
 is counted by the loop; other real waits go through `held`. Real work therefore costs no virtual time:
 only the profiles' fit times do (and --straggler-delay). Network time is not modelled.
 
-Ties (clients that finish at the same virtual instant) are broken by client id, a nanosecond each,
-so the order of updates, and the model, do not depend on which thread finished first.
+Clients that finish at the same virtual instant are released together, in the order of their ids, so
+the order of updates, and the model, do not depend on which thread finished first.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Any, Awaitable
 import numpy as np
 
 REAL_POLL_S = 1.0  # while real work is pending, how often the loop looks again if nothing wakes it
-TIE_BREAK_S = 1e-9  # per client id: simultaneous finishes are released in the order of their ids
 
 
 class VirtualSelector(selectors.DefaultSelector):
@@ -57,6 +56,7 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self, start_s: float = 0.0):
         self.virtual_s = start_s
         self.pending_real_work = 0
+        self.due: dict[float, list[tuple[int, asyncio.Future]]] = {}  # instant -> (client id, its wake-up)
         super().__init__(VirtualSelector(self))
 
     def time(self) -> float:
@@ -75,6 +75,21 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def _let_go(self, _future: asyncio.Future) -> None:
         self.pending_real_work -= 1
 
+    def wake_at(self, virtual_s: float, client_id: int) -> asyncio.Future:
+        """A future done at the virtual instant `virtual_s`; those due at the same instant are done in the
+        order of their client ids (a timer heap would order them by when they were asked for)."""
+        future = self.create_future()
+        if virtual_s not in self.due:
+            self.due[virtual_s] = []
+            self.call_at(virtual_s, self._wake, virtual_s)
+        self.due[virtual_s].append((client_id, future))
+        return future
+
+    def _wake(self, virtual_s: float) -> None:
+        for _, future in sorted(self.due.pop(virtual_s), key=lambda waiting: waiting[0]):
+            if not future.done():
+                future.set_result(None)
+
 
 async def held(awaitable: Awaitable[Any]) -> Any:
     """Await real work (a thread's future, a Ray task): on a VirtualTimeLoop, time stands still until it is done."""
@@ -92,9 +107,12 @@ def virtual_now() -> float | None:
 
 
 async def sleep_until(virtual_s: float, client_id: int) -> None:
-    """Sleep until the virtual instant `virtual_s` (ties broken by client id)."""
+    """Sleep until the virtual instant `virtual_s` (on a VirtualTimeLoop; on another, as many real seconds)."""
     loop = asyncio.get_running_loop()
-    await asyncio.sleep(max(0.0, virtual_s + client_id * TIE_BREAK_S - loop.time()))
+    if isinstance(loop, VirtualTimeLoop):
+        await loop.wake_at(virtual_s, client_id)
+    else:
+        await asyncio.sleep(max(0.0, virtual_s - loop.time()))
 
 
 def run_virtual(coroutine, start_s: float = 0.0) -> Any:
