@@ -93,16 +93,20 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
 async def held(awaitable: Awaitable[Any]) -> Any:
     """Await real work (a thread's future, a Ray task): on a VirtualTimeLoop, time stands still until it is done."""
-    future = asyncio.ensure_future(awaitable)
     loop = asyncio.get_running_loop()
-    if isinstance(loop, VirtualTimeLoop):
-        loop.hold(future)
+    if not isinstance(loop, VirtualTimeLoop):
+        return await awaitable
+    future = asyncio.ensure_future(awaitable)
+    loop.hold(future)
     return await future
 
 
 def virtual_now() -> float | None:
-    """The virtual seconds of a simulation's clock; None on an ordinary loop (real time)."""
-    loop = asyncio.get_running_loop()
+    """The virtual seconds of a simulation's clock; None on an ordinary loop (real time), or outside one."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
     return loop.virtual_s if isinstance(loop, VirtualTimeLoop) else None
 
 
