@@ -21,6 +21,7 @@ the order of updates, and the model, do not depend on which thread finished firs
 from __future__ import annotations
 
 import asyncio
+import math
 import selectors
 from dataclasses import dataclass
 from functools import cached_property
@@ -156,3 +157,34 @@ class SpeedProfiles:
 
     def fit_seconds(self, client_id: int, num_examples: int, local_epochs: int) -> float:
         return num_examples * local_epochs / self.examples_per_s * self.slowness(client_id)
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Clients that come and go: virtual time is cut into periods of `period_s`, and in each a client is
+    here with probability `share`, drawn from (seed, client id, period). A client away in a period is out
+    of the pool, and a fit that a client's going away cuts short is lost (it drops when the client goes)."""
+
+    seed: int
+    share: float = 1.0
+    period_s: float = 600.0
+
+    def here(self, client_id: int, period: int) -> bool:
+        if self.share >= 1:
+            return True
+        return bool(np.random.default_rng([self.seed, client_id, period, 0xA7A1]).random() < self.share)
+
+    def period(self, virtual_s: float) -> int:
+        return math.floor(virtual_s / self.period_s)
+
+    def leaves_at(self, client_id: int, start_s: float, finish_s: float) -> float | None:
+        """When a client that starts a fit at `start_s` goes away before `finish_s`: `start_s` itself if it is
+        away in that period already, else the start of the first period it is away in; None if it stays."""
+        period = self.period(start_s)
+        if not self.here(client_id, period):
+            return start_s
+        while (period + 1) * self.period_s < finish_s:
+            period += 1
+            if not self.here(client_id, period):
+                return period * self.period_s
+        return None

@@ -21,10 +21,10 @@ from fedsock.config import ServerConfig
 from fedsock.console import ExitStatus
 from fedsock.engine import RoundEngine
 from fedsock.events import ClientDropped, Events, RoundStarted, UpdateAccepted, UpdateDiscarded
-from fedsock.simulate import Faults, VirtualClient
+from fedsock.simulate import Faults, VirtualClient, come_and_go
 from fedsock.strategies import Strategy
 from fedsock.transport import Traffic
-from fedsock.virtual_time import SpeedProfiles, run_virtual, sleep_until, virtual_now
+from fedsock.virtual_time import Availability, SpeedProfiles, run_virtual, sleep_until, virtual_now
 from test_engine import Recorder
 
 bounded = pytest.mark.timeout(60)  # real seconds; each test takes well under one
@@ -47,22 +47,33 @@ class FakeBackend:
 
 
 def virtual_run(engine_class, examples: dict[int, int], speeds: SpeedProfiles, backend: FakeBackend | None = None,
-                **changes):
+                availability: Availability | None = None, **changes):
     """Run an engine over VirtualClients holding `examples[id]` examples each, on the virtual clock: the
     engine, its recorder and the backend."""
     config = ServerConfig(**{"num_clients": len(examples), "model": "logreg", "time_to_wait_s": 0.0,
                              "round_timeout_s": 1000.0, "num_rounds": 3, "round_retries": 1, **changes})
     backend = backend or FakeBackend()
     pool = ClientPool(config.num_clients)
-    for client_id, count in examples.items():
-        client = VirtualClient(client_id, count, backend, Faults(0, 0.0, 0.0, 0.0), speeds=speeds)
-        pool.joined(client)
-        pool.add(client)
+    clients = [VirtualClient(client_id, count, backend, Faults(0, 0.0, 0.0, 0.0), speeds=speeds,
+                             availability=availability) for client_id, count in examples.items()]
+    if availability is None:  # otherwise come_and_go adds those here
+        for client in clients:
+            pool.joined(client)
+            pool.add(client)
     recorder = Recorder()
     engine = engine_class(config, Strategy(config), pool, GlobalModel.of({"w": torch.zeros(2)}),
                           lambda tensors: {"test_accuracy": float(tensors["w"][0]), "test_loss": 0.0},
                           Events([recorder]), Traffic())
-    assert run_virtual(engine.run()) == ExitStatus.OK
+
+    async def run() -> int:
+        comings = asyncio.ensure_future(come_and_go(pool, clients, availability)) if availability else None
+        try:
+            return await engine.run()
+        finally:
+            if comings is not None:
+                comings.cancel()
+
+    assert run_virtual(run()) == ExitStatus.OK
     return engine, recorder, backend
 
 
@@ -183,3 +194,39 @@ def test_the_same_seed_gives_the_same_virtual_times_and_the_same_model():
         runs.append(([(row["virtual_seconds"], row["staleness"]) for row in recorder.rows()],
                      engine.model.tensors["w"].tolist(), [e.client_id for e in recorder.of(UpdateAccepted)]))
     assert runs[0] == runs[1]
+
+
+# ---- clients that come and go
+
+
+def test_availability_is_drawn_from_the_seed_and_a_fit_is_lost_when_its_client_goes():
+    away = Availability(seed=5, share=0.7, period_s=10.0)
+    here = np.array([[away.here(i, k) for k in range(50)] for i in range(1, 201)])
+    assert here.mean() == pytest.approx(0.7, abs=0.02)
+    assert here.tolist() == [[Availability(5, 0.7, 10.0).here(i, k) for k in range(50)] for i in range(1, 201)]
+    assert Availability(seed=5).here(3, 7) and Availability(seed=5).leaves_at(3, 0.0, 1e6) is None  # share 1
+    for client_id in range(1, 30):
+        for start_s in (0.0, 14.0, 95.5):
+            leaves = away.leaves_at(client_id, start_s, start_s + 35.0)
+            periods = range(away.period(start_s), away.period(start_s + 35.0 - 1e-9) + 1)
+            if leaves is None:
+                assert all(away.here(client_id, k) for k in periods)
+            else:  # the first period of the fit it is away in: at its start, or the fit's own start
+                first_away = next(k for k in periods if not away.here(client_id, k))
+                assert leaves == max(start_s, first_away * 10.0)
+
+
+@bounded
+def test_clients_that_come_and_go_send_only_updates_trained_while_they_were_here():
+    """FedBuff (K=1: each version one update, made at its finish) over 6 clients here 60% of 1.5 s periods; a
+    fit takes 1 s. Each accepted update was trained in periods its client was here; others were lost."""
+    availability = Availability(seed=7, share=0.6, period_s=1.5)
+    speeds = SpeedProfiles(seed=7, num_clients=6, examples_per_s=100.0)
+    _, recorder, _ = virtual_run(BufferedEngine, {i: 100 for i in range(1, 7)}, speeds, availability=availability,
+                                 async_buffer=1, num_rounds=12, max_staleness=50)
+    finishes = [row["virtual_seconds"] for row in recorder.rows()]
+    for accepted, finish_s in zip(recorder.of(UpdateAccepted), finishes):
+        periods = range(availability.period(finish_s - 1.0), availability.period(finish_s - 1e-9) + 1)
+        assert all(availability.here(accepted.client_id, k) for k in periods), (accepted.client_id, finish_s)
+    lost = [e for e in recorder.of(ClientDropped) if "went away (--availability)" in e.reason]
+    assert lost and len(recorder.rows()) == 12
