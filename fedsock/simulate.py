@@ -20,6 +20,10 @@ Where the clients train (--backend):
 `--transport sockets` instead starts a real fl_server.py and runs the virtual clients
 against it over TCP with the normal protocol (their training still on the backend):
 fedsock/simulate_sockets.py. The command line is fl_simulate.py's.
+
+`--virtual-clock` (or any speed profile: --speed-sigma, --slow-share, --availability) makes time
+virtual: each fit takes its client's profile's time, in a discrete-event simulation that the event
+loop runs (fedsock/virtual_time.py); the clients still train for real.
 """
 
 from __future__ import annotations
