@@ -47,7 +47,7 @@ class FakeBackend:
 
 
 def virtual_run(engine_class, examples: dict[int, int], speeds: SpeedProfiles, backend: FakeBackend | None = None,
-                availability: Availability | None = None, **changes):
+                availability: Availability | None = None, evaluation_s: float = 0.0, **changes):
     """Run an engine over VirtualClients holding `examples[id]` examples each, on the virtual clock: the
     engine, its recorder and the backend."""
     config = ServerConfig(**{"num_clients": len(examples), "model": "logreg", "time_to_wait_s": 0.0,
@@ -61,8 +61,11 @@ def virtual_run(engine_class, examples: dict[int, int], speeds: SpeedProfiles, b
             pool.joined(client)
             pool.add(client)
     recorder = Recorder()
-    engine = engine_class(config, Strategy(config), pool, GlobalModel.of({"w": torch.zeros(2)}),
-                          lambda tensors: {"test_accuracy": float(tensors["w"][0]), "test_loss": 0.0},
+    def evaluate(tensors: dict) -> dict:
+        time.sleep(evaluation_s)  # the server's evaluation, in its worker thread
+        return {"test_accuracy": float(tensors["w"][0]), "test_loss": 0.0}
+
+    engine = engine_class(config, Strategy(config), pool, GlobalModel.of({"w": torch.zeros(2)}), evaluate,
                           Events([recorder]), Traffic())
 
     async def run() -> int:
@@ -193,6 +196,22 @@ def test_the_same_seed_gives_the_same_virtual_times_and_the_same_model():
                                           num_rounds=8, max_staleness=20)
         runs.append(([(row["virtual_seconds"], row["staleness"]) for row in recorder.rows()],
                      engine.model.tensors["w"].tolist(), [e.client_id for e in recorder.of(UpdateAccepted)]))
+    assert runs[0] == runs[1]
+
+
+@bounded
+@pytest.mark.parametrize("engine_class, changes", [(RoundEngine, {}), (BufferedEngine, {"async_buffer": 2})])
+def test_virtual_time_stands_still_while_the_server_evaluates(engine_class, changes):
+    """The server's evaluation is real work too: while it runs (here 50 ms a model, longer than the clients'
+    real training), no fit is released, so a slow evaluation changes no virtual time and no model."""
+    examples = {i: 100 for i in range(1, 6)}
+    speeds = SpeedProfiles(seed=4, num_clients=5, examples_per_s=100.0, sigma=0.5, slow_share=0.2)
+    runs = []
+    for evaluation_s in (0.0, 0.05):
+        engine, recorder, _ = virtual_run(engine_class, examples, speeds, evaluation_s=evaluation_s, num_rounds=6,
+                                          max_staleness=20, **changes)
+        runs.append(([(row["virtual_seconds"], row.get("staleness")) for row in recorder.rows()],
+                     engine.model.tensors["w"].tolist()))
     assert runs[0] == runs[1]
 
 
