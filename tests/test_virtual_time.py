@@ -47,14 +47,16 @@ class FakeBackend:
 
 
 def virtual_run(engine_class, examples: dict[int, int], speeds: SpeedProfiles, backend: FakeBackend | None = None,
-                availability: Availability | None = None, evaluation_s: float = 0.0, **changes):
+                availability: Availability | None = None, evaluation_s: float = 0.0, faults: Faults | None = None,
+                **changes):
     """Run an engine over VirtualClients holding `examples[id]` examples each, on the virtual clock: the
     engine, its recorder and the backend."""
     config = ServerConfig(**{"num_clients": len(examples), "model": "logreg", "time_to_wait_s": 0.0,
                              "round_timeout_s": 1000.0, "num_rounds": 3, "round_retries": 1, **changes})
     backend = backend or FakeBackend()
     pool = ClientPool(config.num_clients)
-    clients = [VirtualClient(client_id, count, backend, Faults(0, 0.0, 0.0, 0.0), speeds=speeds,
+    faults = faults or Faults(0, 0.0, 0.0, 0.0)
+    clients = [VirtualClient(client_id, count, backend, faults, speeds=speeds,
                              availability=availability) for client_id, count in examples.items()]
     if availability is None:  # otherwise come_and_go adds those here
         for client in clients:
@@ -150,6 +152,16 @@ def test_a_synchronous_rounds_virtual_time_is_its_slowest_clients():
     rows = recorder.rows()
     assert [row["virtual_seconds"] for row in rows] == pytest.approx([3.0, 6.0, 9.0])
     assert [row["test_accuracy"] for row in rows] == pytest.approx([14 / 6, 28 / 6, 42 / 6])  # example-weighted: (100+400+900)/600
+
+
+@bounded
+def test_a_stragglers_delay_is_virtual_seconds_too():
+    """--straggler-rate 1 --straggler-delay 5 on the clock: every fit 5 virtual seconds later, and no real wait."""
+    speeds = SpeedProfiles(seed=0, num_clients=2, examples_per_s=100.0)
+    started = time.perf_counter()
+    _, recorder, _ = virtual_run(RoundEngine, {1: 100, 2: 200}, speeds, faults=Faults(0, 0.0, 1.0, 5.0))
+    assert [row["virtual_seconds"] for row in recorder.rows()] == pytest.approx([7.0, 14.0, 21.0])
+    assert time.perf_counter() - started < 5.0
 
 
 @bounded
