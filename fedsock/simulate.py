@@ -319,7 +319,8 @@ class VirtualClient(UnconnectedProxy):
                  speeds: SpeedProfiles | None = None, availability: Availability | None = None):
         self.client_id, self.num_examples, self.backend, self.faults = client_id, num_examples, backend, faults
         self.codec = codec
-        self.speeds, self.availability = speeds, availability  # on a virtual clock: how long its fits take, when it is here
+        # on a virtual clock: how long its fits take, and when it is here
+        self.speeds, self.availability = speeds, availability
         # secure aggregation: this client's side of it, exactly as fl_client.py runs it
         self.session = ClientSession(client_id, secure_length, identity) if secure_length is not None else None
         self.residual: dict[str, torch.Tensor] = {}  # topk's error feedback, as a real client keeps it

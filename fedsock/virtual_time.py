@@ -152,7 +152,8 @@ class SpeedProfiles:
     def slowness(self, client_id: int) -> float:
         factor = self.slow_factor if client_id in self.slow_clients else 1.0
         if self.sigma:
-            factor *= float(np.exp(self.sigma * np.random.default_rng([self.seed, client_id, 0x5BEED]).standard_normal()))
+            draw = np.random.default_rng([self.seed, client_id, 0x5BEED]).standard_normal()
+            factor *= float(np.exp(self.sigma * draw))
         return factor
 
     def fit_seconds(self, client_id: int, num_examples: int, local_epochs: int) -> float:

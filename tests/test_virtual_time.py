@@ -151,7 +151,8 @@ def test_a_synchronous_rounds_virtual_time_is_its_slowest_clients():
     _, recorder, _ = virtual_run(RoundEngine, {1: 100, 2: 200, 3: 300}, speeds, FakeBackend({3: 0.0, 1: 0.2}))
     rows = recorder.rows()
     assert [row["virtual_seconds"] for row in rows] == pytest.approx([3.0, 6.0, 9.0])
-    assert [row["test_accuracy"] for row in rows] == pytest.approx([14 / 6, 28 / 6, 42 / 6])  # example-weighted: (100+400+900)/600
+    # example-weighted: (100·1 + 200·2 + 300·3) / 600 a round
+    assert [row["test_accuracy"] for row in rows] == pytest.approx([14 / 6, 28 / 6, 42 / 6])
 
 
 @bounded
