@@ -51,6 +51,19 @@ def parse_config(argv: list[str] | None):
     return config, checkpoint
 
 
+def clock_line(config) -> str:
+    """What the virtual clock models, in one line."""
+    parts = [f"a client of speed 1 trains {config.virtual_examples_per_s:g} examples a virtual second"]
+    if config.speed_sigma:
+        parts.append(f"slowness lognormal(0, {config.speed_sigma:g})")
+    if config.slow_share:
+        parts.append(f"{round(config.slow_share * config.num_clients)} of {config.num_clients} clients "
+                     f"{config.slow_factor:g}x slower")
+    if config.availability < 1:
+        parts.append(f"each here with probability {config.availability:g} in every {config.availability_period_s:g} s")
+    return "time is virtual (the clients train for real; only their profiles' fit times count): " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     config, checkpoint = parse_config(argv)
     if config.transport == "sockets":
@@ -72,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = f", {config.workers} worker(s)" if config.backend != "ray" else ""
     say(WHO, f"{config.num_clients} virtual clients on the {backend.name} backend{workers}; output in {output_dir}")
     if config.virtual_clock:
-        say(WHO, "time is virtual: each fit takes its client's profile's time, and nothing else takes any")
+        say(WHO, clock_line(config))
     try:
         return run_simulation(config, setup, data, backend, output_dir)
     finally:
