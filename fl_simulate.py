@@ -10,10 +10,9 @@ fedsock/simulate_sockets.py.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from fedsock import config as settings
 from fedsock.console import ArgumentParser, HelpFormatter, UsageError, run_main, say
@@ -21,7 +20,8 @@ from fedsock.flag_checks import check_config
 from fedsock.prepare import make_output_dir, prepare_training
 from fedsock.resume_guard import Protections, check_resume
 from fedsock.run_files import read_checkpoint
-from fedsock.simulate import NOT_SIMULATED, WHO, SharedData, SimulationConfig, make_backend, simulate
+from fedsock.simulate import (NOT_SIMULATED, PROFILE_FLAGS, WHO, SharedData, SimulationConfig, make_backend,
+                              run_simulation)
 from fedsock.simulate_sockets import run_over_sockets
 
 
@@ -41,12 +41,27 @@ def parse_config(argv: list[str] | None):
     if config.resume:
         checkpoint = read_checkpoint(config.resume)
         config = settings.resumed(config, checkpoint.config, given, args)
+    if any(name in given for name in PROFILE_FLAGS):
+        config = replace(config, virtual_clock=True)  # a speed means nothing without the clock that runs on it
     check_config(config, given, parser)
     if config.backend != "ray" and any(name in given for name in ("ray_address", "client_cpus", "client_gpus")):
         parser.error("--ray-address, --client-cpus and --client-gpus apply to --backend ray")
     if config.backend == "ray" and "workers" in given:
         parser.error("--workers applies to --backend inprocess and processes; Ray places tasks by --client-cpus")
     return config, checkpoint
+
+
+def clock_line(config) -> str:
+    """What the virtual clock models, in one line."""
+    parts = [f"a client of speed 1 trains {config.virtual_examples_per_s:g} examples a virtual second"]
+    if config.speed_sigma:
+        parts.append(f"slowness lognormal(0, {config.speed_sigma:g})")
+    if config.slow_share:
+        parts.append(f"{round(config.slow_share * config.num_clients)} of {config.num_clients} clients "
+                     f"{config.slow_factor:g}x slower")
+    if config.availability < 1:
+        parts.append(f"each here with probability {config.availability:g} in every {config.availability_period_s:g} s")
+    return "time is virtual (the clients train for real; only their profiles' fit times count): " + "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,8 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     backend = make_backend(config, data)
     workers = f", {config.workers} worker(s)" if config.backend != "ray" else ""
     say(WHO, f"{config.num_clients} virtual clients on the {backend.name} backend{workers}; output in {output_dir}")
+    if config.virtual_clock:
+        say(WHO, clock_line(config))
     try:
-        return asyncio.run(simulate(config, setup, data, backend, output_dir))
+        return run_simulation(config, setup, data, backend, output_dir)
     finally:
         backend.close()
 

@@ -40,6 +40,7 @@ from fedsock.clients import ClientProxy, FitIns, FitRes, GlobalModel, Stopped
 from fedsock.engine import RoundEngine, RunFailed
 from fedsock.events import ClientDropped, Notice, RoundStarted, UpdateAccepted, UpdateDiscarded
 from fedsock.privacy import clip_delta, gaussian_noise, secret_generator
+from fedsock.virtual_time import virtual_now
 
 # The strategies whose step is the aggregate itself: η scales the buffer's mean delta. The others
 # (fedavgm, fedadam, ...) step with their own server learning rate on the same mean delta.
@@ -116,6 +117,7 @@ class VersionBuffer:
             "max_fit_seconds": max([u["fit_seconds"] for u in updates], default=0.0),
             "sum_fit_seconds": sum(u["fit_seconds"] for u in updates),
             "staleness": max(stalenesses, default=0), "mean_staleness": sum(stalenesses) / max(len(stalenesses), 1),
+            "virtual_seconds": virtual_now(),  # a simulation's virtual clock (None in real time)
         }
 
 

@@ -38,6 +38,7 @@ from fedsock.secagg import SecAggError, SecureAggregation
 from fedsock.strategies import Strategy
 from fedsock.tasks import Task
 from fedsock.transport import Traffic
+from fedsock.virtual_time import virtual_now
 
 
 class RunFailed(FedsockError):
@@ -177,6 +178,7 @@ class Round:
             "bytes_received": traffic.received - self.traffic_at_start[1],
             "max_fit_seconds": max([u["fit_seconds"] for u in updates], default=0.0),
             "sum_fit_seconds": sum(u["fit_seconds"] for u in updates),
+            "virtual_seconds": virtual_now(),  # a simulation's virtual clock (None in real time)
         }
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from fedsock.console import say, warn
+from fedsock.virtual_time import held
 
 WHO = "server"
 
@@ -241,7 +242,7 @@ class BackgroundObserver(Observer):
     async def flush(self) -> None:
         pending, self.pending = self.pending, []
         for future in pending:
-            await asyncio.wrap_future(future)
+            await held(asyncio.wrap_future(future))  # a simulation's virtual clock waits for the file
 
     def close(self) -> None:
         self.executor.shutdown(wait=True)
@@ -397,5 +398,6 @@ def round_line(row: dict[str, Any], num_rounds: int) -> str:
         quality = "no server test set"
     privacy = f"  ε {row['epsilon']:.3g}" if row.get("epsilon") is not None else ""
     stale = f"  staleness ≤ {row['staleness']}" if row.get("staleness") is not None else ""  # --async-buffer
+    virtual = f" (virtual {row['virtual_seconds']:.1f} s)" if row.get("virtual_seconds") is not None else ""
     return (f"round {row['round']}/{num_rounds}  clients {row['clients']}/{row['expected']}  {quality}  "
-            f"{row['seconds']:.1f} s{privacy}{stale}")
+            f"{row['seconds']:.1f} s{virtual}{privacy}{stale}")

@@ -31,6 +31,7 @@ from typing import Any
 
 from fedsock.console import FedsockError, UsageError, warn
 from fedsock.events import WHO, MetricsUpdated, Observer, RoundFinished, RunFinished, SessionFinished, SettingsChanged
+from fedsock.virtual_time import held
 from socket_methods import FrameReader, ProtocolError, decode_weights, encode_message, encode_weights, frame_header
 
 METRIC_COLUMNS = (
@@ -38,6 +39,7 @@ METRIC_COLUMNS = (
     "bytes_sent", "bytes_received", "max_fit_seconds", "sum_fit_seconds", "epsilon",
     "test_precision", "test_recall", "test_f1", "fed_accuracy", "fed_loss", "fed_precision", "fed_recall", "fed_f1",
     "fed_clients", "fed_examples", "confusion", "session", "resumed", "staleness", "mean_staleness",
+    "virtual_seconds",
 )  # new columns go at the end: tools that read metrics.csv by position keep working
 CHECKPOINT_NAME = "checkpoint.fsck"
 CHECKPOINT_HEADER = "<CHECKPOINT>"  # framed as a protocol message, but only ever a file's: not in MESSAGES
@@ -412,7 +414,7 @@ class RunFiles(Observer):
         pending, self.pending = self.pending, []
         for future in pending:
             try:
-                await asyncio.wrap_future(future)
+                await held(asyncio.wrap_future(future))  # a virtual clock waits for the file
             except OutputFailed:
                 pass
         if self.failed:

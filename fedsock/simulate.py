@@ -20,6 +20,10 @@ Where the clients train (--backend):
 `--transport sockets` instead starts a real fl_server.py and runs the virtual clients
 against it over TCP with the normal protocol (their training still on the backend):
 fedsock/simulate_sockets.py. The command line is fl_simulate.py's.
+
+`--virtual-clock` (or any speed profile: --speed-sigma, --slow-share, --availability) makes time
+virtual: each fit takes its client's profile's time, in a discrete-event simulation that the event
+loop runs (fedsock/virtual_time.py); the clients still train for real.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,10 +54,14 @@ from fedsock.prepare import compression_of, output_observers, run_title
 from fedsock.run_control import stop_on_signals
 from fedsock.run_files import RunFiles
 from fedsock.transport import Traffic
+from fedsock.virtual_time import Availability, SpeedProfiles, held, run_virtual, sleep_until
 from socket_methods import decode_weights, encode_weights
 
 WHO = "simulation"
 SIMULATION = "simulation"
+VIRTUAL_CLOCK = "virtual clock (fedsock/virtual_time.py)"
+PROFILE_FLAGS = ("virtual_examples_per_s", "speed_sigma", "slow_share", "slow_factor", "availability",
+                 "availability_period_s")  # each turns the clock on
 
 
 @dataclass
@@ -80,6 +88,24 @@ class SimulationConfig(ServerConfig):
                                     type=settings.number(float, 0, 1), metavar="P")
     straggler_delay_s: float = setting(10.0, "how much later a straggler's update comes", group=SIMULATION,
                                        flag="--straggler-delay", type=settings.non_negative_float)
+    virtual_clock: bool = setting(False, "time is virtual: each fit takes its client's profile's time (below), "
+                                         "the clients still train for real, and every timeout is in virtual "
+                                         "seconds (on with any of the profile flags)", group=VIRTUAL_CLOCK)
+    virtual_examples_per_s: float = setting(100.0, "a client of speed 1 trains this many examples per virtual "
+                                                   "second", group=VIRTUAL_CLOCK, type=settings.positive_float,
+                                            metavar="RATE")
+    speed_sigma: float = setting(0.0, "each client's slowness is lognormal(0, S), drawn from (seed, client id)",
+                                 group=VIRTUAL_CLOCK, type=settings.non_negative_float, metavar="S")
+    slow_share: float = setting(0.0, "a share P of the clients (exactly round(P·N), drawn from the seed) are "
+                                     "--slow-factor times slower", group=VIRTUAL_CLOCK,
+                                type=settings.number(float, 0, 1), metavar="P")
+    slow_factor: float = setting(10.0, "how many times slower the --slow-share clients are", group=VIRTUAL_CLOCK,
+                                 type=settings.positive_float, metavar="F")
+    availability: float = setting(1.0, "each client is here in a virtual period with probability P, drawn from "
+                                       "(seed, client id, period); a fit its going away cuts short is lost",
+                                  group=VIRTUAL_CLOCK, type=settings.number(float, 0, 1), metavar="P")
+    availability_period_s: float = setting(600.0, "the virtual periods of --availability", group=VIRTUAL_CLOCK,
+                                           flag="--availability-period", type=settings.positive_float)
 
 
 # Server settings a simulation has no use for (no listening socket of its own, no TLS, no lobby).
@@ -289,9 +315,12 @@ class VirtualClient(UnconnectedProxy):
     """A ClientProxy that trains on the backend: an id and a count; its data stays in SharedData."""
 
     def __init__(self, client_id: int, num_examples: int, backend, faults: Faults, codec: "UpdateCodec | None" = None,
-                 secure_length: int | None = None, identity: Identity | None = None):
+                 secure_length: int | None = None, identity: Identity | None = None,
+                 speeds: SpeedProfiles | None = None, availability: Availability | None = None):
         self.client_id, self.num_examples, self.backend, self.faults = client_id, num_examples, backend, faults
         self.codec = codec
+        # on a virtual clock: how long its fits take, and when it is here
+        self.speeds, self.availability = speeds, availability
         # secure aggregation: this client's side of it, exactly as fl_client.py runs it
         self.session = ClientSession(client_id, secure_length, identity) if secure_length is not None else None
         self.residual: dict[str, torch.Tensor] = {}  # topk's error feedback, as a real client keeps it
@@ -300,9 +329,25 @@ class VirtualClient(UnconnectedProxy):
         drops, delay_s = self.faults.fate(self.client_id, ins.round)
         if drops:
             raise Dropped("a simulated crash (--drop-rate)")
-        if delay_s:
-            await asyncio.sleep(delay_s)  # a simulated straggler: its update really comes this much later
-        tensors, metrics = await self.backend.fit(self.client_id, ins)
+        if self.speeds is None:
+            if delay_s:
+                await asyncio.sleep(delay_s)  # a simulated straggler: its update really comes this much later
+            return await self.train(ins)
+        # On the virtual clock: train for real (virtual time stands still meanwhile), then wait for the
+        # virtual instant this fit ends, so that the engine sees it in virtual-time order.
+        start_s = asyncio.get_running_loop().time()
+        finish_s = start_s + delay_s + self.speeds.fit_seconds(self.client_id, self.num_examples,
+                                                               ins.settings["local_epochs"])
+        leaves_s = self.availability.leaves_at(self.client_id, start_s, finish_s) if self.availability else None
+        if leaves_s is not None:  # it goes away first: its fit is lost, so it need not train
+            await sleep_until(leaves_s, self.client_id)
+            raise Dropped("went away (--availability)")
+        result = await self.train(ins)
+        await sleep_until(finish_s, self.client_id)
+        return result
+
+    async def train(self, ins: FitIns) -> FitRes:
+        tensors, metrics = await held(self.backend.fit(self.client_id, ins))
         if self.codec is not None:
             tensors = self.codec.round_trip(ins.model, tensors, self.client_id, ins.round, self.residual)
         if self.session is not None:
@@ -337,6 +382,43 @@ def make_backend(config: SimulationConfig, data: SharedData):
     return InProcessBackend(data, config.model, config.seed, config.workers, nnh.choose_device(config.device))
 
 
+def speed_profiles(config: SimulationConfig) -> SpeedProfiles | None:
+    """The clients' speeds on a virtual clock; None without one."""
+    if not config.virtual_clock:
+        return None
+    return SpeedProfiles(config.seed, config.num_clients, config.virtual_examples_per_s, config.speed_sigma,
+                         config.slow_share, config.slow_factor)
+
+
+def availability_of(config: SimulationConfig) -> Availability | None:
+    if not config.virtual_clock or config.availability >= 1:
+        return None
+    return Availability(config.seed, config.availability, config.availability_period_s)
+
+
+async def come_and_go(pool: ClientPool, clients: list[VirtualClient], availability: Availability) -> None:
+    """--availability: at the start of each virtual period, the clients away in it leave the pool and those
+    here (re)join it. Runs until the simulation ends."""
+    period = availability.period(asyncio.get_running_loop().time())
+    while True:
+        for client in clients:
+            if availability.here(client.client_id, period) and client.client_id not in pool.members:
+                pool.joined(client)
+                pool.add(client)
+            elif not availability.here(client.client_id, period) and client.client_id in pool.members:
+                pool.remove(client.client_id)
+        period += 1
+        await sleep_until(period * availability.period_s, 0)
+
+
+def run_simulation(config: SimulationConfig, setup, data: SharedData, backend, output_dir: Path) -> int:
+    """The simulation, on a virtual clock (which a resumed run's continues from) or in real time."""
+    if not config.virtual_clock:
+        return asyncio.run(simulate(config, setup, data, backend, output_dir))
+    last = setup.checkpoint.metrics[-1] if setup.checkpoint and setup.checkpoint.metrics else {}
+    return run_virtual(simulate(config, setup, data, backend, output_dir), last.get("virtual_seconds") or 0.0)
+
+
 async def simulate(config: SimulationConfig, setup, data: SharedData, backend, output_dir: Path) -> int:
     files = RunFiles(output_dir, run_title(config, "fedsock simulation"), setup.checkpoint, setup.protections,
                      positive=setup.task.positive if setup.task else None)
@@ -349,11 +431,18 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
         codec = UpdateCodec(compression_of(config), setup.model.tensors, config.seed)
     ids = range(1, config.num_clients + 1)
     identities = enrolled_identities(config.federation, ids) if setup.secure and config.federation else {}
-    for client_id in ids:
-        client = VirtualClient(client_id, data.num_examples(client_id), backend, faults, codec,
-                               setup.secure.length if setup.secure is not None else None, identities.get(client_id))
-        pool.joined(client)
-        pool.add(client)
+    speeds, availability = speed_profiles(config), availability_of(config)
+    clients = [VirtualClient(client_id, data.num_examples(client_id), backend, faults, codec,
+                             setup.secure.length if setup.secure is not None else None, identities.get(client_id),
+                             speeds, availability) for client_id in ids]
+    comings = None
+    if availability is None:
+        for client in clients:
+            pool.joined(client)
+            pool.add(client)
+    else:  # those here in the first period join at once; then each period's come and go
+        config = replace(config, time_to_wait_s=0.0)  # nobody else is coming: start with those here
+        comings = asyncio.ensure_future(come_and_go(pool, clients, availability))
     recorder = UpdateRecorder(config.record_updates, config, setup.task, events) if config.record_updates else None
     engine = engine_class(config)(config, setup.strategy, pool, setup.model, setup.evaluate, events, Traffic(),
                                   setup.checkpoint, setup.secure, output_dir=str(output_dir), recorder=recorder)
@@ -361,6 +450,8 @@ async def simulate(config: SimulationConfig, setup, data: SharedData, backend, o
     try:
         return await engine.run()
     finally:
+        if comings is not None:
+            comings.cancel()
         files.close()
         for observer in outputs:
             observer.close()

@@ -152,6 +152,9 @@ def run_over_sockets(config, argv: list[str] | None) -> int:
     if config.drop_rate or config.straggler_rate:
         raise UsageError("--drop-rate and --straggler-rate apply to --transport inprocess; over sockets, kill or "
                          "stop client processes instead (a real fault)")
+    if config.virtual_clock:
+        raise UsageError("--virtual-clock and the speed profiles apply to --transport inprocess; over sockets, time "
+                         "is real")
     argv = list(sys.argv[1:] if argv is None else argv)
     spec = importlib.util.find_spec("fl_server")
     command = [sys.executable, "-u", spec.origin, *server_argv(argv), "--server-port", "0", "--time-to-wait", "60",

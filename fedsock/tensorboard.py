@@ -40,6 +40,7 @@ TAGS = {
     "fed_accuracy": "federated/accuracy", "fed_loss": "federated/loss", "fed_precision": "federated/precision",
     "fed_recall": "federated/recall", "fed_f1": "federated/f1", "fed_clients": "federated/clients",
     "fed_examples": "federated/examples",
+    "virtual_seconds": "time/virtual_seconds",
 }
 NOT_SCALARS = ("round", "confusion", "session", "resumed")  # the step itself, a matrix, where sessions began
 

@@ -61,7 +61,7 @@ def test_metrics_csv_says_where_a_resume_began_after_the_columns_it_had(two_runs
     with open(two_runs / "fedavg" / "metrics.csv") as f:
         header = next(csv.reader(f))
     assert tuple(header) == METRIC_COLUMNS == (*COLUMNS_BEFORE, "session", "resumed", "staleness",
-                                                        "mean_staleness")
+                                                        "mean_staleness", "virtual_seconds")
     rows = read_metrics(two_runs / "fedavg" / "metrics.csv")
     assert [(r["round"], r["session"], r["resumed"]) for r in rows] == [(1, 1, None), (2, 1, None), (3, 2, 1)]
     assert [r["session"] for r in read_metrics(two_runs / "fedadam" / "metrics.csv")] == [1, 1, 1]

@@ -186,7 +186,34 @@ def test_a_missing_ray_is_one_line(cluster, tmp_path):
     (["--client-gpus", "1"], "--ray-address, --client-cpus and --client-gpus apply to --backend ray"),
     (["--drop-rate", "1.5"], "--drop-rate: must be 0..1"),
     (["--transport", "sockets", "--drop-rate", "0.1"], "--drop-rate and --straggler-rate apply to --transport inprocess"),
+    (["--transport", "sockets", "--slow-share", "0.2"], "--virtual-clock and the speed profiles apply to --transport "
+                                                        "inprocess"),
 ])
 def test_simulation_flags_that_make_no_sense_are_one_line(tmp_path, args, message):
     code, output = run_cli("fl_simulate", [*LOGREG, *args, "--output-dir", str(tmp_path / "sim")])
     assert code == 2 and message in output and "Traceback" not in output, output
+
+
+def test_a_virtual_clock_gives_the_same_run_on_one_worker_or_two_and_resumes_its_time(tmp_path, capsys):
+    """fl_simulate.py with speed profiles and FedBuff: the updates reach the engine in virtual-time order, so
+    two workers (whose real training ends in any order) give one worker's metrics, virtual times and model.
+    A resumed run's clock goes on from its checkpoint's (its in-flight updates are lost, as in a real resume)."""
+    flags = [*LOGREG, "--num-clients", "6", "--async-buffer", "2", "--slow-share", "0.34", "--speed-sigma", "0.5",
+             "--max-staleness", "20", "--seed", "2", "--num-rounds", "6"]
+    assert simulate_here(*flags, output_dir=tmp_path / "one") == 0
+    output = capsys.readouterr().out
+    assert re.search(r"round 6/6  clients 2/2  test acc \d+\.\d\d%  loss \d\.\d+  \d+\.\d s \(virtual \d+\.\d s\)  "
+                     r"staleness ≤ \d+", output), output
+    assert simulate_here(*flags, "--workers", "2", "--quiet", output_dir=tmp_path / "two") == 0
+    one, two = read_metrics(tmp_path / "one" / "metrics.csv"), read_metrics(tmp_path / "two" / "metrics.csv")
+    keys = ("round", "virtual_seconds", "staleness", "test_accuracy", "train_loss")
+    assert [[r[k] for k in keys] for r in one] == [[r[k] for k in keys] for r in two]
+    assert max(r["staleness"] for r in one) > 0 and one[-1]["virtual_seconds"] > one[0]["virtual_seconds"] > 0
+    a, b = torch.load(tmp_path / "one" / "model.pt"), torch.load(tmp_path / "two" / "model.pt")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert simulate_here(*flags, "--num-rounds", "3", "--quiet", output_dir=tmp_path / "parts") == 0
+    assert simulate_here("--resume", str(tmp_path / "parts" / "checkpoint.fsck"), "--num-rounds", "5", "--quiet",
+                         output_dir=tmp_path / "parts") == 0
+    parts = read_metrics(tmp_path / "parts" / "metrics.csv")
+    assert [r["virtual_seconds"] for r in parts[:3]] == [r["virtual_seconds"] for r in one[:3]]
+    assert parts[2]["virtual_seconds"] < parts[3]["virtual_seconds"] < parts[4]["virtual_seconds"]
