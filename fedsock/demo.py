@@ -44,6 +44,7 @@ ROOT = Path.cwd()
 COLOURS = ["\033[1;36m", "\033[32m", "\033[33m", "\033[35m", "\033[34m", "\033[31m"]
 RESET = "\033[0m"
 INTERRUPTED = 130  # Ctrl-C's exit status, as every fedsock program
+STOP_WAIT_S = 120  # after a Ctrl-C: how long the server and clients get to stop cleanly, all together
 HOLD_S = 20  # how long tmux panes stay on screen after the run, to read the last lines
 DASHBOARD_LINK = re.compile(r"dashboard: (http://\S+)")  # the server's line: its link carries the run's token
 
@@ -157,8 +158,13 @@ def run_labelled(args: argparse.Namespace, output_dir: Path, extra: list[str], c
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
         server.send_signal(signal.SIGINT)  # the server tells its clients and keeps its checkpoint
+        deadline = time.monotonic() + STOP_WAIT_S
         for p in procs:
-            p.wait(timeout=60)
+            try:
+                p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:  # the finally below ends it; say so rather than hang
+                print(f"demo: a process (pid {p.pid}) had not ended {STOP_WAIT_S} s after the Ctrl-C: ended it",
+                      file=sys.stderr)
         return INTERRUPTED
     finally:
         for p in procs:

@@ -86,7 +86,12 @@ class Proc:
             code = self.popen.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
+            self._drain()  # what it printed after the last line a test waited for: the clue
             raise self.error(f"{self.name} did not exit within {timeout:g} s; output:\n" + self.output) from None
+        self._drain()
+        return code
+
+    def _drain(self) -> None:
         self._reader.join(timeout=10)
         while True:
             try:
@@ -94,7 +99,6 @@ class Proc:
                     break
             except queue.Empty:
                 break
-        return code
 
     @property
     def output(self) -> str:
