@@ -1,4 +1,4 @@
-"""Benchmark: synchronous FedAvg against FedBuff (--async-buffer) on heterogeneous clients, in virtual time.
+"""Benchmark 17: synchronous FedAvg against FedBuff (--async-buffer) on heterogeneous clients, in virtual time.
 
 Both run on fl_simulate.py's virtual clock (fedsock/virtual_time.py) with the same speed profiles,
 seed and data: the clients train for real, and time is each fit's virtual time (its examples at
