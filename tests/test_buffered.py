@@ -16,7 +16,7 @@ import torch
 
 import fl_server
 from fedsock.buffered import BufferedEngine, VersionBuffer, plain_step, staleness_weight
-from fedsock.clients import ClientPool, GlobalModel
+from fedsock.clients import GlobalModel
 from fedsock.config import ServerConfig
 from fedsock.console import ExitStatus
 from fedsock.engine import RunFailed
@@ -24,7 +24,7 @@ from fedsock.events import Events, Notice, RoundFinished, RoundStarted, UpdateDi
 from fedsock.privacy import Privacy, PrivacySettings, clip_delta, gaussian_epsilon, gaussian_noise
 from fedsock.strategies import Strategy
 from fedsock.transport import Traffic
-from test_engine import FakeClient, Recorder, run
+from test_engine import FakeClient, Recorder, pool_of, run
 
 
 def buffered_engine(clients: list[FakeClient], privacy: Privacy | None = None, resumed=None,
@@ -32,11 +32,7 @@ def buffered_engine(clients: list[FakeClient], privacy: Privacy | None = None, r
     config = ServerConfig(**{"num_clients": len(clients), "model": "logreg", "time_to_wait_s": 0.0,
                              "round_timeout_s": 5.0, "num_rounds": 3, "round_retries": 1, "async_buffer": 1,
                              **changes})
-    pool = ClientPool(config.num_clients)
-    for client in clients:
-        client.pool = pool
-        pool.joined(client)
-        pool.add(client)
+    pool = pool_of(clients, config.num_clients)
     recorder = Recorder()
     model = GlobalModel.of(resumed.model if resumed else {"w": torch.zeros(2)})
     engine = BufferedEngine(config, Strategy(config, privacy), pool, model,

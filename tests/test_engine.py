@@ -87,14 +87,20 @@ class Recorder(Observer):
         return [e.row for e in self.of(RoundSaved)]
 
 
-def engine_for(clients: list[FakeClient], **changes) -> tuple[RoundEngine, Recorder]:
-    config = ServerConfig(**{"num_clients": len(clients), "model": "logreg", "time_to_wait_s": 0.0,
-                             "round_timeout_s": 0.3, "num_rounds": 3, "round_retries": 1, **changes})
-    pool = ClientPool(config.num_clients)
+def pool_of(clients: list[FakeClient], num_clients: int) -> ClientPool:
+    """A pool with every fake client joined and ready, as the lobby leaves it when training starts."""
+    pool = ClientPool(num_clients)
     for client in clients:
         client.pool = pool
         pool.joined(client)
         pool.add(client)
+    return pool
+
+
+def engine_for(clients: list[FakeClient], **changes) -> tuple[RoundEngine, Recorder]:
+    config = ServerConfig(**{"num_clients": len(clients), "model": "logreg", "time_to_wait_s": 0.0,
+                             "round_timeout_s": 0.3, "num_rounds": 3, "round_retries": 1, **changes})
+    pool = pool_of(clients, config.num_clients)
     recorder = Recorder()
     engine = RoundEngine(config, Strategy(config), pool, GlobalModel.of({"w": torch.zeros(2)}),
                          lambda tensors: {"test_accuracy": float(tensors["w"][0]), "test_loss": 0.0},
