@@ -258,6 +258,27 @@ def test_a_fresh_waiting_note_is_shown_once(capsys):
     assert shown.count("server: round 2: 1 of 2 updates in") == 1 and "0 of 2" not in shown
 
 
+@pytest.mark.parametrize("flags, sends_counts", [([], True), (["--require-secure-aggregation"], False)],
+                         ids=["no policy", "a policy"])
+def test_label_counts_go_only_from_a_client_whose_policy_asks_for_nothing(flags, sends_counts):
+    """<READY>'s label_counts say something of the client's data: a client that states any privacy
+    policy keeps them to itself, whatever the server asks."""
+    seen = []
+
+    def script(server: FakeServer, sock: socket.socket) -> None:
+        sock.sendall(metadata_frame(secure_aggregation=True))
+        seen.append(server.message(sock))
+        sock.sendall(encode_message("<FINISHED>", completed=True, rounds_completed=0, message="done"))
+
+    server, client = run_against(script, *flags)
+    assert client.finish(timeout=CLIENT_EXIT_S) == 0, client.output
+    server.finish()
+    ready = seen[0]
+    assert ready["header"] == "<READY>" and ("label_counts" in ready) == sends_counts, ready
+    if sends_counts:
+        assert sum(ready["label_counts"]) == ready["num_examples"]
+
+
 # --------------------------------------------------------------------------- before <METADATA>
 
 HTTP_RESPONSE = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n"
