@@ -549,14 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--canaries", type=bounded(int, 2, 10_000), default=d.canaries, help="canary clients inserted")
     c.add_argument("--held-out", type=bounded(int, 2, 1_000_000), default=d.held_out,
                    help="canary directions drawn but never inserted")
-    c.add_argument("--num-rounds", type=bounded(int, 1, 10_000), default=d.num_rounds)
+    c.add_argument("--num-rounds", type=bounded(int, 1, 10_000), default=d.num_rounds, help="rounds of each run")
     c.add_argument("--clip", type=bounded(float, 1e-9), default=d.clip, help="the clip bound S")
     c.add_argument("--delta", type=bounded(float, 1e-300, 0.1), default=None,
                    help="delta (default: fedsock's for the whole pool, min(1e-5, 1/(10 N)))")
-    c.add_argument("--local-epochs", type=bounded(int, 1, 100), default=d.local_epochs)
-    c.add_argument("--batch-size", type=bounded(int, 1, 4096), default=d.batch_size)
-    c.add_argument("--lr", type=bounded(float, 1e-6, 10.0), default=d.lr)
-    c.add_argument("--seed", type=bounded(int, 0), default=d.seed)
+    c.add_argument("--local-epochs", type=bounded(int, 1, 100), default=d.local_epochs, help="epochs each client trains per round")
+    c.add_argument("--batch-size", type=bounded(int, 1, 4096), default=d.batch_size, help="client minibatch size")
+    c.add_argument("--lr", type=bounded(float, 1e-6, 10.0), default=d.lr, help="client SGD learning rate")
+    c.add_argument("--seed", type=bounded(int, 0), default=d.seed, help="seed of the data, the model, the canaries and the noise")
     c.add_argument("--break", dest="broken", choices=BREAKS, default=d.broken,
                    help="drop-noise: a deliberately broken run (accounted noise, none added) that the audit must fail")
     c.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
@@ -564,16 +564,17 @@ def build_parser() -> argparse.ArgumentParser:
     m = commands.add_parser("membership", help="loss-threshold membership inference on the own-data tasks",
                             formatter_class=HelpFormatter)
     e = MembershipSettings()
-    m.add_argument("--tasks", type=task_list, default=e.tasks, metavar="spam,xray")
+    m.add_argument("--tasks", type=task_list, default=e.tasks, metavar="spam,xray",
+                   help="the tasks to attack: spam (SMS messages) and xray (chest X-rays)")
     m.add_argument("--noise-multiplier", type=bounded(float, 0.0, 1000.0), default=e.noise_multiplier,
                    help="z of the DP run (each task also runs without DP)")
     m.add_argument("--clip", type=bounded(float, 1e-9), default=e.clip, help="the clip bound S of the DP run")
-    m.add_argument("--num-clients", type=bounded(int, 1, 1000), default=e.num_clients)
-    m.add_argument("--num-rounds", type=bounded(int, 1, 1000), default=e.num_rounds)
-    m.add_argument("--local-epochs", type=bounded(int, 1, 100), default=e.local_epochs)
-    m.add_argument("--batch-size", type=bounded(int, 1, 4096), default=e.batch_size)
-    m.add_argument("--lr", type=bounded(float, 1e-6, 10.0), default=e.lr)
-    m.add_argument("--seed", type=bounded(int, 0), default=e.seed)
+    m.add_argument("--num-clients", type=bounded(int, 1, 1000), default=e.num_clients, help="clients")
+    m.add_argument("--num-rounds", type=bounded(int, 1, 1000), default=e.num_rounds, help="rounds of each run")
+    m.add_argument("--local-epochs", type=bounded(int, 1, 100), default=e.local_epochs, help="epochs each client trains per round")
+    m.add_argument("--batch-size", type=bounded(int, 1, 4096), default=e.batch_size, help="client minibatch size")
+    m.add_argument("--lr", type=bounded(float, 1e-6, 10.0), default=e.lr, help="client SGD learning rate")
+    m.add_argument("--seed", type=bounded(int, 0), default=e.seed, help="seed of the data, the model and the noise")
     m.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     m.add_argument("--traceback", action="store_true", help="show a full traceback on errors (for bug reports)")
     return parser

@@ -57,7 +57,7 @@ TASKS = {
 }
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="demo.py", description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
                             usage="%(prog)s [options] [-- FLAGS for fl_server.py]",
                             epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2])
@@ -76,6 +76,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--dashboard", type=int, nargs="?", const=8765, default=None, metavar="PORT",
                         help="open the live dashboard at http://127.0.0.1:PORT/ (default port 8765): training starts "
                              "when you press Start training there, and more rounds can follow until you press Stop")
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)

@@ -72,12 +72,17 @@ def enrol(folder: Path, ids: list[int]) -> None:
     say(WHO, "  (on other machines: copy client-K.identity to client K only, over a channel you trust)")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m fedsock.enrol", description=__doc__.split("\n\n")[0] + "\n\n" +
                             __doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     parser.add_argument("--clients", required=True, metavar="IDS",
                         help="N (clients 1..N), or ids and ranges such as 4,7-9")
     parser.add_argument("--dir", default="federation", metavar="DIR", help="where the keys and identities go")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         ids = client_ids(args.clients)

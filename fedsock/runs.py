@@ -66,7 +66,7 @@ async def serve(folder: Path, host: str, port: int, loopback: bool) -> None:
         await runner.cleanup()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=PROG, description="The runs view without a federation: the run folders in FOLDER, "
                                                    "their settings and final numbers, compared on one chart.")
     parser.add_argument("folder", nargs="?", default="runs",
@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dashboard", default="8090", metavar="[HOST:]PORT",
                         help="where to serve the page (default: 8090, on 127.0.0.1; 0 picks a free port)")
     parser.add_argument("--traceback", action="store_true", help="show a full traceback on errors (for bug reports)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         host, port = parse_address(args.dashboard)

@@ -1,7 +1,7 @@
 """The order of the protocol's messages (fedsock/order.py), in-process and in milliseconds: the
 tables themselves, every legal conversation walked by both ends at once, each kind of violation
 refused with the one sentence, the secure-aggregation stages of a real ClientSession, the
-server's reader and the client's `expect` fed by hand, and the README's tables against the code.
+server's reader and the client's `expect` fed by hand, and the protocol document's tables against the code.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from socket_methods import (AUTH, decode_message, CHALLENGE, ERROR, EVALUATE, EV
                             READY, SECAGG_KEYS, SECAGG_PEERS, SECAGG_REVEAL, SECAGG_ROUTED, SECAGG_SETUP,
                             SECAGG_SHARES, SECAGG_UNMASK, SESSION_END, SUCCESS, UPDATE, WAITING, ConnectionClosed)
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+PROTOCOL = (Path(__file__).resolve().parent.parent / "docs" / "reference" / "protocol.md").read_text()
 
 
 def refusal(header: str, state: str) -> str:
@@ -378,29 +378,29 @@ def test_the_client_s_expect_says_the_server_s_error_in_any_state():
         expect(BlockingFake([{"header": ERROR, "message": "full"}]), client)
 
 
-# --------------------------------------------------------------------------- the README
+# --------------------------------------------------------------------------- the protocol's document
 
 
 @pytest.mark.parametrize("name, table, meaning", [
     ("protocol order", CONVERSATION, order.MEANING), ("secure aggregation order", SECURE_STAGES, order.STAGE_MEANING)])
-def test_the_readme_s_order_tables_are_the_code_s(name, table, meaning):
-    start = README.index(f"<!-- {name}: start")
-    start = README.index("\n", start) + 1
-    end = README.index(f"<!-- {name}: end -->")
-    assert README[start:end].strip() == order.markdown(table, meaning)
+def test_the_spec_s_order_tables_are_the_code_s(name, table, meaning):
+    start = PROTOCOL.index(f"<!-- {name}: start")
+    start = PROTOCOL.index("\n", start) + 1
+    end = PROTOCOL.index(f"<!-- {name}: end -->")
+    assert PROTOCOL[start:end].strip() == order.markdown(table, meaning)
 
 
-@pytest.mark.parametrize("after", ["**Order.**", "#### Order of one round"])
-def test_the_readme_s_diagrams_are_legal_paths_through_the_table(after):
-    """Every arrow of the README's drawings, in order, is a move both ends allow (the first message on each)."""
-    start = README.index("```", README.index(after)) + 3
-    drawing = README[start:README.index("```", start)]
+@pytest.mark.parametrize("after", ["**Order.**", "Order of one round"])
+def test_the_spec_s_diagrams_are_legal_paths_through_the_table(after):
+    """Every arrow of the protocol document's drawings, in order, is a move both ends allow (the first message on each)."""
+    start = PROTOCOL.index("```", PROTOCOL.index(after)) + 3
+    drawing = PROTOCOL[start:PROTOCOL.index("```", start)]
     steps = []
     for line in drawing.splitlines():
         if "---" in line:
             header = re.search(r"<[A-Z_]+>", line).group(0)
             steps.append(("server" if "<--" in line else "client", header))
-    if after == "#### Order of one round":  # one round of a secure run, after the client is ready
+    if after == "Order of one round":  # one round of a secure run, after the client is ready
         steps = READY_AT + steps
     assert len(steps) > 8
     walk(steps)

@@ -1,0 +1,119 @@
+"""The documentation against the code, so that the two cannot drift apart: the site builds in
+strict mode (a broken link or anchor, a page left out of the navigation fail it); the protocol's
+field table against socket_methods.MESSAGES; the flag reference against the programs' parsers;
+metrics.csv's columns and the exit codes against their definitions; the README stays a landing
+page. (The tutorials' commands are run by tests/test_tutorials.py.)"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from conftest import ROOT
+from fedsock.console import ExitStatus
+from fedsock.flag_reference import reference
+from fedsock.run_files import METRIC_COLUMNS
+from socket_methods import MESSAGES
+
+README = (ROOT / "README.md").read_text()
+DOCS = ROOT / "docs"
+PROTOCOL = (DOCS / "reference" / "protocol.md").read_text()
+TYPE_NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", dict: "object", list: "list"}
+
+
+def cells(line: str) -> list[str]:
+    return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def protocol_rows() -> list[list[str]]:
+    start = PROTOCOL.index("<!-- protocol fields: start")
+    end = PROTOCOL.index("<!-- protocol fields: end -->")
+    lines = [line for line in PROTOCOL[start:end].splitlines() if line.startswith("| `<")]
+    return [cells(line) for line in lines]
+
+
+def test_every_message_field_is_documented_with_its_type_and_range():
+    documented = {(row[0].strip("`"), row[1].strip("`")): row for row in protocol_rows()}
+    in_code = {(header, name) for header, fields in MESSAGES.items() for name in fields}
+    assert set(documented) == in_code, (f"missing from the spec: {sorted(in_code - set(documented))}; "
+                                        f"not in the code: {sorted(set(documented) - in_code)}")
+    for (header, name), (_, _, kind, accepted, meaning) in documented.items():
+        spec = MESSAGES[header][name]
+        expected_kind = (TYPE_NAMES[spec.kind] + (f" of {TYPE_NAMES[spec.items]}s" if spec.items else "")
+                         + (" or null" if spec.nullable else "") + (", optional" if spec.optional else ""))
+        assert kind == expected_kind, f"{header} {name}: the spec says {kind!r}, the code {expected_kind!r}"
+        assert accepted == spec.range_text(), f"{header} {name}: the spec says {accepted!r}, the code {spec.range_text()!r}"
+        assert meaning, f"{header} {name} has no meaning in the spec"
+    assert list(dict.fromkeys(row[0].strip("`") for row in protocol_rows())) == list(MESSAGES), "not in the code's order"
+
+
+def test_the_flag_reference_is_what_the_programs_parse():
+    """docs/reference/flags.md is generated: a flag added, renamed or changed without it fails here."""
+    page = (DOCS / "reference" / "flags.md").read_text()
+    assert page == reference(), "docs/reference/flags.md is stale: python -m fedsock.flag_reference > docs/reference/flags.md"
+
+
+def table(page: str, name: str) -> list[list[str]]:
+    text = (DOCS / "reference" / page).read_text()
+    section = text[text.index(f"<!-- {name}: start") : text.index(f"<!-- {name}: end -->")]
+    return [cells(line) for line in section.splitlines()[3:] if line.startswith("|")]
+
+
+def test_every_metrics_column_is_documented_in_order():
+    assert [row[0].strip("`") for row in table("metrics.md", "metrics columns")] == list(METRIC_COLUMNS)
+    assert all(row[1] for row in table("metrics.md", "metrics columns"))
+
+
+def test_every_exit_status_is_documented():
+    assert [(int(row[0]), row[1].strip("`")) for row in table("exit-codes.md", "exit codes")] == [
+        (int(status), status.name) for status in ExitStatus]
+
+
+def test_the_spec_states_the_rules_a_third_party_client_needs():
+    """The points a client written from the spec alone had to guess before; each has its sentence."""
+    protocol = PROTOCOL
+    for rule in (
+        r"decodes them to the 32 bytes",  # the HMAC is over the nonce's bytes
+        r"surrounding whitespace and the newline\s+stripped, as UTF-8 bytes",  # how a token file becomes the secret
+        r"Hex digits\s+may be upper or lower case",
+        r"an integer field takes a JSON\s+integer only",
+        r"64 KiB", r"1 MiB", r"exactly the layout's `nbytes`",
+        r"rounded up to a multiple of 64",
+        r"bit \*i\* \(byte `i // 8`, the least significant bit\s+first\)",
+        r"mean cross-entropy over every example of every local epoch",
+        r"same round number and\s+the same weights",
+        r"no new model until\s+its late update has arrived",
+        r"`next_round` is the first round it can take part\s+in",
+        r"three missed heartbeats",
+        r"while the client trains",
+    ):
+        assert re.search(rule, protocol), f"the protocol section does not say: {rule}"
+
+
+def test_no_page_has_a_placeholder_left():
+    """Sections are drafted with a marker line (STRATEGY_BENCH, NET_TABLE) where measured figures go."""
+    for page in [ROOT / "README.md", *DOCS.rglob("*.md")]:
+        left = re.findall(r"^[A-Z]+(?:_[A-Z]+)*_(?:BENCH|TABLE)$", page.read_text(), re.M)
+        assert not left, (page, left)
+
+
+def test_the_readme_is_a_landing_page_with_the_two_commands_first():
+    lines = README.splitlines()
+    assert len(lines) <= 300, f"the README has {len(lines)} lines: it is a landing page, the rest goes in docs/"
+    first_block = README[README.index("```bash") : README.index("```", README.index("```bash") + 3)]
+    assert "demo.py" in first_block and "bash .ci/run" in first_block
+    for link in re.findall(r"\]\((docs/[^)#]+)", README):
+        assert (ROOT / link).exists(), f"the README links to {link}, which is not there"
+
+
+def test_the_site_builds_in_strict_mode(tmp_path):
+    """As CI builds it: every page in the navigation, every link and anchor resolving, no warning."""
+    from mkdocs.commands.build import build
+    from mkdocs.config import load_config
+
+    config = load_config(str(ROOT / "mkdocs.yml"), site_dir=str(tmp_path / "site"), strict=True)
+    build(config)
+    assert (tmp_path / "site" / "reference" / "protocol" / "index.html").exists()
+    assert (tmp_path / "site" / "search" / "search_index.json").exists()
