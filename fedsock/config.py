@@ -264,7 +264,7 @@ class TrainingSettings:
 class StrategySettings:
     """How updates become the next global model (fedsock/strategies.py)."""
 
-    strategy: str = setting("fedavg", "how updates become the next global model (see the README's strategy table)",
+    strategy: str = setting("fedavg", "how updates become the next global model (docs: Tune a strategy)",
                             group=STRATEGY, choices=("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad",
                                                      "median", "trimmed-mean", "krum", "multi-krum"))
     proximal_mu: float = setting(0.01, "fedprox: mu of the proximal term (mu/2)·‖w − w_global‖² in each client's loss",
