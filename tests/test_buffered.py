@@ -251,10 +251,13 @@ def test_the_dashboard_keeps_each_versions_staleness():
 
 @pytest.mark.processes
 def test_a_federation_of_processes_trains_asynchronously_with_a_slow_client(cluster, tmp_path):
+    """With int8 updates: each is a delta from the version its client received, so the server must decode a
+    stale one against that older version, not the newest (RemoteClient.sent)."""
     from conftest import FAST, read_metrics
 
     server = cluster.server(*FAST, "--num-clients", "3", "--async-buffer", "2", "--num-rounds", "16",
-                            "--max-staleness", "50")  # the slow client's first update may be many versions late
+                            "--max-staleness", "50",  # the slow client's first update may be many versions late
+                            "--compression", "int8")
     fast = [cluster.client(1), cluster.client(2)]
     slow = cluster.client(3, "--slowdown", "3")
     slow.wait_for(r"--slowdown 3: each round's training is made to take 3 times as long")
