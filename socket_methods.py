@@ -86,7 +86,7 @@ class Field:
         return None
 
     def range_text(self) -> str:
-        """The accepted values in words, as the README's protocol table gives them."""
+        """The accepted values in words, as the protocol document's table gives them."""
         if self.kind in (int, float) and (self.low is not None or self.high is not None):
             low = "" if self.low is None else _number_text(self.low)
             high = "" if self.high is None else _number_text(self.high)
@@ -151,7 +151,7 @@ SESSION_END = "<SESSION_END>"
 ERROR = "<ERROR>"
 
 # Every message, its required fields and what a receiver accepts in them. Fields not
-# listed are ignored, so that newer peers can add information. The README's protocol
+# listed are ignored, so that newer peers can add information. The protocol document's
 # table is checked against this (tests/test_protocol_doc.py).
 MESSAGES: dict[str, dict[str, Field]] = {
     HELLO: {

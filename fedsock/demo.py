@@ -99,7 +99,7 @@ def prepare(args: argparse.Namespace, output_dir: Path, extra: list[str]) -> tup
     from fedsock.demo_data import prepare_chest_xray, prepare_spam
 
     flags = [*TASKS[args.task]["flags"], *extra]
-    if args.task == "chest-xray" and args.model == "cnn":  # a linear model only loses by it (README)
+    if args.task == "chest-xray" and args.model == "cnn":  # a linear model only loses by it (docs: Your own data)
         flags += ["--augment", "affine"]
     if args.task == "mnist":
         return flags, {k: [] for k in range(1, args.clients + 1)}

@@ -1,5 +1,5 @@
 """Client identities: what binds a client's secure-aggregation keys to the client, so that a
-server cannot substitute them (the README's threat model).
+server cannot substitute them (docs: Security model).
 
 The trust model is SSH's known_hosts turned into a tiny certificate authority:
 

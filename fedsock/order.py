@@ -5,7 +5,7 @@ Which message may come when is decided here and nowhere else. The server's reade
 aggregation session of a client (fedsock/secagg.py) each keep an `Order`, check every message
 they receive against it, and tell it the requests and answers they send. A message received
 out of order raises OutOfOrder, always with the same sentence: "<X> is not expected when the
-client is in state Y". The README's tables of the order are rendered from these ones
+client is in state Y". The protocol document's tables of the order are rendered from these ones
 (`markdown`), and a test checks that they are the same.
 
 Two tables, state -> {message: next state}:
@@ -81,7 +81,7 @@ CONNECTED, GREETED, CHALLENGED, AUTHENTICATED = "connected", "greeted", "challen
 WELCOMED, IDLE, TRAINING, EVALUATING = "welcomed", "idle", "training", "evaluating"
 KEYING, SHARING, SIGNING, REVEALING, CLOSED = "keying", "sharing", "signing", "revealing", "closed"
 
-MEANING = {  # each state in words, for the README
+MEANING = {  # each state in words, for the protocol's document
     CONNECTED: "it has said nothing yet",
     GREETED: "it said hello; the server lets it in, asks for a proof, or refuses it",
     CHALLENGED: "it owes the proof of its token",
@@ -217,7 +217,7 @@ class Order:
         self.state = next_state(self.role.table, self.state, NO_ANSWER)
 
 
-# ---------------------------------------------------------------- the README's tables
+# ---------------------------------------------------------------- the protocol document's tables
 
 
 def _moves_text(moves: Mapping[str, str], state: str) -> str:
@@ -228,7 +228,7 @@ def _moves_text(moves: Mapping[str, str], state: str) -> str:
 
 
 def markdown(table: Mapping[str, Mapping[str, str]], meaning: Mapping[str, str]) -> str:
-    """A table as the README shows it: a row per state, with what each side may send in it and the
+    """A table as docs/reference/protocol.md shows it: a row per state, with what each side may send in it and the
     state that leads to (a message without an arrow leaves the state as it is). What may come in
     many states (an <ERROR>, the server's heartbeat, ...) is said once, below the rows."""
     welcomed_on = [state for state, moves in table.items() if _at_any_time(state, moves)]

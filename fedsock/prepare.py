@@ -193,7 +193,7 @@ def make_secure_aggregation(config: ServerConfig, strategy: Strategy, weights: d
                  f"(2t - n)")
     else:
         say(who, "secure aggregation without identities (no --federation): it holds against a server that follows "
-                 "the protocol, not against one that lies (see the README's threat model)")
+                 "the protocol, not against one that lies (see the docs' security model)")
     return SecureAggregation(settings, weights)
 
 

@@ -655,7 +655,7 @@ class ServerRound:
     def check_sum(self, total: np.ndarray) -> None:
         """What masking still lets the server check (Discarded otherwise): the summed count against the
         survivors' plain-text counts, and each coordinate of the sum against what their clipped updates
-        allow. Poisoning within these bounds it cannot see (the README's threat model)."""
+        allow. Poisoning within these bounds it cannot see (docs: Security model)."""
         p = self.params
         count = int(total[-1])
         expected = sum(self.counts[u] for u in self.survivors) if self.weighted else len(self.survivors)

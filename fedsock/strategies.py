@@ -234,7 +234,7 @@ class CollectingAggregator:
 # --------------------------------------------------------------------------- strategies
 
 
-# name: (what it does, where it comes from, what it costs) -- for --help and the README
+# name: (what it does, where it comes from, what it costs) -- for --help and the docs
 STRATEGIES = {
     "fedavg": "example-weighted mean of the updates (McMahan et al. 2017); streams",
     "fedavgm": "fedavg plus server momentum (Hsu et al. 2019); streams, keeps one momentum model",
@@ -248,7 +248,7 @@ STRATEGIES = {
     "multi-krum": "mean of the n-f updates nearest their neighbours (Blanchard et al. 2017); holds every update",
 }
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
-# The server's learning rate when --server-lr is not given (tuned on bench/strategies.py: see the README).
+# The server's learning rate when --server-lr is not given (tuned on bench/strategies.py: see docs/how-to/tune-strategy.md).
 DEFAULT_SERVER_LR = {"fedavgm": 1.0, "fedadam": 0.03, "fedyogi": 0.03, "fedadagrad": 0.1}
 ROBUST = ("median", "trimmed-mean", "krum", "multi-krum")
 

@@ -117,3 +117,11 @@ def test_the_site_builds_in_strict_mode(tmp_path):
     build(config)
     assert (tmp_path / "site" / "reference" / "protocol" / "index.html").exists()
     assert (tmp_path / "site" / "search" / "search_index.json").exists()
+
+
+def test_every_module_has_its_row_in_the_architecture():
+    """A newcomer finds each concern by its file name: every module of the package is on the map."""
+    page = (DOCS / "explanations" / "architecture.md").read_text()
+    missing = [f"fedsock/{path.name}" for path in sorted((ROOT / "fedsock").glob("*.py"))
+               if path.name != "__init__.py" and f"| `fedsock/{path.name}` |" not in page]
+    assert not missing, f"not in docs/explanations/architecture.md: {missing}"
