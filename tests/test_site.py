@@ -7,16 +7,19 @@ page. (The tutorials' commands are run by tests/test_tutorials.py.)"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 
 import pytest
 
 from conftest import ROOT
 from fedsock.console import ExitStatus
-from fedsock.flag_reference import reference
+from fedsock.flag_reference import PROGRAMS, reference
 from fedsock.run_files import METRIC_COLUMNS
 from socket_methods import MESSAGES
 
+for _, module in PROGRAMS:  # at collection: their imports (torch's among them) may start a process
+    importlib.import_module(module)
 README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"
 PROTOCOL = (DOCS / "reference" / "protocol.md").read_text()
