@@ -6,11 +6,8 @@ page. (The tutorials' commands are run by tests/test_tutorials.py.)"""
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import re
-
-import pytest
 
 from conftest import ROOT
 from fedsock.console import ExitStatus
