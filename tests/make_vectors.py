@@ -320,7 +320,7 @@ def identities() -> None:
     ]
     write("identities", "Secure aggregation with identities: Ed25519 public keys, a client's certificate, the setup "
           "digest and the two signatures a client makes (Ed25519 signatures are deterministic).",
-          "Identities (identities: true)", {"*_hex": "bytes in hex"}, cases)
+          "Identities (`identities: true`)", {"*_hex": "bytes in hex"}, cases)
 
 
 class Coefficients:
