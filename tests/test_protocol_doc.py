@@ -297,3 +297,37 @@ def test_a_tls_server_answers_a_plain_client_in_plain_tcp(cluster, tmp_path):
             reader = sock.makefile("rb")
             length = int.from_bytes(reader.read(8), "big")
             assert decode_message(reader.read(length))["header"] == "<METADATA>"
+
+
+def test_every_hex_value_it_shows_is_in_a_vector_file():
+    """The short tables of secure aggregation's values are the vector files' (which the code is checked against)."""
+    files = "".join(path.read_text() for path in (DOC_PATH.parent / "vectors").glob("*.json"))
+    shown = re.findall(r"`([0-9a-f]{32,})`", DOC)
+    assert len(shown) > 10
+    assert not [value for value in shown if value not in files]
+
+
+def test_the_spec_states_the_rules_a_third_party_client_needs():
+    """The points a client written from the spec alone had to guess before; each has its sentence."""
+    for rule in (
+        r"decodes them to the 32 bytes",  # the HMAC is over the nonce's bytes
+        r"surrounding whitespace and the newline\s+stripped, as UTF-8 bytes",  # how a token file becomes the secret
+        r"Hex digits\s+may be upper or lower case",
+        r"an integer field takes a JSON\s+integer only",
+        r"64 KiB", r"1 MiB", r"exactly the layout's `nbytes`",
+        r"rounded up to a multiple of 64",
+        r"bit \*i\* \(byte `i // 8`, the least significant bit\s+first\)",
+        r"mean cross-entropy over every example of every local epoch",
+        r"same round number and\s+the same weights",
+        r"no new model until\s+its late update has arrived",
+        r"`next_round` is the first round it can take part\s+in",
+        r"three missed heartbeats",
+        r"while the client trains",
+        r"\*\*`partition_bitmap`, which is normative\*\*",
+        r"`partition`, `alpha` and `seed` are informative",
+        r"rounds both to float32\s+first",
+        r"\| `uint32` \| 4 \|",
+        r"a key this document does not\s+define is refused",
+        r"model's own layout does not always cross the wire",
+    ):
+        assert re.search(rule, DOC), f"the spec does not say: {rule}"
