@@ -167,7 +167,8 @@ def partition_indices(labels: np.ndarray, num_clients: int, scheme: str, alpha: 
 
 
 def split_local(indices: np.ndarray, seed: int, client_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """A client's own train and local-test indices (the last LOCAL_TEST_FRACTION, after a seeded shuffle)."""
+    """A client's own train and local-test indices: after a seeded shuffle, the first floor(n / 10) are its
+    local test split (LOCAL_TEST_FRACTION of n, rounded down; none when n <= 1), the rest its training examples."""
     rng = np.random.default_rng([seed, client_id])
     shuffled = rng.permutation(indices)
     num_test = int(len(shuffled) * LOCAL_TEST_FRACTION) if len(shuffled) > 1 else 0

@@ -767,6 +767,11 @@ class WeightsBuffer:
         self.tensors = decode_weights(layout, self.buffer)
 
 
+# The keys of a weights layout and of each of its tensor entries: all of them, and nothing else.
+LAYOUT_KEYS = frozenset({"byte_order", "nbytes", "tensors"})
+TENSOR_KEYS = frozenset({"name", "dtype", "shape", "offset", "nbytes"})
+
+
 def check_layout(received: Any, expected: Mapping[str, Any]) -> None:
     """Refuse weights whose names, dtypes, shapes or offsets differ from the model's own."""
     if received == expected:
@@ -776,13 +781,25 @@ def check_layout(received: Any, expected: Mapping[str, Any]) -> None:
         got = {entry["name"]: entry for entry in received["tensors"]}
     except (KeyError, TypeError) as exc:
         raise BadWeights("weights layout is not an object with a list of named tensors") from exc
+    # A layout says where bytes lie and what they are, so a key this side does not know could change how
+    # they must be read (an encoding, a scale): refused, not ignored as a message's unknown fields are.
+    # Something new in the weights comes with a feature of its own (<HELLO>'s features).
+    unknown = sorted(map(str, received.keys() - LAYOUT_KEYS))
+    if unknown:
+        raise BadWeights(f"weights layout has keys the protocol does not define: {unknown[:3]}")
     missing, extra = wanted.keys() - got.keys(), got.keys() - wanted.keys()
     if missing or extra:
         raise BadWeights(f"weights names differ from the model: missing {sorted(missing)[:3]}, unexpected {sorted(map(str, extra))[:3]}")
     for name, entry in wanted.items():
+        unknown = sorted(map(str, got[name].keys() - TENSOR_KEYS)) if isinstance(got[name], dict) else []
+        if unknown:
+            raise BadWeights(f"tensor {name!r} has keys the protocol does not define: {unknown[:3]}")
         for key in ("dtype", "shape", "offset", "nbytes"):
             if got[name].get(key) != entry[key]:
                 raise BadWeights(f"tensor {name!r}: {key} {got[name].get(key)!r}, the model has {entry[key]!r}")
+    for key in ("byte_order", "nbytes"):
+        if received.get(key) != expected[key]:
+            raise BadWeights(f"weights layout: {key} {received.get(key)!r}, the model has {expected[key]!r}")
     raise BadWeights("weights layout differs from the model's (order or byte count)")
 
 

@@ -145,6 +145,11 @@ class BufferedEngine(RoundEngine):
         self.dispatches = 0
         self.generator: torch.Generator | None = None  # tests seed the DP noise; None: the OS's randomness
 
+    def next_round(self, client_id: int) -> int:
+        """<METADATA>'s next_round: the round (version + 1) of the first model a client joining now is sent: the
+        newest version's, unless it trained on that one before it rejoined (then the next one's)."""
+        return max(self.rounds_done, self.ready_from.get(client_id, 0)) + 1
+
     # ---- the versions
     async def train(self) -> None:
         """Versions until --num-rounds: dispatch, fold each arrival, step every K. In-flight work

@@ -219,6 +219,7 @@ class RoundEngine:
                                     task)
         self.federated = FederatedEvaluation(events, task) if federated_evaluation else None
         self.current: Round | None = None
+        self.picked_round: int | None = None  # a round whose clients are picked, until it is aggregated or retried
         self.budget_spent = False
         self.drops: list[str] = []
         self.closed_early: set[int] = set()  # rounds that --over-select closed once they had enough updates
@@ -226,6 +227,12 @@ class RoundEngine:
     @property
     def needed(self) -> int:
         return self.control.needed
+
+    def next_round(self, client_id: int) -> int:
+        """<METADATA>'s next_round for a client joining now: the first round that picks its clients after now. A client that joins
+        once a round has picked its own is first sent the round after it (unless that round fails and is
+        retried: the retry picks afresh, under the same number)."""
+        return self.rounds_done + (2 if self.picked_round == self.rounds_done + 1 else 1)
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
@@ -267,6 +274,7 @@ class RoundEngine:
                 break  # the privacy budget is spent
             enough = round_.aggregator is not None and len(round_.reported) >= self.release_at
             aggregate = await self.aggregate(round_) if enough else None
+            self.picked_round = None  # from here, the round is done (rounds_done moves on below) or retried
             if aggregate is None:  # too few updates (or the unmasking failed): the same model again
                 failures += 1
                 give_up = failures > self.config.round_retries
@@ -312,6 +320,7 @@ class RoundEngine:
             self.budget_spent = True
             return None
         picked = self.strategy.sample(idle, number, attempt)
+        self.picked_round = number  # a client that joins from now on is first sent the next round
         round_.population, round_.picked = len(idle), len(picked)
         round_.planned, round_.enough = self.strategy.planned(len(picked), len(idle)), self.strategy.enough(len(idle))
         settings = self.fit_settings(number)

@@ -642,7 +642,7 @@ class Lobby:
             if not self.auth.verify(client_id, nonce, answer["mac"]):
                 raise BadMessage(f"authentication failed for client id {client_id}")
         missing = [f for f in self.required_features if f not in hello["features"]]
-        refusal = self.pool.refusal(client_id, self.welcome.next_round(), self.welcome.num_rounds)
+        refusal = self.pool.refusal(client_id, self.welcome.round_now(), self.welcome.num_rounds)
         if missing and not refusal:
             refusal = (f"this run needs the client features {', '.join(missing)}, which this client does not have "
                        f"(update it)")

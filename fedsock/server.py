@@ -62,7 +62,11 @@ class Welcome:
     def num_rounds(self) -> int:  # the dashboard may change it before the start, and each new session
         return self.config.num_rounds
 
-    def next_round(self) -> int:
+    def next_round(self, client_id: int) -> int:
+        return self.engine.next_round(client_id)
+
+    def round_now(self) -> int:
+        """The round under way, or the next one between rounds (what a refused latecomer is told)."""
         return self.engine.rounds_done + 1
 
     def max_examples(self, client_id: int) -> int:
@@ -76,7 +80,7 @@ class Welcome:
             client_id=client_id, num_clients=c.num_clients, dataset="" if own else c.dataset,
             partition="own" if own else c.partition, alpha=c.alpha, seed=c.seed, model=c.model,
             num_rounds=c.num_rounds, round_timeout_s=c.round_timeout_s, heartbeat_s=c.heartbeat_s,
-            next_round=self.next_round(), train_size=self.setup.train_size,
+            next_round=self.next_round(client_id), train_size=self.setup.train_size,
             partition_bitmap=None if own else encode_bitmap(self.setup.partitions[client_id - 1], self.setup.train_size),
             task=self.setup.task.to_json(), federated_evaluation=federated_evaluation(c),
             required_features=required_features(c), compression=compression_of(c).to_json(),

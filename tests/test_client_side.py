@@ -319,6 +319,23 @@ def test_bad_first_answer(case, sent, status, error):
     assert server.headers() == ["<HELLO>"], "the client sent something after a bad first answer"
 
 
+def test_an_error_after_the_welcome_ends_the_client_with_exit_3():
+    """An <ERROR> is the server's last word at any point: after the welcome as before it, the client exits 3
+    (refused) with the server's sentence, and answers nothing."""
+
+    def script(server: FakeServer, sock: socket.socket) -> None:
+        sock.sendall(metadata_frame())
+        ready = server.message(sock)
+        assert ready is not None and ready["header"] == "<READY>", ready
+        sock.sendall(encode_message("<ERROR>", message="<UPDATE> of round 3, but this client was sent round 2"))
+
+    server, client = run_against(script)
+    assert_one_line_error(client, 3, r"^fl_client\.py: error: the server says: <UPDATE> of round 3, but this client "
+                                     r"was sent round 2$")
+    server.finish()
+    assert server.headers() == ["<HELLO>", "<READY>"]
+
+
 def test_server_closes_after_hello():
     """A connection closed before the welcome may be a busy server's: the client tries again until
     --connect-timeout, then says what happened."""

@@ -139,6 +139,26 @@ def test_the_clients_lr_is_constant_or_decays_by_lr_decay_every_round():
     assert ServerConfig(lr=0.05, lr_decay=0.5).round_lr(5000) > 0  # never 0, which <MODEL> refuses
 
 
+def test_next_round_is_the_first_round_a_client_joining_now_is_sent():
+    """<METADATA>'s next_round: a client that joins once round 2 has picked its clients is first sent round 3,
+    and is told so; one that joins between rounds is told the round that comes next."""
+    clients, late = [FakeClient(1), FakeClient(2)], FakeClient(3)
+    engine, recorder = engine_for(clients, num_clients=3)
+    told: list[int] = [engine.next_round(3)]
+
+    def join_late() -> None:
+        told.append(engine.next_round(3))
+        late.pool = engine.pool
+        engine.pool.joined(late)
+        engine.pool.add(late)
+
+    recorder.on(lambda e: isinstance(e, RoundStarted) and e.number == 2, join_late)
+    assert run(engine) == ExitStatus.OK
+    assert told == [1, 3]
+    assert late.fits == [3]
+    assert engine.next_round(3) == 4  # after the last round: the one a new session would begin with
+
+
 def test_a_dropped_client_is_left_out_and_the_round_goes_on():
     clients = [FakeClient(1), FakeClient(2, step=3.0), FakeClient(3)]
     engine, recorder = engine_for(clients)

@@ -95,6 +95,24 @@ def test_sigint_tells_clients_and_leaves_a_checkpoint(cluster, tmp_path):
     assert not (out / "checkpoint.fsck.tmp").exists()
 
 
+def test_sigint_between_stay_sessions_ends_a_completed_run_with_exit_0(cluster, tmp_path):
+    """--stay: once a session's rounds are done, Ctrl-C is how the run is ended. Every round asked for was
+    done, so the run is complete: exit 0, and the clients are told <FINISHED> with completed true (the
+    "training finished" message, which only a completed run sends), not that the server was stopped."""
+    out = tmp_path / "run"
+    server = cluster.server(*FAST, "--num-clients", "1", "--num-rounds", "1", "--stay")
+    client = cluster.client(1)
+    server.wait_for(r"session 1 finished after round 1; the clients stay connected")
+    client.wait_for(r"server: session 1 ended after round 1; stay connected")
+    server.signal(signal.SIGINT)
+    assert server.finish(timeout=60) == 0, server.output
+    server.wait_for(r"SIGINT: the run ends after session 1")
+    assert client.finish(timeout=60) == 0, client.output
+    client.wait_for(r"server: training finished after 1 rounds")
+    assert "stopped" not in client.output and "Traceback" not in client.output + server.output
+    assert read_checkpoint(out / "checkpoint.fsck").round == 1
+
+
 def test_sigterm_exits_143_with_the_checkpoint_intact(cluster, tmp_path):
     out = tmp_path / "run"
     server = cluster.server(*FAST, "--num-clients", "1", "--num-rounds", "20", "--local-epochs", "2")

@@ -547,7 +547,13 @@ BAD_UPDATES = {
         error=lambda m: r"tensor 'linear.weight': nbytes 31364, the model has 31360"),
     "wrong total byte count": BadUpdate(
         lambda m: update(m, weights={**m["weights"], "nbytes": m["weights"]["nbytes"] + 64}),
-        error=lambda m: r"weights layout differs from the model's \(order or byte count\)"),
+        error=lambda m: rf"weights layout: nbytes {len_of(m) + 64}, the model has {len_of(m)}"),
+    "an unknown key in a tensor entry": BadUpdate(
+        lambda m: update(m, weights=with_entry(m["weights"], "linear.bias", scale=2.0)),
+        error=lambda m: r"tensor 'linear.bias' has keys the protocol does not define: \['scale'\]"),
+    "an unknown key in the layout": BadUpdate(
+        lambda m: update(m, weights={**m["weights"], "compression": "zstd"}),
+        error=lambda m: r"weights layout has keys the protocol does not define: \['compression'\]"),
     "layout without a tensor list": BadUpdate(
         lambda m: update(m, weights={"byte_order": "little", "nbytes": 64, "tensors": "linear.weight"}),
         error=lambda m: r"weights layout is not an object with a list of named tensors"),

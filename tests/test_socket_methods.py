@@ -353,7 +353,11 @@ def test_weights_frames_share_the_blob_without_copying():
         (lambda l: l["tensors"][0].update(name="other"), "names differ"),
         (lambda l: l["tensors"].pop(), "names differ"),
         (lambda l: l.update(tensors="nope"), "not an object"),
-        (lambda l: l.update(nbytes=1), "differs"),
+        (lambda l: l.update(nbytes=1), r"^weights layout: nbytes 1, the model has 128$"),
+        (lambda l: l.update(byte_order="big"), r"^weights layout: byte_order 'big', the model has 'little'$"),
+        (lambda l: l["tensors"].reverse(), r"differs from the model's \(order or byte count\)"),
+        (lambda l: l["tensors"][1].update(scale=1.0), r"^tensor 'b' has keys the protocol does not define: \['scale'\]$"),
+        (lambda l: l.update(extra=1), r"^weights layout has keys the protocol does not define: \['extra'\]$"),
     ],
 )
 def test_check_layout_names_the_difference(mutate, reason):
