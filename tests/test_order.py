@@ -390,7 +390,7 @@ def test_the_spec_s_order_tables_are_the_code_s(name, table, meaning):
     assert PROTOCOL[start:end].strip() == order.markdown(table, meaning)
 
 
-@pytest.mark.parametrize("after", ["**Order.**", "Order of one round"])
+@pytest.mark.parametrize("after", ["## Order of messages", "### Order of one secure round"])
 def test_the_spec_s_diagrams_are_legal_paths_through_the_table(after):
     """Every arrow of the protocol document's drawings, in order, is a move both ends allow (the first message on each)."""
     start = PROTOCOL.index("```", PROTOCOL.index(after)) + 3
@@ -400,7 +400,7 @@ def test_the_spec_s_diagrams_are_legal_paths_through_the_table(after):
         if "---" in line:
             header = re.search(r"<[A-Z_]+>", line).group(0)
             steps.append(("server" if "<--" in line else "client", header))
-    if after == "Order of one round":  # one round of a secure run, after the client is ready
+    if after == "### Order of one secure round":  # one round of a secure run, after the client is ready
         steps = READY_AT + steps
     assert len(steps) > 8
     walk(steps)
