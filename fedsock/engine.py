@@ -195,6 +195,28 @@ def stop_words(phase: str, rounds_done: int) -> tuple[str, str]:
     return when, "before any round completed; there is no checkpoint to resume from"
 
 
+def clients_needed(config: ServerConfig, strategy: Strategy, secure: SecureAggregation | None) -> int:
+    """Ready clients a round waits for; with secure aggregation at least 3, since with two, each
+    could subtract its own update from the new model."""
+    return max(config.min_clients, strategy.min_updates(), 3 if secure is not None else 0)
+
+
+def release_at(config: ServerConfig, strategy: Strategy, needed: int) -> int:
+    """Updates a round needs to be released. With DP and Poisson sampling, every sampled round is
+    released, whatever arrived (even noise alone): the accountant's analysis is of exactly that."""
+    poisson_dp = strategy.privacy is not None and strategy.sampled and config.sampling == "poisson"
+    return 0 if poisson_dp else needed
+
+
+def final_words(last: dict[str, Any]) -> str:
+    """The end of the run's last line: its final accuracy, on the server's test set or the clients'."""
+    if last.get("test_accuracy") is not None:
+        return f"; final test accuracy {100 * last['test_accuracy']:.2f}%"
+    if last.get("fed_accuracy") is not None:
+        return f"; final accuracy on the clients' test splits {100 * last['fed_accuracy']:.2f}%"
+    return ""
+
+
 class RoundEngine:
     """Every round: sample, send, collect, aggregate, step; and the run around the rounds."""
 
@@ -206,15 +228,10 @@ class RoundEngine:
         self.events, self.traffic, self.output_dir, self.task = events, traffic, output_dir, task
         self.rounds_done = resumed.round if resumed else 0
         self.secure, self.recorder = secure, recorder  # --secure-aggregation, --record-updates
-        # Ready clients a round waits for; with secure aggregation at least 3, since with two,
-        # each could subtract its own update from the new model.
-        needed = max(config.min_clients, strategy.min_updates(), 3 if secure is not None else 0)
+        needed = clients_needed(config, strategy, secure)
         self.control = RunControl(config, pool, events, needed, lambda: self.rounds_done, resumed and resumed.metrics)
         self.privacy = strategy.privacy
-        # Updates a round needs to be released. With DP and Poisson sampling, every sampled round is
-        # released, whatever arrived (even noise alone): the accountant's analysis is of exactly that.
-        poisson_dp = self.privacy is not None and strategy.sampled and config.sampling == "poisson"
-        self.release_at = 0 if poisson_dp else needed
+        self.release_at = release_at(config, strategy, needed)
         self.reports = RoundReports(config, events, evaluate, list(resumed.metrics) if resumed else [], self.privacy,
                                     task)
         self.federated = FederatedEvaluation(events, task) if federated_evaluation else None
@@ -229,9 +246,8 @@ class RoundEngine:
         return self.control.needed
 
     def next_round(self, client_id: int) -> int:
-        """<METADATA>'s next_round for a client joining now: the first round that picks its clients after now. A client that joins
-        once a round has picked its own is first sent the round after it (unless that round fails and is
-        retried: the retry picks afresh, under the same number)."""
+        """<METADATA>'s next_round for a client joining now: the first round that picks its clients after now
+        (if the round under way fails, its retry picks afresh under the same number)."""
         return self.rounds_done + (2 if self.picked_round == self.rounds_done + 1 else 1)
 
     @property
@@ -439,11 +455,7 @@ class RoundEngine:
             await self.reports.settle()
         except OutputFailed as exc:
             failure = exc
-        last = self.metrics[-1] if self.metrics else {}
-        if last.get("test_accuracy") is not None:
-            message += f"; final test accuracy {100 * last['test_accuracy']:.2f}%"
-        elif last.get("fed_accuracy") is not None:
-            message += f"; final accuracy on the clients' test splits {100 * last['fed_accuracy']:.2f}%"
+        message += final_words(self.metrics[-1] if self.metrics else {})
         self.events.emit(RunFinished(completed, self.rounds_done, message, self.output_dir, list(self.drops)))
         try:
             await self.events.flush()
