@@ -2,7 +2,8 @@
 strict mode (a broken link or anchor, a page left out of the navigation fail it); the protocol's
 field table against socket_methods.MESSAGES; the flag reference against the programs' parsers;
 metrics.csv's columns and the exit codes against their definitions; the README stays a landing
-page. (The tutorials' commands are run by tests/test_tutorials.py.)"""
+page. (The tutorials' commands are run by tests/test_tutorials.py; the protocol's rules and quoted
+texts are checked by tests/test_protocol_doc.py.)"""
 
 from __future__ import annotations
 
@@ -69,27 +70,6 @@ def test_every_metrics_column_is_documented_in_order():
 def test_every_exit_status_is_documented():
     assert [(int(row[0]), row[1].strip("`")) for row in table("exit-codes.md", "exit codes")] == [
         (int(status), status.name) for status in ExitStatus]
-
-
-def test_the_spec_states_the_rules_a_third_party_client_needs():
-    """The points a client written from the spec alone had to guess before; each has its sentence."""
-    protocol = PROTOCOL
-    for rule in (
-        r"decodes them to the 32 bytes",  # the HMAC is over the nonce's bytes
-        r"surrounding whitespace and the newline\s+stripped, as UTF-8 bytes",  # how a token file becomes the secret
-        r"Hex digits\s+may be upper or lower case",
-        r"an integer field takes a JSON\s+integer only",
-        r"64 KiB", r"1 MiB", r"exactly the layout's `nbytes`",
-        r"rounded up to a multiple of 64",
-        r"bit \*i\* \(byte `i // 8`, the least significant bit\s+first\)",
-        r"mean cross-entropy over every example of every local epoch",
-        r"same round number and\s+the same weights",
-        r"no new model until\s+its late update has arrived",
-        r"`next_round` is the first round it can take part\s+in",
-        r"three missed heartbeats",
-        r"while the client trains",
-    ):
-        assert re.search(rule, protocol), f"the protocol section does not say: {rule}"
 
 
 def test_no_page_has_a_placeholder_left():
