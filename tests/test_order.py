@@ -1,14 +1,13 @@
 """The order of the protocol's messages (fedsock/order.py), in-process and in milliseconds: the
 tables themselves, every legal conversation walked by both ends at once, each kind of violation
 refused with the one sentence, the secure-aggregation stages of a real ClientSession, the
-server's reader and the client's `expect` fed by hand, and the protocol document's tables against the code.
+server's reader and the client's `expect` fed by hand, (the protocol document's tables against the code: tests/test_protocol_doc.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -26,9 +25,6 @@ from fedsock.order import (CLOSED, CONNECTED, CONVERSATION, FROM_CLIENT, FROM_SE
 from socket_methods import (AUTH, decode_message, CHALLENGE, ERROR, EVALUATE, EVALUATION, FINISHED, HELLO, MESSAGES, METADATA, MODEL,
                             READY, SECAGG_KEYS, SECAGG_PEERS, SECAGG_REVEAL, SECAGG_ROUTED, SECAGG_SETUP,
                             SECAGG_SHARES, SECAGG_UNMASK, SESSION_END, SUCCESS, UPDATE, WAITING, ConnectionClosed)
-
-PROTOCOL = (Path(__file__).resolve().parent.parent / "docs" / "reference" / "protocol.md").read_text()
-
 
 def refusal(header: str, state: str) -> str:
     """The one text of a message out of order, as a regular expression that matches it whole."""
@@ -376,31 +372,3 @@ def test_the_client_s_expect_says_the_server_s_error_in_any_state():
     _, client = walk(TRAINING_AT)
     with pytest.raises(RefusedError, match="the server says: full"):
         expect(BlockingFake([{"header": ERROR, "message": "full"}]), client)
-
-
-# --------------------------------------------------------------------------- the protocol's document
-
-
-@pytest.mark.parametrize("name, table, meaning", [
-    ("protocol order", CONVERSATION, order.MEANING), ("secure aggregation order", SECURE_STAGES, order.STAGE_MEANING)])
-def test_the_spec_s_order_tables_are_the_code_s(name, table, meaning):
-    start = PROTOCOL.index(f"<!-- {name}: start")
-    start = PROTOCOL.index("\n", start) + 1
-    end = PROTOCOL.index(f"<!-- {name}: end -->")
-    assert PROTOCOL[start:end].strip() == order.markdown(table, meaning)
-
-
-@pytest.mark.parametrize("after", ["## Order of messages", "### Order of one secure round"])
-def test_the_spec_s_diagrams_are_legal_paths_through_the_table(after):
-    """Every arrow of the protocol document's drawings, in order, is a move both ends allow (the first message on each)."""
-    start = PROTOCOL.index("```", PROTOCOL.index(after)) + 3
-    drawing = PROTOCOL[start:PROTOCOL.index("```", start)]
-    steps = []
-    for line in drawing.splitlines():
-        if "---" in line:
-            header = re.search(r"<[A-Z_]+>", line).group(0)
-            steps.append(("server" if "<--" in line else "client", header))
-    if after == "### Order of one secure round":  # one round of a secure run, after the client is ready
-        steps = READY_AT + steps
-    assert len(steps) > 8
-    walk(steps)

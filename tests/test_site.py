@@ -1,8 +1,7 @@
 """The documentation against the code, so that the two cannot drift apart: the site builds in
-strict mode (a broken link or anchor, a page left out of the navigation fail it); the protocol's
-field table against socket_methods.MESSAGES; the flag reference against the programs' parsers;
-metrics.csv's columns and the exit codes against their definitions; the README stays a landing
-page. (The tutorials' commands are run by tests/test_tutorials.py; the protocol's rules and quoted
+strict mode (a broken link or anchor, a page left out of the navigation fail it); the flag
+reference against the programs' parsers; metrics.csv's columns and the exit codes against their
+definitions; every module on the architecture's map; the README stays a landing page. (The tutorials' commands are run by tests/test_tutorials.py; the protocol's rules and quoted
 texts are checked by tests/test_protocol_doc.py.)"""
 
 from __future__ import annotations
@@ -14,40 +13,15 @@ from conftest import ROOT
 from fedsock.console import ExitStatus
 from fedsock.flag_reference import PROGRAMS, reference
 from fedsock.run_files import METRIC_COLUMNS
-from socket_methods import MESSAGES
 
 for _, module in PROGRAMS:  # at collection: their imports (torch's among them) may start a process
     importlib.import_module(module)
 README = (ROOT / "README.md").read_text()
 DOCS = ROOT / "docs"
-PROTOCOL = (DOCS / "reference" / "protocol.md").read_text()
-TYPE_NAMES = {int: "integer", float: "number", str: "string", bool: "boolean", dict: "object", list: "list"}
 
 
 def cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
-
-
-def protocol_rows() -> list[list[str]]:
-    start = PROTOCOL.index("<!-- protocol fields: start")
-    end = PROTOCOL.index("<!-- protocol fields: end -->")
-    lines = [line for line in PROTOCOL[start:end].splitlines() if line.startswith("| `<")]
-    return [cells(line) for line in lines]
-
-
-def test_every_message_field_is_documented_with_its_type_and_range():
-    documented = {(row[0].strip("`"), row[1].strip("`")): row for row in protocol_rows()}
-    in_code = {(header, name) for header, fields in MESSAGES.items() for name in fields}
-    assert set(documented) == in_code, (f"missing from the spec: {sorted(in_code - set(documented))}; "
-                                        f"not in the code: {sorted(set(documented) - in_code)}")
-    for (header, name), (_, _, kind, accepted, meaning) in documented.items():
-        spec = MESSAGES[header][name]
-        expected_kind = (TYPE_NAMES[spec.kind] + (f" of {TYPE_NAMES[spec.items]}s" if spec.items else "")
-                         + (" or null" if spec.nullable else "") + (", optional" if spec.optional else ""))
-        assert kind == expected_kind, f"{header} {name}: the spec says {kind!r}, the code {expected_kind!r}"
-        assert accepted == spec.range_text(), f"{header} {name}: the spec says {accepted!r}, the code {spec.range_text()!r}"
-        assert meaning, f"{header} {name} has no meaning in the spec"
-    assert list(dict.fromkeys(row[0].strip("`") for row in protocol_rows())) == list(MESSAGES), "not in the code's order"
 
 
 def test_the_flag_reference_is_what_the_programs_parse():
