@@ -69,6 +69,9 @@ SIMULATION_FLAGS = ("--backend", "--workers", "--ray-address", "--client-cpus", 
                     "--slow-factor", "--availability", "--availability-period")
 VIRTUAL_CLOCK_OVER_SOCKETS = ("--virtual-clock and --virtual-examples-per-s apply to --transport inprocess; over "
                               "sockets, time is real (the speed profiles slow the clients' real training)")
+# A connection of a client that comes and goes that fails this long before the server's output ends
+# is a failure; one that fails as the server ends is a client that came back as the run ended.
+SERVER_GONE_S = 30.0
 TRAINING_STARTS = "] training starts with "  # the server's line (fedsock.events.Console): the periods' origin
 
 
@@ -138,6 +141,14 @@ class Presence:
         await asyncio.sleep(max(0.0, self.start_of(period) - loop.time()))
         return period
 
+    async def server_gone_within(self, seconds: float) -> bool:
+        try:
+            async with asyncio.timeout(seconds):
+                await self.signals.over.wait()
+            return True
+        except TimeoutError:
+            return False
+
     async def until_here(self, client_id: int, period: int) -> bool:
         """Wait for the first period from `period` on in which the client is here: True then, False if the
         server is gone first (or the client is never here again)."""
@@ -182,7 +193,12 @@ class SocketClient:
                 raise
             if session.done() or leaving.result() is None:
                 leaving.cancel()
-                await session  # the run is over (<FINISHED>), or its failure
+                try:
+                    await session  # the run is over (<FINISHED>), or its failure
+                except Exception:
+                    if await self.presence.server_gone_within(SERVER_GONE_S):
+                        return  # it came back as the run ended: the server's exit status tells how that went
+                    raise
                 return
             session.cancel()  # it goes away: its connection closes, and the fit it was on is lost
             await asyncio.gather(session, return_exceptions=True)
