@@ -131,7 +131,9 @@ def plot(curves: dict, target: float, path: Path) -> None:
 # The defaults of the flags the two modes share: the virtual clock's, and --processes' (a model that gets
 # to its target in a few minutes of 6 processes on 2 cores).
 VIRTUAL_DEFAULTS = dict(model="cnn", lr=0.1, clients=50, per_round=10, buffer=5, rounds=20, versions=80, target=0.98)
-PROCESS_DEFAULTS = dict(model="mlp", lr=0.1, clients=6, per_round=4, buffer=2, rounds=40, versions=80, target=0.95)
+# mlp rather than to 95%, which synchronous FedAvg reaches in its third round here (too few points to compare):
+# to 97%, about its seventh (6 clients, 4 a round, lr 0.1, IID).
+PROCESS_DEFAULTS = dict(model="mlp", lr=0.1, clients=6, per_round=4, buffer=2, rounds=40, versions=80, target=0.97)
 ROUND_LINE = re.compile(r"round (\d+)/\d+  clients \d+/\d+  test acc (\d+\.\d+)%")
 
 
@@ -255,7 +257,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, help="FedAvg's rounds (default: 20; at most 40 with --processes)")
     parser.add_argument("--over-select", type=float, default=1.3, help="the over-selecting FedAvg's F (default: 1.3)")
     parser.add_argument("--versions", type=int, help="FedBuff's versions (default: 80; at most 80 with --processes)")
-    parser.add_argument("--target", type=float, help="test accuracy (default: 0.98; 0.95 with --processes)")
+    parser.add_argument("--target", type=float, help="test accuracy (default: 0.98; 0.97 with --processes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profiles", nargs="+", choices=tuple(PROFILES), default=list(PROFILES))
     parser.add_argument("--splits", nargs="+", choices=tuple(SPLITS), default=list(SPLITS))

@@ -23,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import signal
-import statistics
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -36,10 +36,10 @@ import client_helper
 import neural_net_helper as nnh
 from fedsock.clients import FitIns, GlobalModel
 from fedsock.console import FedsockError, UsageError, say
+from fedsock.events import id_ranges
 from fedsock.identity import enrolled_identities
 from fedsock.order import ROLE_CLIENT, SECAGG_REQUESTS, Order
 from fedsock.secagg import FEATURE, MASKED, ClientSession
-from fedsock.events import id_ranges
 from fedsock.simulate import SharedData, availability_of, make_backend, speed_profiles
 from fedsock.transport import AsyncConnection, Traffic, tune_socket
 from fedsock.virtual_time import Availability, SpeedProfiles
@@ -142,6 +142,7 @@ class Presence:
         return period
 
     async def server_gone_within(self, seconds: float) -> bool:
+        """Whether the server's output ends within `seconds` (at once if it has)."""
         try:
             async with asyncio.timeout(seconds):
                 await self.signals.over.wait()
@@ -155,12 +156,7 @@ class Presence:
         back = self.availability.next_period(client_id, period, here=True)
         if back is None:
             return False
-        try:
-            async with asyncio.timeout(max(0.0, self.start_of(back) - asyncio.get_running_loop().time())):
-                await self.signals.over.wait()
-            return False
-        except TimeoutError:
-            return not self.signals.over.is_set()
+        return not await self.server_gone_within(max(0.0, self.start_of(back) - asyncio.get_running_loop().time()))
 
 
 class SocketClient:
