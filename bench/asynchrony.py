@@ -190,7 +190,8 @@ def compare_processes(args, workdir: Path) -> tuple[list[Row], dict]:
         say(f"asynchrony processes: {kind} ({setting}), up to {budget} {'versions' if kind == 'fedbuff' else 'rounds'}")
         runs[kind] = federation_of_processes(args, kind, extra, budget, workdir / kind)
         last = runs[kind][-1] if runs[kind] else {}
-        say(f"asynchrony processes: {kind}: {len(runs[kind])} rounds, {100 * last.get('test_accuracy', 0):.2f}% "
+        made = "versions" if kind == "fedbuff" else "rounds"
+        say(f"asynchrony processes: {kind}: {len(runs[kind])} {made}, {100 * last.get('test_accuracy', 0):.2f}% "
             f"after {last.get('real_seconds', 0):.0f} s")
     curves = {kind: [(r["real_seconds"], r["test_accuracy"], r.get("staleness")) for r in run]
               for kind, run in runs.items()}
