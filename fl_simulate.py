@@ -22,7 +22,7 @@ from fedsock.resume_guard import Protections, check_resume
 from fedsock.run_files import read_checkpoint
 from fedsock.simulate import (NOT_SIMULATED, PROFILE_FLAGS, WHO, SharedData, SimulationConfig, make_backend,
                               run_simulation)
-from fedsock.simulate_sockets import run_over_sockets
+from fedsock.simulate_sockets import VIRTUAL_CLOCK_OVER_SOCKETS, run_over_sockets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +41,10 @@ def parse_config(argv: list[str] | None):
     if config.resume:
         checkpoint = read_checkpoint(config.resume)
         config = settings.resumed(config, checkpoint.config, given, args)
-    if any(name in given for name in PROFILE_FLAGS):
+    if config.transport == "sockets":  # the profiles apply in real time there (fedsock/simulate_sockets.py)
+        if "virtual_clock" in given or "virtual_examples_per_s" in given:
+            parser.error(VIRTUAL_CLOCK_OVER_SOCKETS)
+    elif any(name in given for name in PROFILE_FLAGS):
         config = replace(config, virtual_clock=True)  # a speed means nothing without the clock that runs on it
     check_config(config, given, parser)
     if config.backend != "ray" and any(name in given for name in ("ray_address", "client_cpus", "client_gpus")):

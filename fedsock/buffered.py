@@ -249,7 +249,8 @@ class BufferedEngine(RoundEngine):
         client_id = proxy.client_id
         self.pool.busy.pop(client_id, None)  # free for the next dispatch only now, with its update counted
         self.pool.changed.set()
-        if fit.exception() is not None:
+        if fit.exception() is not None:  # no update: it may train the newest version again (once it is back)
+            self.ready_from[client_id] = self.rounds_done
             self.tell(ClientDropped(buffer.number, client_id, str(fit.exception())))
             return
         result: FitRes = fit.result()

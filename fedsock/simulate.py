@@ -23,7 +23,8 @@ fedsock/simulate_sockets.py. The command line is fl_simulate.py's.
 
 `--virtual-clock` (or any speed profile: --speed-sigma, --slow-share, --availability) makes time
 virtual: each fit takes its client's profile's time, in a discrete-event simulation that the event
-loop runs (fedsock/virtual_time.py); the clients still train for real.
+loop runs (fedsock/virtual_time.py); the clients still train for real. Over --transport sockets the
+same profiles apply in real time instead (fedsock/simulate_sockets.py).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ class SimulationConfig(ServerConfig):
     availability: float = setting(1.0, "each client is here in a virtual period with probability P, drawn from "
                                        "(seed, client id, period); a fit its going away cuts short is lost",
                                   group=VIRTUAL_CLOCK, type=settings.number(float, 0, 1), metavar="P")
-    availability_period_s: float = setting(600.0, "the virtual periods of --availability", group=VIRTUAL_CLOCK,
+    availability_period_s: float = setting(600.0, "the virtual periods of --availability (real seconds over "
+                                                  "--transport sockets)", group=VIRTUAL_CLOCK,
                                            flag="--availability-period", type=settings.positive_float)
 
 

@@ -159,6 +159,17 @@ class SpeedProfiles:
     def fit_seconds(self, client_id: int, num_examples: int, local_epochs: int) -> float:
         return num_examples * local_epochs / self.examples_per_s * self.slowness(client_id)
 
+    @cached_property
+    def fastest(self) -> float:
+        return min(self.slowness(k) for k in range(1, self.num_clients + 1))
+
+    def real_slowdown(self, client_id: int) -> float:
+        """Over sockets, where time is real: how many times as long a client's real training is made to take
+        (as fl_client.py --slowdown does). Its slowness, divided by the fastest client's where that is under 1:
+        real training cannot be sped up, so the clients keep the virtual clock's ratios, the fastest at the
+        machine's speed."""
+        return self.slowness(client_id) / min(1.0, self.fastest)
+
 
 @dataclass(frozen=True)
 class Availability:
@@ -177,6 +188,16 @@ class Availability:
 
     def period(self, virtual_s: float) -> int:
         return math.floor(virtual_s / self.period_s)
+
+    def next_period(self, client_id: int, period: int, here: bool, horizon: int = 100_000) -> int | None:
+        """The first period from `period` on in which the client is here (`here`) or away; None if there is
+        none within `horizon` periods (with a share of 0 or 1 it never changes)."""
+        if (here and self.share <= 0) or (not here and self.share >= 1):
+            return None
+        for later in range(period, period + horizon):
+            if self.here(client_id, later) == here:
+                return later
+        return None
 
     def leaves_at(self, client_id: int, start_s: float, finish_s: float) -> float | None:
         """When a client that starts a fit at `start_s` goes away before `finish_s`: `start_s` itself if it is

@@ -20,7 +20,7 @@ from fedsock.clients import GlobalModel
 from fedsock.config import ServerConfig
 from fedsock.console import ExitStatus
 from fedsock.engine import RunFailed
-from fedsock.events import Events, Notice, RoundFinished, RoundStarted, UpdateDiscarded
+from fedsock.events import ClientDropped, Events, Notice, RoundFinished, RoundStarted, UpdateDiscarded
 from fedsock.privacy import Privacy, PrivacySettings, clip_delta, gaussian_epsilon, gaussian_noise
 from fedsock.strategies import Strategy
 from fedsock.transport import Traffic
@@ -110,6 +110,25 @@ def test_each_version_takes_k_updates_and_a_slow_update_is_weighted_against_its_
     assert recorder.of(UpdateDiscarded)[-1].reason.startswith("the session had made its last version (4)")
     assert [e.checkpoint.round for e in recorder.of(RoundFinished)] == [1, 2, 3, 4]  # a checkpoint per version
     assert fast_a.finished[:2] == (True, 4)
+
+
+def test_a_client_whose_fit_dropped_may_train_the_same_version_when_it_is_back():
+    """A dropped fit brought no update, so the version it was on may still take one from that client: with
+    K = 2 and two clients, version 1 needs the client that went away mid-fit to train version 0 again
+    (a real client comes back by reconnecting; --availability's clients do)."""
+    steady, leaving = FakeClient(1, step=1.0), FakeClient(2, step=3.0)
+    leaving.drop = "connection closed"
+    engine, recorder = buffered_engine([steady, leaving], async_buffer=2, num_rounds=2, round_timeout_s=1.0)
+
+    def come_back() -> None:
+        leaving.drop = None
+        engine.pool.joined(leaving)
+        engine.pool.add(leaving)
+
+    recorder.on(lambda e: isinstance(e, ClientDropped) and e.client_id == 2, come_back)
+    assert run(engine) == ExitStatus.OK
+    assert leaving.fits == [1, 1, 2] and steady.fits == [1, 2]
+    assert [row["test_accuracy"] for row in recorder.rows()] == [2.0, 4.0]  # (1 + 3) / 2 each version
 
 
 def test_an_update_past_max_staleness_is_dropped_and_its_client_told():

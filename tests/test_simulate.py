@@ -8,6 +8,7 @@ fl_simulate.py's main in this one (`simulate_here`)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 
 import pytest
@@ -186,8 +187,10 @@ def test_a_missing_ray_is_one_line(cluster, tmp_path):
     (["--client-gpus", "1"], "--ray-address, --client-cpus and --client-gpus apply to --backend ray"),
     (["--drop-rate", "1.5"], "--drop-rate: must be 0..1"),
     (["--transport", "sockets", "--drop-rate", "0.1"], "--drop-rate and --straggler-rate apply to --transport inprocess"),
-    (["--transport", "sockets", "--slow-share", "0.2"], "--virtual-clock and the speed profiles apply to --transport "
-                                                        "inprocess"),
+    (["--transport", "sockets", "--virtual-clock"], "--virtual-clock and --virtual-examples-per-s apply to "
+                                                    "--transport inprocess; over sockets, time is real"),
+    (["--transport", "sockets", "--slow-share", "0.2", "--virtual-examples-per-s", "50"],
+     "--virtual-clock and --virtual-examples-per-s apply to --transport inprocess"),
 ])
 def test_simulation_flags_that_make_no_sense_are_one_line(tmp_path, args, message):
     code, output = run_cli("fl_simulate", [*LOGREG, *args, "--output-dir", str(tmp_path / "sim")])
@@ -217,3 +220,170 @@ def test_a_virtual_clock_gives_the_same_run_on_one_worker_or_two_and_resumes_its
     parts = read_metrics(tmp_path / "parts" / "metrics.csv")
     assert [r["virtual_seconds"] for r in parts[:3]] == [r["virtual_seconds"] for r in one[:3]]
     assert parts[2]["virtual_seconds"] < parts[3]["virtual_seconds"] < parts[4]["virtual_seconds"]
+
+
+# ---- the speed profiles over sockets, in real time (fedsock/simulate_sockets.py)
+
+
+def sockets_and_clock(*flags: str):
+    """The same command line's config over sockets and on the virtual clock."""
+    import fl_simulate
+
+    common = [*LOGREG, "--num-clients", "10", "--seed", "7", *flags]
+    sockets, _ = fl_simulate.parse_config([*common, "--transport", "sockets"])
+    clocked, _ = fl_simulate.parse_config(common)
+    return sockets, clocked
+
+
+def test_over_sockets_the_same_clients_are_slow_as_on_the_virtual_clock():
+    from fedsock.simulate import speed_profiles
+    from fedsock.simulate_sockets import real_profiles
+
+    sockets, clocked = sockets_and_clock("--slow-share", "0.3", "--slow-factor", "8")
+    assert not sockets.virtual_clock and clocked.virtual_clock
+    (real, availability), virtual = real_profiles(sockets), speed_profiles(clocked)
+    ids = range(1, 11)
+    assert availability is None and len(real.slow_clients) == 3 and real.slow_clients == virtual.slow_clients
+    assert [real.real_slowdown(k) for k in ids] == [virtual.slowness(k) for k in ids]
+    assert sorted({real.real_slowdown(k) for k in ids}) == [1.0, 8.0]
+
+
+def test_over_sockets_lognormal_speeds_keep_the_clocks_ratios_with_the_fastest_at_real_speed():
+    """Real training cannot be sped up: a slowness under 1 scales every client's up, the ratios stay."""
+    from fedsock.simulate import speed_profiles
+    from fedsock.simulate_sockets import real_profiles
+
+    sockets, clocked = sockets_and_clock("--speed-sigma", "0.5", "--slow-share", "0.2")
+    (real, _), virtual = real_profiles(sockets), speed_profiles(clocked)
+    slowdowns, slowness = [real.real_slowdown(k) for k in range(1, 11)], [virtual.slowness(k) for k in range(1, 11)]
+    assert min(slowness) < 1 and min(slowdowns) == pytest.approx(1.0)
+    assert [a / b for a, b in zip(slowdowns, slowness)] == pytest.approx([1 / min(slowness)] * 10)
+
+
+def fake_sessions_client(client_id: int, presence, refused_from: int | None = None):
+    """A SocketClient whose sessions are faked: each waits until it is cancelled (the client goes away) or
+    the server is gone, and is recorded in `spans` as (start, end) in seconds from the start of training,
+    the end None for one that lasted to the end. From its session number `refused_from` on, each is
+    refused a connection instead (the server's listener is closed)."""
+    from fedsock.simulate_sockets import SocketClient
+
+    class FakeSessions(SocketClient):
+        async def session(self) -> None:
+            loop, signals = asyncio.get_running_loop(), self.presence.signals
+            start = loop.time() - ORIGIN_S
+            if refused_from is not None and len(self.spans) + 1 >= refused_from:
+                raise ConnectionRefusedError(111, "Connect call failed")
+            try:
+                await signals.over.wait()
+            except asyncio.CancelledError:
+                self.spans.append((start, loop.time() - ORIGIN_S))
+                raise
+            self.spans.append((start, None))
+
+    client = FakeSessions(client_id, 0, None, None, 0, presence=presence)
+    client.spans = []
+    return client
+
+
+ORIGIN_S = 5.0  # when training starts, in the test's virtual seconds: every client has joined by then
+
+
+def test_over_sockets_a_client_is_connected_exactly_while_its_periods_say_it_is_here():
+    """--availability over sockets, on a virtual clock so that the instants are exact: each client joins
+    before training starts, leaves at the start of each period it is away in (at once, if it is away
+    in the first) and comes back at the start of the next period it is here in."""
+    from fedsock.simulate_sockets import Presence, ServerSignals
+    from fedsock.virtual_time import Availability, run_virtual
+
+    availability = Availability(seed=2, share=0.5, period_s=10.0)  # client 1: away, here, away, here, away, here
+
+    async def federation():
+        signals = ServerSignals(asyncio.get_running_loop())
+        clients = [fake_sessions_client(k, Presence(availability, signals)) for k in range(1, 5)]
+        runs = asyncio.gather(*(c.run() for c in clients))
+        await asyncio.sleep(ORIGIN_S)  # virtual seconds: the scenario's timeline, nothing waits for real
+        signals._start()
+        await asyncio.sleep(55.0)  # 5.5 periods of training
+        signals.over.set()
+        await runs
+        return clients
+
+    clients = run_virtual(federation())
+    for client in clients:
+        expected, start, connected = [], -ORIGIN_S, True
+        for period in range(6):
+            here = availability.here(client.client_id, period)
+            if connected and not here:
+                expected.append((start, 10.0 * period))
+            elif here and not connected:
+                start = 10.0 * period
+            connected = here
+        if connected:
+            expected.append((start, None))
+        assert [(a, b) for a, b in client.spans] == [(pytest.approx(a), b if b is None else pytest.approx(b))
+                                                     for a, b in expected], client.client_id
+        assert client.departures == sum(b is not None for _, b in expected)
+    assert clients[0].spans == [(-ORIGIN_S, 0.0), (10.0, 20.0), (30.0, 40.0), (50.0, None)]
+
+
+@pytest.mark.parametrize("server_ends_at_s, fails", [(12.0, False), (100.0, True)])
+def test_over_sockets_a_client_refused_as_it_comes_back_fails_unless_the_server_is_ending(server_ends_at_s, fails):
+    """Client 1 (seed 2) is away in the first period and comes back at 10 s to a closed listener: as the
+    server ends (its output ends at 12 s), that is no failure; long before it ends, it is."""
+    from fedsock.simulate_sockets import Presence, ServerSignals
+    from fedsock.virtual_time import Availability, run_virtual
+
+    async def federation():
+        signals = ServerSignals(asyncio.get_running_loop())
+        client = fake_sessions_client(1, Presence(Availability(seed=2, share=0.5, period_s=10.0), signals),
+                                      refused_from=2)
+        runs = asyncio.ensure_future(client.run())
+        await asyncio.sleep(ORIGIN_S)  # virtual seconds: the scenario's timeline
+        signals._start()
+        await asyncio.wait([runs], timeout=server_ends_at_s)
+        signals.over.set()
+        await asyncio.gather(runs, return_exceptions=True)
+        return runs
+
+    runs = run_virtual(federation())
+    assert isinstance(runs.exception(), ConnectionRefusedError) if fails else runs.exception() is None
+
+
+@processes
+def test_over_sockets_the_slowed_clients_really_take_longer(cluster, tmp_path):
+    """--slow-share over sockets: the slowed clients' training sleeps its extra for real, which the
+    server's own round times show (a synchronous round lasts as long as its slowest fit)."""
+    from fedsock.virtual_time import SpeedProfiles
+
+    proc = simulate(cluster, *LOGREG, "--num-clients", "4", "--num-rounds", "2", "--transport", "sockets",
+                    "--slow-share", "0.5", "--slow-factor", "6", output_dir=tmp_path / "sim")
+    assert proc.finish(timeout=300) == 0, proc.output
+    slowed = sorted(SpeedProfiles(0, 4, slow_share=0.5).slow_clients)  # seed 0, fl_simulate.py's default
+    proc.wait_for(rf"time is real: clients {slowed[0]}, {slowed[1]} 6x slower")
+    times = proc.wait_for(r"real seconds a fit took, training and sleep \(median\): slowed clients (\d+\.\d+) s "
+                          r"\(4 fits\), the others (\d+\.\d+) s \(4 fits\)")
+    slow_s, other_s = float(times.group(1)), float(times.group(2))
+    assert slow_s > 3 * other_s
+    rows = read_metrics(tmp_path / "sim" / "metrics.csv")
+    assert [r["clients"] for r in rows] == [4, 4]
+    for row in rows:  # the server's own clock: a round lasted as long as the slowed fit it reports
+        assert row["seconds"] >= row["max_fit_seconds"] >= slow_s / 2
+    assert "Traceback" not in proc.output
+
+
+@processes
+def test_over_sockets_an_away_client_closes_its_connection_and_rejoins(cluster, tmp_path):
+    """--availability over sockets with FedBuff: with seed 2, clients 1 and 3 are away in the first
+    1-second period (they leave as training starts) and here in the second, when they reconnect as
+    the same ids; the run goes on to its last version."""
+    proc = simulate(cluster, *LOGREG, "--num-clients", "4", "--num-rounds", "16", "--transport", "sockets",
+                    "--async-buffer", "2", "--max-staleness", "50", "--availability", "0.5",
+                    "--availability-period", "1", "--seed", "2", output_dir=tmp_path / "sim")
+    assert proc.finish(timeout=300) == 0, proc.output
+    for client_id in (1, 3):
+        proc.wait_for(rf"\[server\] client {client_id} joined from 127\.0\.0\.1:\d+ \(rejoined\)")
+    departures = int(proc.wait_for(r"the clients went away (\d+) times in all").group(1))
+    assert departures >= 2
+    rows = read_metrics(tmp_path / "sim" / "metrics.csv")
+    assert [r["round"] for r in rows] == list(range(1, 17))
+    assert "Traceback" not in proc.output

@@ -248,6 +248,29 @@ def test_availability_is_drawn_from_the_seed_and_a_fit_is_lost_when_its_client_g
                 assert leaves == max(start_s, first_away * 10.0)
 
 
+def test_the_next_period_a_client_is_here_or_away_is_the_first_such_draw():
+    away = Availability(seed=5, share=0.7, period_s=10.0)
+    for client_id in range(1, 20):
+        for start in (0, 3, 11):
+            for here in (True, False):
+                found = away.next_period(client_id, start, here)
+                assert found >= start and away.here(client_id, found) == here
+                assert all(away.here(client_id, k) != here for k in range(start, found))
+    assert Availability(seed=5).next_period(1, 0, here=False) is None  # share 1: never away
+    assert Availability(seed=5, share=0.0).next_period(1, 0, here=True) is None  # share 0: never here
+
+
+def test_real_slowdowns_are_the_slownesses_with_the_fastest_client_at_real_speed():
+    """Over sockets time is real, and training cannot be sped up: slownesses of 1 or more are kept as they
+    are; with a faster client, all are scaled by it, so their ratios stay the virtual clock's."""
+    plain = SpeedProfiles(seed=3, num_clients=10, slow_share=0.3, slow_factor=4.0)
+    assert [plain.real_slowdown(k) for k in range(1, 11)] == [plain.slowness(k) for k in range(1, 11)]
+    spread = SpeedProfiles(seed=3, num_clients=10, sigma=1.0)
+    assert spread.fastest < 1 and min(spread.real_slowdown(k) for k in range(1, 11)) == pytest.approx(1.0)
+    assert [spread.real_slowdown(k) * spread.fastest for k in range(1, 11)] == \
+        pytest.approx([spread.slowness(k) for k in range(1, 11)])
+
+
 @bounded
 def test_clients_that_come_and_go_send_only_updates_trained_while_they_were_here():
     """FedBuff (K=1: each version one update, made at its finish) over 6 clients here 60% of 1.5 s periods; a
