@@ -141,6 +141,7 @@ class BufferedEngine(RoundEngine):
         self.bases: dict[int, GlobalModel] = {}  # version -> its model, the last --max-staleness + 1 of them
         self.instructions: FitIns | None = None  # the newest version's, framed once for every client sent it
         self.ready_from: dict[int, int] = {}  # client id -> the first version it may train next
+        self.retried: dict[int, int] = {}  # client id -> the version it was last sent again after a failed fit
         self.arrivals: asyncio.Queue = asyncio.Queue()  # (proxy, finished fit)
         self.dispatches = 0
         self.generator: torch.Generator | None = None  # tests seed the DP noise; None: the OS's randomness
@@ -249,8 +250,10 @@ class BufferedEngine(RoundEngine):
         client_id = proxy.client_id
         self.pool.busy.pop(client_id, None)  # free for the next dispatch only now, with its update counted
         self.pool.changed.set()
-        if fit.exception() is not None:  # no update: it may train the newest version again (once it is back)
-            self.ready_from[client_id] = self.rounds_done
+        if fit.exception() is not None:  # no update: it may try the newest version once more (a client back
+            if self.retried.get(client_id) != self.rounds_done:  # from a drop); only once, or a client that
+                self.retried[client_id] = self.rounds_done  # fails at once each time would be sent it forever
+                self.ready_from[client_id] = self.rounds_done
             self.tell(ClientDropped(buffer.number, client_id, str(fit.exception())))
             return
         result: FitRes = fit.result()

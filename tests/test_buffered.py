@@ -131,6 +131,23 @@ def test_a_client_whose_fit_dropped_may_train_the_same_version_when_it_is_back()
     assert [row["test_accuracy"] for row in recorder.rows()] == [2.0, 4.0]  # (1 + 3) / 2 each version
 
 
+def test_a_client_that_fails_at_once_every_time_is_sent_a_version_again_only_once():
+    """A simulated crash (--drop-rate) fails the same (client, version) every time it is tried, in no time:
+    sent the version again after each failure, it was sent it over and over while the others trained (on a
+    virtual clock, where their training takes virtual time and the failures none, forever)."""
+    steady_a, steady_b, broken = FakeClient(1, step=1.0), FakeClient(2, step=1.0), FakeClient(3, step=1.0)
+    broken.drop, broken.leaves = "a simulated crash (--drop-rate)", False  # it stays in the pool
+    steady_a.gate = steady_b.gate = asyncio.Event()  # the others train once the broken one has failed twice
+    engine, recorder = buffered_engine([steady_a, steady_b, broken], async_buffer=2, num_rounds=2,
+                                       round_timeout_s=1.0)
+    drops = []
+    recorder.on(lambda e: isinstance(e, ClientDropped) and e.client_id == 3, lambda: drops.append(1))
+    recorder.on(lambda e: isinstance(e, ClientDropped) and e.client_id == 3 and len(drops) >= 2,
+                steady_a.gate.set)
+    assert run(engine) == ExitStatus.OK
+    assert broken.fits.count(1) == 2, broken.fits  # version 1 (the first): tried once, and once again
+
+
 def test_an_update_past_max_staleness_is_dropped_and_its_client_told():
     fast, slow = FakeClient(1, step=1.0), FakeClient(2, step=100.0)
     engine, recorder = buffered_engine([fast, slow], async_buffer=1, max_staleness=1, num_rounds=5)
