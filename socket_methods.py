@@ -152,7 +152,7 @@ ERROR = "<ERROR>"
 
 # Every message, its required fields and what a receiver accepts in them. Fields not
 # listed are ignored, so that newer peers can add information. The protocol document's
-# table is checked against this (tests/test_site.py).
+# table is checked against this (tests/test_protocol_doc.py).
 MESSAGES: dict[str, dict[str, Field]] = {
     HELLO: {
         "protocol_version": Field(int, meaning=f"{PROTOCOL_VERSION}; any other is refused"),

@@ -23,7 +23,7 @@ count the client reported.
 `--truth` recomputes the client's examples from the run's config.json, as only a test harness
 (or the client) could: fedsock partitions with a seed every client knows, so the harness can
 score each reconstruction (PSNR and SSIM per image, best match first) and draw truth and
-reconstruction side by side. bench/attack.py runs the cases of docs/privacy.md's table.
+reconstruction side by side. bench/attack.py runs the cases of docs/tutorials/what-updates-leak.md's table.
 """
 
 from __future__ import annotations

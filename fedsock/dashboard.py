@@ -109,7 +109,8 @@ def parse_address(value: str) -> tuple[str, int]:
 
 
 NO_DEFENCE = ("No privacy protection: the server sees every client's update in the clear, and updates can leak "
-              "training data (docs/privacy.md shows a curious server reconstructing digits from them).")
+              "training data (docs/tutorials/what-updates-leak.md shows a curious server reconstructing digits "
+              "from them).")
 CENTRAL_IN_CLEAR = ("The server clips and noises the updates itself, so it sees each client's update in the clear: "
                     "DP protects the clients from whoever gets the model, not from the server, which must be trusted.")
 CENTRAL_SUM_IN_CLEAR = ("The server adds the noise to the unmasked sum, so it sees that sum without noise: DP protects "

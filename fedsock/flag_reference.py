@@ -44,12 +44,16 @@ def cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def shown(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def default_of(action: argparse.Action) -> str:
     if action.required:
         return "required"
     if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
         return ""
-    return f"`{action.default}`"
+    return f"`{shown(action.default)}`"
 
 
 def flag_of(action: argparse.Action) -> str:
@@ -65,7 +69,8 @@ def flag_of(action: argparse.Action) -> str:
 def help_of(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
     if not action.help:
         return ""
-    return cell(parser._get_formatter()._expand_help(action))
+    text = cell(parser._get_formatter()._expand_help(action))
+    return text.removesuffix(f" (default: {action.default})")  # the table's own column says it
 
 
 def tables(parser: argparse.ArgumentParser, title: str, level: int = 2) -> list[str]:
@@ -92,10 +97,17 @@ def tables(parser: argparse.ArgumentParser, title: str, level: int = 2) -> list[
 
 
 def reference() -> str:
+    columns = os.environ.get("COLUMNS")
     os.environ["COLUMNS"] = "100"  # argparse wraps usage to the terminal: the page must not depend on it
-    lines = [HEADER]
-    for program, module in PROGRAMS:
-        lines += tables(importlib.import_module(module).build_parser(), program)
+    try:
+        lines = [HEADER]
+        for program, module in PROGRAMS:
+            lines += tables(importlib.import_module(module).build_parser(), program)
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
     return "\n".join(lines).rstrip("\n") + "\n"
 
 

@@ -1,7 +1,8 @@
 """The docs' commands, so that a changed flag breaks the build and not a reader.
 
-- Every `python PROGRAM ...` line in a ```bash block of the tutorials and how-to guides is parsed by
-  that program's own parser (in-process, milliseconds): a renamed flag or a value out of range fails.
+- Every `python PROGRAM ...` line in a ```bash (or ```sh) block of the README and the docs is read by
+  that program's own parser, and fl_server.py's, fl_client.py's and fl_simulate.py's checks of flags
+  together (in-process, milliseconds): a renamed flag, a value out of range or a refused mix fails.
   Commands that are not meant to be typed as they stand (placeholders) go in ```text blocks.
 - Every tutorial's "try it" block, a ```bash block right after a `<!-- run ... -->` comment, runs as a
   bash script in a fresh folder, as a reader would paste it (real processes on 127.0.0.1). The
@@ -25,20 +26,24 @@ import pytest
 
 from conftest import ROOT
 from fedsock import check_data
+from fedsock.console import FedsockError
 from fedsock.flag_reference import PROGRAMS
 from support import free_port
 
 DOCS = ROOT / "docs"
-PAGES = sorted((DOCS / "tutorials").glob("*.md")) + sorted((DOCS / "how-to").glob("*.md"))
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]  # every page a reader copies a command from
 # what a reader types -> the module whose parser reads it (fl_client.py --check-data is fl_client.py's)
 PARSERS = {program.split()[-1] if program.startswith("python -m") else program.split()[0]: module
            for program, module in PROGRAMS if "--check-data" not in program}
 MODULES = {program: importlib.import_module(module) for program, module in PARSERS.items()}  # (torch: at collection)
+CONFIGS = {"fl_server.py": MODULES["fl_server.py"], "fl_client.py": MODULES["fl_client.py"],
+           "fl_simulate.py": MODULES["fl_simulate.py"]}  # their parse_config checks the flags together
 COMMAND = re.compile(r"^\s*python3? (?:-m )?(\S+)")
 RUN_TIMEOUT_S = 300
+WAIT_EACH = 'for pid in $BACKGROUND; do wait "$pid"; done; BACKGROUND=""'  # set -e: a failed one ends the block
 
 
-def blocks(page: Path, language: str = "bash") -> list[tuple[str, str]]:
+def blocks(page: Path, language: str = "(?:bash|sh)") -> list[tuple[str, str]]:
     """(the comment just before it, or "", the code) of every fenced block of `language` on the page."""
     text = page.read_text()
     found = re.finditer(r"(?:<!--(?P<note>[^>]*)-->\s*\n)?```" + language + r"\n(?P<code>.*?)\n```", text, re.S)
@@ -74,7 +79,7 @@ def commands() -> list[tuple[str, str, list[str]]]:
                     words = shlex.split(line, comments=True)
                     words = words[:-1] if words and words[-1] == "&" else words
                     start = words.index(match[1]) + 1
-                    found.append((f"{page.relative_to(DOCS)}: {line.strip()}", match[1], words[start:]))
+                    found.append((f"{page.relative_to(ROOT)}: {line.strip()}", match[1], words[start:]))
     return found
 
 
@@ -92,6 +97,12 @@ def test_every_command_in_the_docs_is_accepted_by_its_program(where, program, ar
     argv = argv[: argv.index("--")] if program == "demo.py" and "--" in argv else argv
     try:
         parser.parse_args(argv)
+        if program in CONFIGS and not offline:  # then the program's own checks of the flags together
+            try:
+                CONFIGS[program].parse_config(argv)
+            except FedsockError as exc:  # a file an earlier step makes (a checkpoint, a policy) is fine missing
+                if "No such file or directory" not in str(exc):
+                    pytest.fail(f"{where}: {program} refuses it: {exc}")
     except SystemExit as exc:
         pytest.fail(f"{where}: {program} refuses it (exit {exc.code})")
 
@@ -131,8 +142,24 @@ def shortened(code: str, overrides: str) -> str:
                 command = re.sub(r"\s--server-port[ =]\d+", "", command) + " --server-port $FEDSOCK_PORT"
             command = re.sub(r"--dashboard[ =]\d+", "--dashboard $DASHBOARD_PORT", command)
             line = f"{command} {extra.get(match[1], '')}".rstrip() + background
+        if line.rstrip().endswith("&"):
+            line += ' BACKGROUND="$BACKGROUND $!"'
+        elif line.strip() == "wait":  # bash's bare wait is 0 whatever the jobs did: wait for each, by PID
+            line = WAIT_EACH
         out.append(line)
     return "\n".join(out)
+
+
+def block_script(code: str, overrides: str = "") -> str:
+    return 'set -euo pipefail\nBACKGROUND=""\n' + shortened(code, overrides) + "\n" + WAIT_EACH + "\n"
+
+
+@pytest.mark.processes
+@pytest.mark.parametrize("code", ["(exit 3) &\nwait\necho done", "(exit 3) &\necho done"])
+def test_a_command_that_fails_in_the_background_fails_its_block(code):
+    """bash's bare `wait`, and `jobs -p` once a job has ended, would both let it pass."""
+    ran = subprocess.run(["bash", "-c", block_script(code)], capture_output=True, text=True, timeout=30)
+    assert ran.returncode == 3, ran
 
 
 @pytest.mark.processes
@@ -141,13 +168,12 @@ def shortened(code: str, overrides: str) -> str:
 def test_a_tutorial_s_block_runs_as_a_reader_pastes_it(name, overrides, code, tmp_path):
     bin_dir = tmp_path / ".bin"
     bin_dir.mkdir()
-    for name in ("python", "python3"):  # this interpreter, its venv included (a symlink would lose the venv)
-        (bin_dir / name).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
-        (bin_dir / name).chmod(0o755)
+    for command in ("python", "python3"):  # this interpreter, its venv included (a symlink would lose the venv)
+        (bin_dir / command).write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+        (bin_dir / command).chmod(0o755)
     for script in ("fl_server.py", "fl_client.py", "fl_simulate.py", "demo.py"):
         (tmp_path / script).symlink_to(ROOT / script)
-    script = ("set -euo pipefail\n" + shortened(code, overrides)
-              + '\nfor job in $(jobs -p); do wait "$job"; done\n')  # a process in the background must succeed too
+    script = block_script(code, overrides)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FEDSOCK_PORT": str(free_port()),
            "DASHBOARD_PORT": str(free_port())}
     proc = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
