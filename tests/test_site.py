@@ -11,7 +11,7 @@ import re
 
 from conftest import ROOT
 from fedsock.console import ExitStatus
-from fedsock.flag_reference import PROGRAMS, reference
+from fedsock.generated_docs import PROGRAMS, pages
 from fedsock.run_files import METRIC_COLUMNS
 
 for _, module in PROGRAMS:  # at collection: their imports (torch's among them) may start a process
@@ -24,10 +24,11 @@ def cells(line: str) -> list[str]:
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
 
 
-def test_the_flag_reference_is_what_the_programs_parse():
-    """docs/reference/flags.md is generated: a flag added, renamed or changed without it fails here."""
-    page = (DOCS / "reference" / "flags.md").read_text()
-    assert page == reference(), "docs/reference/flags.md is stale: python -m fedsock.flag_reference > docs/reference/flags.md"
+def test_the_generated_pages_are_up_to_date():
+    """docs/reference/flags.md is written from the parsers, docs/index.md from the README: a flag added,
+    renamed or changed, or a README edited, without them fails here."""
+    for path, text in pages(ROOT).items():
+        assert path.read_text() == text, f"{path.relative_to(ROOT)} is stale: python -m fedsock.generated_docs"
 
 
 def table(page: str, name: str) -> list[list[str]]:

@@ -27,7 +27,7 @@ import pytest
 from conftest import ROOT
 from fedsock import check_data
 from fedsock.console import FedsockError
-from fedsock.flag_reference import PROGRAMS
+from fedsock.generated_docs import PROGRAMS
 from support import free_port
 
 DOCS = ROOT / "docs"

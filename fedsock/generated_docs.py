@@ -1,11 +1,12 @@
-"""The flag reference of the docs site, generated from the programs' own parsers.
+"""The pages of the docs that are made from something else, so that they cannot drift from it.
 
-    python -m fedsock.flag_reference > docs/reference/flags.md
+    python -m fedsock.generated_docs            # rewrites docs/reference/flags.md and docs/index.md
+    python -m fedsock.generated_docs --check    # exit 1 if either is stale (tests/test_site.py does this)
 
-Every flag of every program, its default and its help, in the groups `--help` shows them:
-the settings in fedsock/config.py (and fedsock/simulate.py) are the one place a flag is
-defined, and this page is written from them. tests/test_site.py fails when the committed
-page differs from what this prints, so a changed flag changes the docs in the same commit.
+- docs/reference/flags.md: every flag of every program, its default and its help, in the groups
+  `--help` shows them, written from the programs' own parsers (the settings in fedsock/config.py
+  and fedsock/simulate.py are the one place a flag is defined).
+- docs/index.md, the site's home page: the README, its links made the site's own.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 # (the program as a user types it, the module whose build_parser() makes its parser)
 PROGRAMS = (
@@ -31,7 +33,7 @@ PROGRAMS = (
 
 HEADER = """# Every flag
 
-Generated from the programs' own parsers by `python -m fedsock.flag_reference`
+Generated from the programs' own parsers by `python -m fedsock.generated_docs`
 (`tests/test_site.py` checks this page against them): each program's flags, in the groups its
 `--help` shows, with their defaults. Any flag of `fl_server.py`, `fl_client.py` and
 `fl_simulate.py` can also come from a TOML file, `--config FILE`, by its name with `_` for `-`;
@@ -111,5 +113,38 @@ def reference() -> str:
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
+def site_home(readme: str) -> str:
+    """The README as the site's home page: its links into docs/ made relative to docs/, and its
+    layout of the repository (a reader of the site has the docs' own navigation) left out."""
+    text = readme.replace("The docs are in [`docs/`](docs/), readable here on GitHub or as a site:",
+                          "These pages are the `docs/` folder of the repository, built with MkDocs:")
+    text = text.replace(", with [conformance vectors](docs/reference/vectors/)", ", with its conformance vectors")
+    text = text.replace("](docs/", "](")
+    if "\n## Layout\n" in text:
+        start = text.index("\n## Layout\n")
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + (text[end:] if end != -1 else "\n")
+    return text
+
+
+def pages(root: Path) -> dict[Path, str]:
+    """Each generated page: its path, and what it must hold."""
+    return {root / "docs" / "reference" / "flags.md": reference(),
+            root / "docs" / "index.md": site_home((root / "README.md").read_text(encoding="utf-8"))}
+
+
+def main(argv: list[str]) -> int:
+    root = Path(__file__).resolve().parent.parent
+    stale = [path for path, text in pages(root).items()
+             if not path.exists() or path.read_text(encoding="utf-8") != text]
+    if "--check" in argv:
+        for path in stale:
+            print(f"{path.relative_to(root)} is stale: python -m fedsock.generated_docs", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in pages(root).items():
+        path.write_text(text, encoding="utf-8")
+    return 0
+
+
 if __name__ == "__main__":
-    sys.stdout.write(reference())
+    sys.exit(main(sys.argv[1:]))
