@@ -124,6 +124,7 @@ class Presence:
 
     def __init__(self, availability: Availability, signals: ServerSignals):
         self.availability, self.signals = availability, signals
+        self.back: dict[int, int] = {}  # client id -> the period it came back in (a timer may fire a tick early)
 
     def start_of(self, period: int) -> float:
         return self.signals.origin_s + period * self.availability.period_s
@@ -133,7 +134,7 @@ class Presence:
         None once the server is gone, for a client that is never away."""
         await self.signals.started.wait()
         loop = asyncio.get_running_loop()
-        now = self.availability.period(loop.time() - self.signals.origin_s)
+        now = max(self.availability.period(loop.time() - self.signals.origin_s), self.back.get(client_id, 0))
         period = self.availability.next_period(client_id, now, here=False)
         if period is None:
             await self.signals.over.wait()
@@ -156,6 +157,7 @@ class Presence:
         back = self.availability.next_period(client_id, period, here=True)
         if back is None:
             return False
+        self.back[client_id] = back
         return not await self.server_gone_within(max(0.0, self.start_of(back) - asyncio.get_running_loop().time()))
 
 
