@@ -108,7 +108,8 @@ def compare(args, workdir: Path) -> tuple[list[Row], dict]:
     return rows, curves
 
 
-def plot(curves: dict, target: float, path: Path) -> None:
+def plot(curves: dict, target: float, path: Path, xlabel: str = "virtual seconds") -> None:
+    """A panel per entry of `curves` (its title: {strategy: [(seconds, accuracy, ...), ...]})."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,7 +120,7 @@ def plot(curves: dict, target: float, path: Path) -> None:
         for kind, points in runs.items():
             ax.plot([p[0] for p in points], [100 * p[1] for p in points], label=kind, marker=".", markersize=3)
         ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1)
-        ax.set(title=name, xlabel="virtual seconds", ylabel="test accuracy (%)")
+        ax.set(title=name, xlabel=xlabel, ylabel="test accuracy (%)")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -209,23 +210,6 @@ def compare_processes(args, workdir: Path) -> tuple[list[Row], dict]:
     return rows, curves
 
 
-def plot_real(curves: dict, target: float, title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for kind, points in curves.items():
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], label=kind, marker=".", markersize=4)
-    ax.axhline(100 * target, color="grey", linestyle=":", linewidth=1)
-    ax.set(title=title, xlabel="real seconds since training started", ylabel="test accuracy (%)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def save_results(part: dict) -> None:
     """asynchrony.json: this mode's part, beside what the other mode wrote there."""
     path = BENCH / "results" / "asynchrony.json"
@@ -282,8 +266,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="fedsock-asynchrony-processes-") as tmp:
             rows, curves = compare_processes(args, Path(tmp))
         save_results({"processes": {"settings": vars(args), "curves": curves, "rows": [asdict(r) for r in rows]}})
-        plot_real(curves, args.target, f"{args.model}: {args.slow} of {args.clients} processes {args.slowdown:g}x "
-                                       f"slower", BENCH / "results" / "asynchrony-processes.png")
+        title = f"{args.model}: {args.slow} of {args.clients} processes {args.slowdown:g}x slower"
+        plot({title: curves}, args.target, BENCH / "results" / "asynchrony-processes.png",
+             xlabel="real seconds since training started")
         return report(rows, len(rows))
     if args.quick:
         args.model, args.lr, args.clients, args.rounds, args.versions, args.target = "logreg", 0.05, 20, 8, 32, 0.90
