@@ -203,10 +203,8 @@ class Availability:
         """When a client that starts a fit at `start_s` goes away before `finish_s`: `start_s` itself if it is
         away in that period already, else the start of the first period it is away in; None if it stays."""
         period = self.period(start_s)
-        if not self.here(client_id, period):
-            return start_s
-        while (period + 1) * self.period_s < finish_s:
-            period += 1
-            if not self.here(client_id, period):
-                return period * self.period_s
-        return None
+        horizon = max(1, math.ceil(finish_s / self.period_s) - period)  # the periods that begin before finish_s
+        away = self.next_period(client_id, period, here=False, horizon=horizon)
+        if away is None:
+            return None
+        return start_s if away == period else away * self.period_s
